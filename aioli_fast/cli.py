@@ -1,0 +1,148 @@
+"""The ``aioli-fast`` command: prepare, train, eval, demo.
+
+Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
+and exit status 2; nothing half-written is left looking complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import AioliError
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    domains: dict[str, list[str]] = {}
+    for spec in args.domain:
+        name, sep, paths = spec.partition("=")
+        if not sep or not name or not paths:
+            raise AioliError(f"--domain {spec!r} is not of the form NAME=PATH[,PATH...]")
+        if name in domains:
+            raise AioliError(f"domain {name!r} is given twice")
+        domains[name] = [p for p in paths.split(",") if p]
+    manifest = prepare(
+        domains, args.out, seq_len=args.seq_len, tokenizer=args.tokenizer, eos_token=args.eos_token,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, shard_sequences=args.shard_sequences,
+        text_field=args.text_field, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    for dom in manifest["domains"]:
+        splits = ", ".join(f"{s}: {v['sequences']} seq / {v['tokens']} tok" for s, v in dom["splits"].items())
+        print(f"{dom['name']}: {dom['documents']} documents; {splits}")
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .data import load_manifest
+    from .train import evaluate, format_table, load_checkpoint
+    from .train.loop import resolve_device
+
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(args.checkpoint, device)
+    data = args.data or meta["config"]["data"]["path"]
+    manifest = load_manifest(data)
+    if manifest.tokenizer != meta["tokenizer"]:
+        raise AioliError(
+            f"the corpus {data} was tokenized with {manifest.tokenizer}, the checkpoint with {meta['tokenizer']}"
+        )
+    if manifest.vocab_size > model.cfg.vocab_size or manifest.seq_len > model.cfg.max_seq_len:
+        raise AioliError(f"the corpus {data} does not fit the checkpoint's vocabulary or context length")
+    domains = args.domains.split(",") if args.domains else list(manifest.domains)
+    splits = ["val", "test"] if args.split == "both" else [args.split]
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    results = {
+        split: evaluate(model, manifest, domains, split, batch_size=args.batch_size, device=device,
+                        precision=precision, max_sequences=args.max_sequences)
+        for split in splits
+    }
+    print(format_table(results.get("val"), results.get("test")))
+    if args.out:
+        from .data.shards import atomic_write_json
+
+        atomic_write_json(Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results})
+    del torch
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, scale=args.scale, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aioli-fast", description="Online data mixing for LLM pretraining.")
+    parser.add_argument("--version", action="version", version=f"aioli_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize and pack per-domain text into WebDataset shards")
+    p.add_argument("--domain", action="append", required=True, metavar="NAME=PATH[,PATH...]",
+                   help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain")
+    p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
+    p.add_argument("--eos-token", default=None, help="end-of-document token of an HF tokenizer")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val (0.05)")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="fraction of documents for test (0.05)")
+    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard (1024)")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model on a prepared corpus")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults for every key not set")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.steps=100")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="per-domain loss and perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="model.pt of a run (or the run directory)")
+    p.add_argument("--data", help="prepared corpus (default: the one the run trained on)")
+    p.add_argument("--split", choices=("val", "test", "both"), default="test")
+    p.add_argument("--domains", help="comma-separated subset of the corpus' domains")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-sequences", type=int, default=None, help="per domain (default: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)")
+    p.add_argument("--out", default="runs/demo", help="folder for the corpus and the run (runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    p.add_argument("--scale", type=float, default=1.0, help="corpus size factor (default 1.0)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except AioliError as exc:
+        print(f"aioli-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aioli-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Run configuration: YAML files loaded into typed dataclasses.
+
+Every section is a dataclass; loading checks each key against the fields (an unknown key is an error
+that names it and the nearest valid key) and each value against the field's type. ``key=value``
+overrides from the command line use dotted paths (``train.steps=200``) and YAML values
+(``mixing.proportions=[0.5, 0.5]``). The resolved config is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    """The decoder. ``preset`` gives the shape; any other field set here overrides the preset."""
+
+    preset: str = "tiny"
+    vocab_size: int | None = None  # default: the corpus vocabulary rounded up to a multiple of 64
+    max_seq_len: int | None = None  # default: the corpus seq_len
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    d_ff: int | None = None
+    rotary_fraction: float | None = None
+
+
+@dataclass
+class DataSection:
+    """The prepared corpus (output of ``aioli-fast prepare``)."""
+
+    path: str = ""
+    domains: list[str] | None = None  # a subset, in domain-id order; default all, in manifest order
+
+
+@dataclass
+class MixingSection:
+    """How the mixture proportions are set. ``static`` needs ``proportions`` (domain -> weight)."""
+
+    method: str = "stratified"
+    proportions: dict[str, float] | None = None
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class TrainSection:
+    """The loop. ``batch_size`` sequences per optimizer step, split into micro-batches."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    micro_batch_size: int | None = None  # default: batch_size (no gradient accumulation)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    out_dir: str = "runs"
+    name: str | None = None  # default: the config file's stem
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EvalSection:
+    """Per-domain evaluation on the held-out splits."""
+
+    every: int = 0  # validation every N steps during training; 0: only at the end
+    batch_size: int = 16
+    max_sequences: int | None = None  # per domain and split; default: the whole split
+
+
+@dataclass
+class RunConfig:
+    """A complete training run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    mixing: MixingSection = field(default_factory=MixingSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Cross-field checks that no single type can express."""
+        t, o = self.train, self.optim
+        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
+                    "eval.batch_size": self.eval.batch_size}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        mb = t.micro_batch_size
+        if mb is not None and (mb < 1 or t.batch_size % mb):
+            raise ConfigError(
+                f"train.micro_batch_size ({mb}) must be positive and divide train.batch_size ({t.batch_size})"
+            )
+        if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.grad_clip < 0:
+            raise ConfigError(
+                "optim: lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0 and grad_clip >= 0 "
+                f"(got lr={o.lr}, min_lr_ratio={o.min_lr_ratio}, warmup_steps={o.warmup_steps}, "
+                f"grad_clip={o.grad_clip})"
+            )
+        if t.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be one of auto, bf16, fp32; got {t.precision!r}")
+        if self.eval.every < 0:
+            raise ConfigError(f"eval.every must be >= 0, got {self.eval.every}")
+        if not self.data.path:
+            raise ConfigError("data.path is not set: point it at a corpus made by `aioli-fast prepare`")
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check ``value`` against the annotation ``tp``; returns the value (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(k, kt, f"{key} key"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")  # a bug in a section definition
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown config key '{path}'{hint} (valid keys here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (for example train.steps=100)")
+    key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted ``key=value`` overrides into a raw config mapping (values parsed as YAML)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from a raw mapping plus overrides."""
+    data = apply_overrides(dict(data or {}), list(overrides or []))
+    cfg = _build(RunConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config file (or none: the defaults) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    cfg = config_from_dict(data, overrides)
+    if cfg.train.name is None and path is not None:
+        cfg.train.name = Path(path).stem
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML text (what is written into a run directory)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

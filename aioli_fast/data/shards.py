@@ -1,0 +1,194 @@
+"""WebDataset tar shards of fixed-length token sequences, and the corpus manifest.
+
+Layout of a prepared corpus::
+
+    OUT/manifest.json
+    OUT/<domain>/<split>-00000.tar     members "<domain>-<split>-<index:09d>.tokens.npy"
+
+Each sample is one ``.npy`` array of ``seq_len + 1`` token ids (uint16 when the vocabulary fits, else
+uint32): the model reads ``[:-1]`` as input and ``[1:]`` as labels, and consecutive samples of a split
+overlap by one token so no token is lost as a target. Any WebDataset reader can open the shards.
+
+Files are written under a temporary name and renamed when complete, so a crash never leaves a file that
+looks finished; ``manifest.json`` is written last and marks the corpus as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+SAMPLE_EXT = ".tokens.npy"
+DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
+
+
+def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> str:
+    """Write one tar shard of samples [S, L] atomically; returns its sha256."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, sample in zip(keys, samples_SL, strict=True):
+            arr = io.BytesIO()
+            np.save(arr, np.ascontiguousarray(sample), allow_pickle=False)
+            data = arr.getvalue()
+            info = tarfile.TarInfo(name=key + SAMPLE_EXT)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_shard(path: Path, *, sample_len: int, vocab_size: int) -> tuple[list[str], np.ndarray]:
+    """Read every sample of a shard: (keys, tokens [S, sample_len] int64).
+
+    Raises DataError naming the file (and the sample) when the shard is missing, corrupt or
+    truncated, or holds a sample of the wrong shape, dtype or with a token id >= vocab_size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard not found: {path}")
+    keys, rows = [], []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if not member.name.endswith(SAMPLE_EXT):
+                    raise DataError(f"{path}: unexpected member {member.name!r} (expected *{SAMPLE_EXT})")
+                key = member.name[: -len(SAMPLE_EXT)]
+                raw = tar.extractfile(member).read()
+                if len(raw) != member.size:
+                    raise DataError(f"{path}: sample {key} is truncated")
+                try:
+                    arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                except Exception as exc:  # noqa: BLE001 - numpy raises several types
+                    raise DataError(f"{path}: sample {key} is not a valid .npy array ({exc})") from exc
+                if arr.dtype not in (np.uint16, np.uint32) or arr.shape != (sample_len,):
+                    raise DataError(
+                        f"{path}: sample {key} has dtype {arr.dtype} and shape {arr.shape}; "
+                        f"expected uint16/uint32 of shape ({sample_len},)"
+                    )
+                keys.append(key)
+                rows.append(arr)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"corrupt or truncated shard {path}: {exc}") from exc
+    if not rows:
+        raise DataError(f"shard {path} holds no samples")
+    tokens = np.stack(rows).astype(np.int64)
+    top = int(tokens.max())
+    if top >= vocab_size:
+        row = int(np.argmax(tokens.max(axis=1)))
+        raise DataError(
+            f"{path}: sample {keys[row]} has token id {top} >= vocab_size {vocab_size}"
+        )
+    return keys, tokens
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    sequences: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A prepared corpus: its domains (in domain-id order), their splits and shards."""
+
+    root: Path
+    seq_len: int
+    vocab_size: int
+    eos_id: int
+    tokenizer: dict
+    domains: tuple[str, ...]
+    shards: dict  # (domain, split) -> tuple[ShardInfo, ...]
+    raw: dict
+
+    @property
+    def sample_len(self) -> int:
+        return self.seq_len + 1
+
+    def split_shards(self, domain: str, split: str) -> tuple[ShardInfo, ...]:
+        if domain not in self.domains:
+            raise DataError(f"domain {domain!r} is not in the corpus {self.root} (it has {list(self.domains)})")
+        found = self.shards.get((domain, split))
+        if not found:
+            raise DataError(f"corpus {self.root} has no {split!r} split for domain {domain!r}")
+        return found
+
+    def num_sequences(self, domain: str, split: str) -> int:
+        return sum(s.sequences for s in self.split_shards(domain, split))
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load ``manifest.json`` (a corpus folder or the file itself) and check that it is complete."""
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not file.is_file():
+        hint = " (was `aioli-fast prepare` interrupted?)" if path.is_dir() else ""
+        raise DataError(f"no corpus manifest at {file}{hint}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DataError(
+                f"{file}: format_version {raw.get('format_version')!r}, this version reads {FORMAT_VERSION}"
+            )
+        root = file.parent
+        shards = {}
+        for dom in raw["domains"]:
+            for split, info in dom["splits"].items():
+                shards[(dom["name"], split)] = tuple(
+                    ShardInfo(root / s["path"], int(s["sequences"]), s["sha256"]) for s in info["shards"]
+                )
+        return Manifest(
+            root=root,
+            seq_len=int(raw["seq_len"]),
+            vocab_size=int(raw["vocab_size"]),
+            eos_id=int(raw["eos_id"]),
+            tokenizer=dict(raw["tokenizer"]),
+            domains=tuple(d["name"] for d in raw["domains"]),
+            shards=shards,
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{file} is not a valid corpus manifest ({type(exc).__name__}: {exc})") from exc

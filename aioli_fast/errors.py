@@ -1,0 +1,13 @@
+"""Errors that the command line turns into one clear message and a non-zero exit."""
+
+
+class AioliError(ValueError):
+    """A problem with the user's input (config, data, paths): the message says what and where."""
+
+
+class DataError(AioliError):
+    """Bad or missing data: a shard, a manifest, an input file. The message names the file."""
+
+
+class ConfigError(AioliError):
+    """An invalid configuration: an unknown key, a wrong type, conflicting options."""

@@ -1,0 +1,35 @@
+"""Fixed mixtures: ``stratified`` (uniform over domains) and ``static`` (given proportions)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+from .base import Mixer, register_mixer
+
+
+@register_mixer("stratified")
+class StratifiedMixer(Mixer):
+    """Every domain equally often: p_i = 1/D for the whole run."""
+
+
+@register_mixer("static")
+class StaticMixer(Mixer):
+    """Proportions given in the config (``mixing.proportions``: domain -> weight, normalised)."""
+
+    def initial_proportions(self, proportions: dict[str, float] | None) -> torch.Tensor:
+        if not proportions:
+            raise ConfigError("mixing.method 'static' needs mixing.proportions (domain -> weight)")
+        unknown = sorted(set(proportions) - set(self.domains))
+        if unknown:
+            raise ConfigError(f"mixing.proportions names unknown domain(s) {unknown}; domains: {self.domains}")
+        missing = [d for d in self.domains if d not in proportions]
+        if missing:
+            raise ConfigError(f"mixing.proportions gives no weight for domain(s) {missing}")
+        weights = [proportions[d] for d in self.domains]
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(f"mixing.proportions must be finite, >= 0 and not all 0; got {proportions}")
+        p = torch.tensor(weights, dtype=torch.float32, device=self.device)
+        return p / p.sum()

@@ -1,0 +1,7 @@
+"""Training: the loop, per-domain evaluation and checkpoints."""
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import evaluate, format_table
+from .loop import RunResult, TrainingError, train
+
+__all__ = ["RunResult", "TrainingError", "evaluate", "format_table", "load_checkpoint", "save_checkpoint", "train"]

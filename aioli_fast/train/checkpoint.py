@@ -1,0 +1,56 @@
+"""Model checkpoints: written atomically, loaded with a clear error when damaged."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import AioliError
+from ..model import GPT, GPTConfig
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, model: GPT, *, step: int, domains: list[str], config: dict,
+                    tokenizer: dict) -> None:
+    """Save weights, model shape, domains, step, run config and tokenizer spec to ``path`` atomically."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "model_config": dataclasses.asdict(model.cfg),
+        "step": step,
+        "domains": list(domains),
+        "config": config,
+        "tokenizer": tokenizer,
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """Rebuild the model of a checkpoint; returns (model on ``device``, checkpoint metadata)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise AioliError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise AioliError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise AioliError(f"{path} is not an aioli_fast checkpoint (format {CHECKPOINT_FORMAT})")
+    model = GPT(GPTConfig(**payload["model_config"]))
+    model.load_state_dict(payload.pop("model"))
+    return model.to(device), payload

@@ -1,0 +1,276 @@
+"""The training loop: a thin loop over the data stream, the model, the optimizer and the mixer.
+
+Single process for now. The parts are separate so that the DeepSpeed engine (which owns the model,
+optimizer and scheduler) and the online mixers slot in without changing the loop's shape:
+
+    proportions = mixer.proportions(step)  -> stream.set_proportions (only when they change)
+    batch = next(stream)                    -> micro-batches -> forward (per-domain loss) -> backward
+    mixer.observe(step, loss_sum_D, count_D) for every micro-batch
+    clip, optimizer step, LR schedule; metrics every ``log_every`` steps (the only host syncs)
+
+Each run directory holds the resolved ``config.yaml``, ``metrics.jsonl`` (one JSON object per log
+step, and one per evaluation), ``model.pt`` and ``final.json`` (per-domain val/test loss and
+perplexity and their averages).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, dump_config
+from ..data import Manifest, MixtureStream, load_manifest
+from ..data.shards import atomic_write_bytes, atomic_write_json
+from ..errors import AioliError, ConfigError
+from ..mixing import build_mixer
+from ..model import GPT, preset_config
+from .checkpoint import save_checkpoint
+from .evaluate import autocast_context, evaluate, format_table
+
+
+class TrainingError(AioliError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final: dict
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def select_domains(cfg: RunConfig, manifest: Manifest) -> list[str]:
+    if cfg.data.domains is None:
+        return list(manifest.domains)
+    unknown = [d for d in cfg.data.domains if d not in manifest.domains]
+    if unknown:
+        raise ConfigError(f"data.domains names {unknown}, not in the corpus (it has {list(manifest.domains)})")
+    if len(set(cfg.data.domains)) != len(cfg.data.domains) or not cfg.data.domains:
+        raise ConfigError(f"data.domains must be a non-empty list without repeats, got {cfg.data.domains}")
+    return list(cfg.data.domains)
+
+
+def build_model(cfg: RunConfig, manifest: Manifest) -> GPT:
+    """The model of ``cfg.model``; vocabulary and context default to the corpus'."""
+    m = cfg.model
+    vocab = m.vocab_size if m.vocab_size is not None else -(-manifest.vocab_size // 64) * 64
+    if vocab < manifest.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the corpus vocabulary {manifest.vocab_size}")
+    max_seq_len = m.max_seq_len if m.max_seq_len is not None else manifest.seq_len
+    if max_seq_len < manifest.seq_len:
+        raise ConfigError(f"model.max_seq_len={max_seq_len} is shorter than the corpus seq_len {manifest.seq_len}")
+    try:
+        gpt_cfg = preset_config(
+            m.preset, vocab_size=vocab, max_seq_len=max_seq_len, d_model=m.d_model, n_layers=m.n_layers,
+            n_heads=m.n_heads, d_ff=m.d_ff, rotary_fraction=m.rotary_fraction,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return GPT(gpt_cfg)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases, norms)."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr_ratio."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    span = max(1, total - o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / span)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create (or, with train.overwrite, reuse) the run directory and check that it is writable."""
+    run_dir = Path(cfg.train.out_dir) / (cfg.train.name or "run")
+    if (run_dir / "config.yaml").exists() and not cfg.train.overwrite:
+        raise AioliError(
+            f"{run_dir} already holds a run; choose another train.name or pass train.overwrite=true"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise AioliError(f"run directory {run_dir} is not writable: {exc.strerror or exc}") from exc
+    for stale in ("final.json", "metrics.jsonl", "model.pt"):
+        (run_dir / stale).unlink(missing_ok=True)
+    return run_dir
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+
+def _say(message: str, bar) -> None:
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Run training and the final evaluation; returns the run directory and the final results."""
+    cfg.validate()
+    manifest = load_manifest(cfg.data.path)
+    domains = select_domains(cfg, manifest)
+    device = resolve_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "bf16" and device.type != "cuda":
+        raise ConfigError("train.precision=bf16 needs a CUDA device (the CPU path trains in fp32)")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, manifest).to(device)
+    mixer = build_mixer(cfg.mixing.method, domains, device=device, proportions=cfg.mixing.proportions)
+    optimizer = build_optimizer(model, cfg)
+    run_dir = prepare_run_dir(cfg)
+    atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
+
+    t = cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    n_micro = t.batch_size // micro
+    num_domains = len(domains)
+    proportions_D = mixer.proportions(0)
+    stream = MixtureStream(manifest, domains, t.batch_size, proportions_D.tolist(), seed=t.seed)
+
+    bar = _progress_bar(t.steps, t.progress)
+    _say(
+        f"training {model.num_parameters() / 1e6:.2f}M parameters on {device} ({precision}), "
+        f"{num_domains} domains, {t.steps} steps x {t.batch_size} x {manifest.seq_len} tokens, "
+        f"mixing={cfg.mixing.method}; run directory {run_dir}",
+        bar,
+    )
+    window_sum_D = torch.zeros(num_domains, device=device)
+    window_count_D = torch.zeros(num_domains, device=device)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_tokens, total_tokens = 0, 0, 0
+    window_start = train_start = time.perf_counter()
+    metrics_path = run_dir / "metrics.jsonl"
+    model.train()
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        for step in range(t.steps):
+            current = mixer.proportions(step)
+            if current is not proportions_D:  # a new tensor means new proportions: one small read
+                proportions_D = current
+                stream.set_proportions(proportions_D.tolist())
+            batch = next(stream).to(device)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for i in range(n_micro):
+                sl = slice(i * micro, (i + 1) * micro)
+                with autocast_context(device, precision):
+                    out = model(batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl], num_domains)
+                (out.loss / n_micro).backward()
+                loss_sum_D, count_D = out.loss_sum.detach(), out.count
+                mixer.observe(step, loss_sum_D, count_D)
+                window_sum_D += loss_sum_D
+                window_count_D += count_D
+                window_loss += out.loss.detach() / n_micro
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_steps += 1
+            window_tokens += batch.num_tokens
+            total_tokens += batch.num_tokens
+            if bar is not None:
+                bar.update(1)
+
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                loss = float(window_loss.item()) / window_steps
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"the training loss became {loss} by step {done}; lower optim.lr or check the data"
+                    )
+                elapsed = time.perf_counter() - window_start
+                sums, counts = window_sum_D.tolist(), window_count_D.tolist()
+                record = {
+                    "step": done,
+                    "loss": loss,
+                    "domain_loss": {d: (s / c if c else None) for d, s, c in zip(domains, sums, counts)},
+                    "proportions": dict(zip(domains, proportions_D.tolist())),
+                    "lr": lr,
+                    "tokens": total_tokens,
+                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
+                    "elapsed_s": time.perf_counter() - train_start,
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
+                window_sum_D.zero_()
+                window_count_D.zero_()
+                window_loss.zero_()
+                window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+
+            if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+                val = evaluate(model, manifest, domains, "val", batch_size=cfg.eval.batch_size, device=device,
+                               precision=precision, max_sequences=cfg.eval.max_sequences)
+                metrics.write(json.dumps({"step": done, "eval": {"val": val}}) + "\n")
+                metrics.flush()
+                _say(f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}", bar)
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - train_start
+
+    save_checkpoint(run_dir / "model.pt", model, step=t.steps, domains=domains, config=cfg.to_dict(),
+                    tokenizer=manifest.tokenizer)
+    results = {}
+    for split in ("val", "test"):
+        if all((d, split) in manifest.shards for d in domains):
+            _say(f"evaluating on {split} ...", None)
+            results[split] = evaluate(model, manifest, domains, split, batch_size=cfg.eval.batch_size,
+                                      device=device, precision=precision, max_sequences=cfg.eval.max_sequences)
+    final = {
+        "steps": t.steps,
+        "tokens": total_tokens,
+        "train_time_s": train_time,
+        "tokens_per_s": total_tokens / train_time if train_time > 0 else None,
+        "domains": domains,
+        "proportions": dict(zip(domains, proportions_D.tolist())),
+        **results,
+        "average": {f"{split}_{k}": res["average"][k] for split, res in results.items() for k in ("loss", "ppl")},
+    }
+    atomic_write_json(run_dir / "final.json", final)
+    if results:
+        print(format_table(results.get("val"), results.get("test")), flush=True)
+    return RunResult(run_dir, final)

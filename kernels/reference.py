@@ -1,0 +1,123 @@
+"""Pure-PyTorch reference of the per-domain cross-entropy.
+
+This is the function every fast kernel must match, and the path CPU runs take. It reads the logits
+once in fp32, takes the log-sum-exp per row, and reduces the token losses per domain with
+``index_add`` (no Python loop over domains, no host synchronisation: nothing here calls ``.item()``
+or branches on tensor values).
+
+Contract (docs/DESIGN and ``aioli_fast.kernels``):
+    inputs   logits [N, V] (any float dtype) or hidden [N, H] + weight [V, H] (+ bias [V]),
+             labels [N] (int), domain_ids [N] (int, values in [0, num_domains)),
+             ``ignore_index`` marks tokens that count nowhere.
+    outputs  loss      [] fp32, mean token loss over the non-ignored tokens (0 when there are none),
+             loss_sum  [D] fp32, per-domain sum of token losses,
+             count     [D] fp32, per-domain number of non-ignored tokens.
+    ``loss`` and ``loss_sum`` are differentiable; ``count`` is not.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class DomainLoss(NamedTuple):
+    """Result of a per-domain cross-entropy.
+
+    loss:     [] fp32 mean over non-ignored tokens (0 when every token is ignored).
+    loss_sum: [D] fp32 sum of token losses per domain.
+    count:    [D] fp32 number of non-ignored tokens per domain.
+    """
+
+    loss: torch.Tensor
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+
+
+def check_inputs(logits_or_hidden: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor,
+                 num_domains: int, name: str = "logits") -> None:
+    """Validate shapes and dtypes (metadata only: never reads tensor values, so never syncs)."""
+    if logits_or_hidden.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [N, *], got shape {tuple(logits_or_hidden.shape)}")
+    if not logits_or_hidden.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {logits_or_hidden.dtype}")
+    n = logits_or_hidden.shape[0]
+    for what, t in (("labels", labels), ("domain_ids", domain_ids)):
+        if t.shape != (n,):
+            raise ValueError(f"{what} must have shape ({n},) to match {name}, got {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"{what} must be an integer tensor, got {t.dtype}")
+    if not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1:
+        raise ValueError(f"num_domains must be a positive int, got {num_domains!r}")
+
+
+def domain_cross_entropy_reference(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    *,
+    ignore_index: int = -100,
+) -> DomainLoss:
+    """Mean cross-entropy plus per-domain loss sums and token counts, computed in fp32.
+
+    Args:
+        logits_NV: [N, V] logits, any float dtype (upcast to fp32 internally).
+        labels_N: [N] integer class indices; ``ignore_index`` marks tokens that are skipped.
+        domain_ids_N: [N] integer domain of each token, in [0, num_domains) for counted tokens
+            (the value on ignored tokens is not used).
+        num_domains: D, the number of domains.
+        ignore_index: label value of tokens that count nowhere.
+
+    Returns:
+        DomainLoss(loss [], loss_sum [D], count [D]), all fp32 on the logits' device.
+    """
+    check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
+    valid_N = labels_N != ignore_index
+    safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N)).long()
+    safe_domains_N = torch.where(valid_N, domain_ids_N, torch.zeros_like(domain_ids_N)).long()
+
+    logits_NV = logits_NV.float()
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    target_N = logits_NV.gather(1, safe_labels_N[:, None]).squeeze(1)
+    valid_f_N = valid_N.float()
+    token_loss_N = (lse_N - target_N) * valid_f_N
+
+    zeros_D = torch.zeros(num_domains, dtype=torch.float32, device=logits_NV.device)
+    loss_sum_D = zeros_D.index_add(0, safe_domains_N, token_loss_N)
+    count_D = zeros_D.index_add(0, safe_domains_N, valid_f_N)
+    loss = token_loss_N.sum() / valid_f_N.sum().clamp_min(1.0)
+    return DomainLoss(loss, loss_sum_D, count_D)
+
+
+def linear_domain_cross_entropy_reference(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    *,
+    bias_V: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> DomainLoss:
+    """Per-domain cross-entropy of ``hidden_NH @ weight_VH.T (+ bias_V)``.
+
+    The reference materialises the [N, V] logits (in the input dtype, as a plain matmul would); the
+    fused kernel computes the same values without them. Gradients flow to hidden, weight and bias.
+
+    Returns:
+        DomainLoss(loss [], loss_sum [D], count [D]), fp32.
+    """
+    check_inputs(hidden_NH, labels_N, domain_ids_N, num_domains, name="hidden")
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
+        raise ValueError(
+            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, "
+            f"got {tuple(weight_VH.shape)}"
+        )
+    if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
+        raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
+    logits_NV = torch.nn.functional.linear(hidden_NH, weight_VH, bias_V)
+    return domain_cross_entropy_reference(
+        logits_NV, labels_N, domain_ids_N, num_domains, ignore_index=ignore_index
+    )

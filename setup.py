@@ -1,0 +1,54 @@
+"""Packaging for aioli_fast.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed as
+``aioli_fast.kernels``: a package named ``kernels`` already exists on the package registry, so a
+top-level ``import kernels`` would collide (docs/DECISIONS.md).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+PACKAGES = [
+    "aioli_fast",
+    "aioli_fast.data",
+    "aioli_fast.mixing",
+    "aioli_fast.train",
+]
+
+setup(
+    name="aioli_fast",
+    version="0.1.0",
+    description="Online data mixing (Aioli) for LLM pretraining at production speed",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[*PACKAGES, "aioli_fast.kernels"],
+    package_dir={"aioli_fast.kernels": "kernels"},
+    package_data={"aioli_fast": ["py.typed"]},
+    install_requires=[
+        # The installer (install.py) puts torch==2.13.0 in first when no torch is present, so this
+        # range is already satisfied and pip does not pull a different, multi-GB build.
+        "torch>=2.4",
+        "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "numpy>=1.24",
+        "webdataset>=0.2.100",
+        "deepspeed>=0.15",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # flash-attn compiles against CUDA: it cannot be installed on a CPU-only machine.
+        "flash": ["flash-attn>=2.5"],
+        "hf": ["tokenizers>=0.15"],
+        "bench": ["pytest-benchmark>=4.0"],
+        "dev": [
+            "pytest>=7.4",
+            "pytest-benchmark>=4.0",
+            "tokenizers>=0.15",
+            "ruff>=0.5",
+        ],
+    },
+    entry_points={"console_scripts": ["aioli-fast=aioli_fast.cli:main"]},
+)
