@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import sys
 import sysconfig
 import time
@@ -36,7 +37,7 @@ NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
 
 # The run the demo trains; configs/demo.yaml holds the same settings for `aioli-fast train`.
 DEMO_CONFIG = {
-    "model": {"preset": "tiny"},
+    "model": {"preset": "mini"},
     "data": {"path": "runs/demo/corpus"},
     "mixing": {"method": "stratified"},
     "optim": {"lr": 3.0e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0},
@@ -49,14 +50,18 @@ def _stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+SKIP_CODE_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
+
+
 def python_code_files(budget_bytes: int) -> list[Path]:
-    """Standard-library ``.py`` files (top level and packages, no tests), sorted, within a byte budget."""
+    """Standard-library ``.py`` files (no tests, no installed packages), sorted, within a byte budget."""
     root = _stdlib_dir()
+    paths = []
+    for folder, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in SKIP_CODE_DIRS]  # prune: site-packages is large
+        paths.extend(Path(folder, n) for n in names if n.endswith(".py"))
     files, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if any(p in ("test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3") for p in rel):
-            continue
+    for path in sorted(paths):
         size = path.stat().st_size
         if size == 0 or total + size > budget_bytes:
             continue

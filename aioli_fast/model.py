@@ -75,6 +75,7 @@ class GPTConfig:
 # (not parallel) residual blocks.
 PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=256),
+    "mini": dict(d_model=192, n_layers=4, n_heads=6, d_ff=768, max_seq_len=256),
     "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=512),
     "medium": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_seq_len=1024),
     "pythia-160m": dict(

@@ -240,9 +240,7 @@ def test_linear_matches_fp64(case: Case, impl: str, with_bias: bool) -> None:
     hidden64 = hidden.detach().double().requires_grad_()
     weight64 = weight.detach().double().requires_grad_()
     bias64 = bias.detach().double().requires_grad_() if with_bias else None
-    exp = expected_fp64(
-        F.linear(hidden64, weight64, bias64), labels, domains, case.d, case.ignore_index
-    )
+    exp = expected_fp64(F.linear(hidden64, weight64, bias64), labels, domains, case.d, case.ignore_index)
     objective(exp, w_D).backward()
 
     out_tol, grad_tol = linear_tolerances(case.dtype)
@@ -258,7 +256,8 @@ def test_linear_matches_fp64(case: Case, impl: str, with_bias: bool) -> None:
         assert got.grad is not None, f"no gradient reached {name}"
         assert got.grad.dtype == case.dtype, f"{name}.grad dtype {got.grad.dtype}"
         assert torch.isfinite(got.grad).all(), f"{name}.grad has non-finite values"
-        torch.testing.assert_close(got.grad.double(), want.grad, **grad_tol, msg=lambda m, n=name: f"{n}: {m}")
+        message = lambda m, n=name: f"{n}.grad: {m}"
+        torch.testing.assert_close(got.grad.double(), want.grad, **grad_tol, msg=message)
 
 
 # ---------------------------------------------------------------------------------------------------

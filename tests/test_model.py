@@ -115,12 +115,16 @@ def test_causal(t: int) -> None:
         before, after = model.logits(input_ids), model.logits(changed)
 
     torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1], rtol=0, atol=1e-6)
-    assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :], atol=1e-3), "later positions ignore input"
+    assert not torch.allclose(after[:, t + 1 :], before[:, t + 1 :], atol=1e-3), "later logits unchanged"
 
 
 def _rotary(head_dim: int = 16, rotary_fraction: float = 1.0, max_seq_len: int = 48) -> Rotary:
     cfg = GPTConfig(
-        vocab_size=8, max_seq_len=max_seq_len, d_model=2 * head_dim, n_heads=2, d_ff=8,
+        vocab_size=8,
+        max_seq_len=max_seq_len,
+        d_model=2 * head_dim,
+        n_heads=2,
+        d_ff=8,
         rotary_fraction=rotary_fraction,
     )
     return Rotary(cfg)
@@ -185,7 +189,8 @@ def test_rotary_dims_are_even() -> None:
 
 def test_pythia_160m_preset_parameter_count() -> None:
     cfg = preset_config("pythia-160m")
-    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.vocab_size, cfg.rotary_dims) == (768, 12, 12, 50304, 16)
+    shape = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.vocab_size, cfg.rotary_dims)
+    assert shape == (768, 12, 12, 3072, 50304, 16)
     with torch.device("meta"):
         model = GPT(cfg)
     assert model.num_parameters() == 162_322_944

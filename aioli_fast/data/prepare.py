@@ -2,8 +2,9 @@
 
 For each domain: expand its inputs (files, folders, globs; ``.txt``-like files are one document each,
 ``.jsonl`` files one document per line from a text field; ``.gz`` is read transparently), assign every
-document to train/val/test by a hash of its content (deterministic, independent of file order and of
-the other documents), tokenize, append an end-of-document token, and pack the documents of one split of
+document to train/val/test by a hash of its content (deterministic, independent of file order; a
+held-out split too short for one sequence is topped up with the train documents nearest its hash
+range), tokenize, append an end-of-document token, and pack the documents of one split of
 one domain into fixed-length samples (a sample never mixes domains or splits). The tail that does not
 fill a sample is dropped and counted in the manifest.
 """
@@ -82,15 +83,42 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
-def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Deterministic split of a document from a hash of its content (identical documents agree)."""
+def document_hash(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the content of a document and the seed."""
     digest = hashlib.sha256(f"{seed}\0{text}".encode("utf-8", errors="replace")).digest()
-    u = int.from_bytes(digest[:8], "little") / 2**64
+    return int.from_bytes(digest[:8], "little") / 2**64
+
+
+def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """Split of a document by its hash alone (identical documents agree); see :func:`assign_splits`."""
+    return _split_by_hash(document_hash(text, seed), val_fraction, test_fraction)
+
+
+def _split_by_hash(u: float, val_fraction: float, test_fraction: float) -> str:
     if u < test_fraction:
         return "test"
-    if u < test_fraction + val_fraction:
-        return "val"
-    return "train"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def assign_splits(hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float]) -> list[str]:
+    """Split of each document: by hash, then topped up so every held-out split can fill one sequence.
+
+    Documents go to test when their hash is below ``fractions["test"]``, to val below the sum of both.
+    A domain with few, long documents can leave a held-out split too short for one sequence; such a split
+    then also takes the train documents with the lowest hashes (the ones nearest its hash range) until
+    it holds more than ``seq_len`` tokens. Still a function of the content and the seed only.
+    """
+    splits = [_split_by_hash(u, fractions["val"], fractions["test"]) for u in hashes]
+    for split in ("test", "val"):
+        if fractions[split] == 0:
+            continue
+        total = sum(n for n, s in zip(lengths, splits) if s == split)
+        for i in sorted((i for i, s in enumerate(splits) if s == "train"), key=lambda i: hashes[i]):
+            if total > seq_len:
+                break
+            splits[i] = split
+            total += lengths[i]
+    return splits
 
 
 def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -176,19 +204,21 @@ def prepare(
 
     domain_entries = []
     for name, files in files_by_domain.items():
-        streams: dict[str, list[int]] = {s: [] for s in SPLITS}
-        docs = dict.fromkeys(SPLITS, 0)
+        hashes, docs_ids = [], []
         for path in _progress(files, f"tokenize {name}", len(files), progress):
             for text in iter_documents(path, text_field):
                 if not text.strip():
                     continue
-                split = split_of(text, seed, val_fraction, test_fraction)
-                ids = tok.encode(text)
-                ids.append(tok.eos_id)
-                streams[split].extend(ids)
-                docs[split] += 1
-        if sum(docs.values()) == 0:
+                hashes.append(document_hash(text, seed))
+                docs_ids.append([*tok.encode(text), tok.eos_id])
+        if not docs_ids:
             raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
+        assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)
+        streams: dict[str, list[int]] = {s: [] for s in SPLITS}
+        docs = dict.fromkeys(SPLITS, 0)
+        for split, ids in zip(assigned, docs_ids):
+            streams[split].extend(ids)
+            docs[split] += 1
 
         domain_dir = out / name
         if domain_dir.exists():
@@ -223,11 +253,11 @@ def prepare(
                 "shards": shards,
             }
         domain_entries.append(
-            {"name": name, "inputs": [str(p) for p in files], "documents": sum(docs.values()), "splits": splits}
+            {"name": name, "inputs": [str(p) for p in files], "documents": len(docs_ids), "splits": splits}
         )
         if progress:
             summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
-            print(f"prepared {name}: {sum(docs.values())} documents -> sequences {summary}", file=sys.stderr)
+            print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
 
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -1,0 +1,129 @@
+"""Config loading: typed sections, unknown keys with suggestions, wrong types, overrides, presets."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aioli_fast.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
+from aioli_fast.demo import DEMO_CONFIG
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MIN = {"data": {"path": "corpus"}}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.name is not None
+
+
+def test_demo_yaml_matches_embedded_demo_config():
+    from_file = load_config(CONFIGS / "demo.yaml").to_dict()
+    embedded = config_from_dict(DEMO_CONFIG).to_dict()
+    assert from_file == embedded
+
+
+def test_paper_preset_has_the_paper_settings():
+    cfg = load_config(CONFIGS / "pythia160m-paper.yaml")
+    assert (cfg.model.preset, cfg.train.batch_size, cfg.optim.lr, cfg.optim.warmup_steps) == (
+        "pythia-160m", 8, 5e-4, 500)
+    assert cfg.train.steps == 5000
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"train": {"stpes": 3}}, "unknown config key 'train.stpes'; did you mean 'train.steps'?"),
+        ({"trian": {}}, "unknown config key 'trian'; did you mean 'train'?"),
+        ({"optim": {"learning_rate": 1.0}}, "unknown config key 'optim.learning_rate'"),
+    ],
+    ids=["nested-typo", "section-typo", "no-near-match"],
+)
+def test_unknown_key_names_it_and_the_nearest(data, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MIN, **data})
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"train": {"steps": "many"}}, "train.steps: expected int, got str 'many'"),
+        ({"train": {"steps": 1.5}}, "train.steps: expected int, got float 1.5"),
+        ({"train": {"overwrite": "yes please"}}, "train.overwrite: expected bool"),
+        ({"optim": {"lr": [1]}}, "optim.lr: expected float, got list"),
+        ({"data": {"path": "x", "domains": "a"}}, "data.domains: expected a list"),
+        ({"mixing": {"proportions": {"a": "x"}}}, "mixing.proportions.a: expected float"),
+        ({"train": 3}, "train: expected a mapping"),
+    ],
+    ids=["str-for-int", "float-for-int", "str-for-bool", "list-for-float", "str-for-list", "bad-dict-value",
+         "scalar-for-section"],
+)
+def test_wrong_type_is_rejected(data, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MIN, **data})
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"train": {"batch_size": 8, "micro_batch_size": 3}}, "must be positive and divide train.batch_size"),
+        ({"train": {"steps": 0}}, "train.steps must be >= 1"),
+        ({"optim": {"lr": 0.0}}, "lr must be > 0"),
+        ({"train": {"precision": "fp8"}}, "train.precision must be one of"),
+        ({"data": {"path": ""}}, "data.path is not set"),
+    ],
+    ids=["micro-does-not-divide", "zero-steps", "zero-lr", "bad-precision", "no-data-path"],
+)
+def test_conflicting_or_invalid_values(data, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MIN, **data})
+    assert expected in str(err.value)
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    cfg = config_from_dict(
+        MIN, ["train.steps=7", "optim.lr=1e-3", "mixing.method=static", "mixing.proportions={a: 2, b: 1}",
+              "data.domains=[a, b]", "train.micro_batch_size=null"]
+    )
+    assert cfg.train.steps == 7
+    assert cfg.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads "1e-3" as a string; accepted as float
+    assert cfg.mixing.proportions == {"a": 2.0, "b": 1.0}
+    assert cfg.data.domains == ["a", "b"]
+    assert cfg.train.micro_batch_size is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.steps", "is not of the form key=value"),
+    ("=3", "has an empty key"),
+    ("train.steps.x=3", "'steps' is not a section"),
+    ("train.steps=[1", "value is not valid YAML"),
+], ids=["no-equals", "empty-key", "into-scalar", "bad-yaml"])
+def test_bad_overrides(override, expected):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**MIN, "train": {"steps": 3}}, [override])
+    assert expected in str(err.value)
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(listy)
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = config_from_dict(MIN, ["train.steps=11", "mixing.proportions={a: 1}"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert yaml.safe_load(path.read_text())["train"]["steps"] == 11
+    assert load_config(path).to_dict() == {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "name": "resolved"}}
