@@ -7,7 +7,6 @@ and exit status 2; nothing half-written is left looking complete.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,9 +26,18 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
             raise AioliError(f"domain {name!r} is given twice")
         domains[name] = [p for p in paths.split(",") if p]
     manifest = prepare(
-        domains, args.out, seq_len=args.seq_len, tokenizer=args.tokenizer, eos_token=args.eos_token,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, shard_sequences=args.shard_sequences,
-        text_field=args.text_field, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+        domains,
+        args.out,
+        seq_len=args.seq_len,
+        tokenizer=args.tokenizer,
+        eos_token=args.eos_token,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        shard_sequences=args.shard_sequences,
+        text_field=args.text_field,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     for dom in manifest["domains"]:
         splits = ", ".join(f"{s}: {v['sequences']} seq / {v['tokens']} tok" for s, v in dom["splits"].items())
@@ -46,8 +54,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-
     from .data import load_manifest
     from .train import evaluate, format_table, load_checkpoint
     from .train.loop import resolve_device
@@ -58,7 +64,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     manifest = load_manifest(data)
     if manifest.tokenizer != meta["tokenizer"]:
         raise AioliError(
-            f"the corpus {data} was tokenized with {manifest.tokenizer}, the checkpoint with {meta['tokenizer']}"
+            f"the corpus {data} was tokenized with {manifest.tokenizer}, "
+            f"the checkpoint's corpus with {meta['tokenizer']}"
         )
     if manifest.vocab_size > model.cfg.vocab_size or manifest.seq_len > model.cfg.max_seq_len:
         raise AioliError(f"the corpus {data} does not fit the checkpoint's vocabulary or context length")
@@ -66,15 +73,25 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     splits = ["val", "test"] if args.split == "both" else [args.split]
     precision = "bf16" if device.type == "cuda" else "fp32"
     results = {
-        split: evaluate(model, manifest, domains, split, batch_size=args.batch_size, device=device,
-                        precision=precision, max_sequences=args.max_sequences)
+        split: evaluate(
+            model,
+            manifest,
+            domains,
+            split,
+            batch_size=args.batch_size,
+            device=device,
+            precision=precision,
+            max_sequences=args.max_sequences,
+        )
         for split in splits
     }
     print(format_table(results.get("val"), results.get("test")))
     if args.out:
         from .data.shards import atomic_write_json
 
-        atomic_write_json(Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results})
+        atomic_write_json(
+            Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results}
+        )
     del torch
 
 
@@ -90,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize and pack per-domain text into WebDataset shards")
-    p.add_argument("--domain", action="append", required=True, metavar="NAME=PATH[,PATH...]",
-                   help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain")
+    p.add_argument(
+        "--domain",
+        action="append",
+        required=True,
+        metavar="NAME=PATH[,PATH...]",
+        help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain",
+    )
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
@@ -121,11 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)")
+    p = sub.add_parser(
+        "demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)"
+    )
     p.add_argument("--out", default="runs/demo", help="folder for the corpus and the run (runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
     p.add_argument("--scale", type=float, default=1.0, help="corpus size factor (default 1.0)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8"
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -109,8 +109,12 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks that no single type can express."""
         t, o = self.train, self.optim
-        positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.log_every": t.log_every,
-                    "eval.batch_size": self.eval.batch_size}
+        positive = {
+            "train.steps": t.steps,
+            "train.batch_size": t.batch_size,
+            "train.log_every": t.log_every,
+            "eval.batch_size": self.eval.batch_size,
+        }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")

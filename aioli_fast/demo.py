@@ -41,7 +41,14 @@ DEMO_CONFIG = {
     "data": {"path": "runs/demo/corpus"},
     "mixing": {"method": "stratified"},
     "optim": {"lr": 3.0e-3, "warmup_steps": 30, "min_lr_ratio": 0.1, "weight_decay": 0.1, "grad_clip": 1.0},
-    "train": {"steps": 300, "batch_size": 16, "seed": 0, "log_every": 10, "out_dir": "runs/demo", "name": "stratified"},
+    "train": {
+        "steps": 300,
+        "batch_size": 16,
+        "seed": 0,
+        "log_every": 10,
+        "out_dir": "runs/demo",
+        "name": "stratified",
+    },
     "eval": {"batch_size": 32, "max_sequences": 256},
 }
 
@@ -124,7 +131,9 @@ def noise_documents(n_docs: int, doc_bytes: int, seed: int = 0) -> list[str]:
     """Uniformly random printable ASCII documents."""
     rng = np.random.default_rng(seed)
     alphabet = np.frombuffer(NOISE_ALPHABET, dtype=np.uint8)
-    return [alphabet[rng.integers(0, len(alphabet), doc_bytes)].tobytes().decode("ascii") for _ in range(n_docs)]
+    return [
+        alphabet[rng.integers(0, len(alphabet), doc_bytes)].tobytes().decode("ascii") for _ in range(n_docs)
+    ]
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> None:
@@ -139,8 +148,11 @@ def build_demo_sources(raw_dir: Path, scale: float = 1.0) -> dict[str, list[str]
     reference = reference_documents(450 * kb)
     licenses = license_files(450 * kb)
     noise = noise_documents(max(8, int(150 * scale)), 2000)
-    missing = [name for name, found in (("python_code", code), ("language_reference", reference),
-                                        ("licenses", licenses)) if not found]
+    missing = [
+        name
+        for name, found in (("python_code", code), ("language_reference", reference), ("licenses", licenses))
+        if not found
+    ]
     if missing:
         raise AioliError(f"demo: found no material on this machine for domain(s) {missing}")
     _write_jsonl(raw_dir / "language_reference.jsonl", reference)
@@ -153,8 +165,13 @@ def build_demo_sources(raw_dir: Path, scale: float = 1.0) -> dict[str, list[str]
     }
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, steps: int | None = None, scale: float = 1.0,
-             overrides: list[str] | None = None) -> dict:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    *,
+    steps: int | None = None,
+    scale: float = 1.0,
+    overrides: list[str] | None = None,
+) -> dict:
     """Build, prepare, train and evaluate; prints the table and returns ``final.json``'s content."""
     from .train import train  # the demo sits above the training package
 
@@ -162,10 +179,20 @@ def run_demo(out_dir: str | Path = "runs/demo", *, steps: int | None = None, sca
     out = Path(out_dir)
     print(f"[1/3] collecting the demo corpus under {out / 'raw'} ...", file=sys.stderr, flush=True)
     sources = build_demo_sources(out / "raw", scale=scale)
-    print(f"[2/3] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...",
-          file=sys.stderr, flush=True)
-    prepare(sources, out / "corpus", seq_len=DEMO_SEQ_LEN, tokenizer="byte", val_fraction=0.1,
-            test_fraction=0.1, overwrite=True)
+    print(
+        f"[2/3] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    prepare(
+        sources,
+        out / "corpus",
+        seq_len=DEMO_SEQ_LEN,
+        tokenizer="byte",
+        val_fraction=0.1,
+        test_fraction=0.1,
+        overwrite=True,
+    )
     cfg_dict = json.loads(json.dumps(DEMO_CONFIG))
     cfg_dict["data"]["path"] = str(out / "corpus")
     cfg_dict["train"]["out_dir"] = str(out)

@@ -79,7 +79,12 @@ PRESETS: dict[str, dict] = {
     "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=512),
     "medium": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, max_seq_len=1024),
     "pythia-160m": dict(
-        d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=2048, vocab_size=50304,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        d_ff=3072,
+        max_seq_len=2048,
+        vocab_size=50304,
         rotary_fraction=0.25,
     ),
 }
@@ -209,9 +214,7 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids_BT.shape)}")
         T = input_ids_BT.shape[1]
         if T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}"
-            )
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids_BT)
         for block in self.blocks:
             x = block(x)

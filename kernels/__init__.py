@@ -48,9 +48,7 @@ def domain_cross_entropy(
         DomainLoss(loss [] fp32, loss_sum [D] fp32, count [D] fp32); differentiable in ``logits``.
         ``loss`` is 0 (not NaN) when every token is ignored. No host synchronisation.
     """
-    return domain_cross_entropy_reference(
-        logits, labels, domain_ids, num_domains, ignore_index=ignore_index
-    )
+    return domain_cross_entropy_reference(logits, labels, domain_ids, num_domains, ignore_index=ignore_index)
 
 
 def linear_domain_cross_entropy(

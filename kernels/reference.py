@@ -35,8 +35,13 @@ class DomainLoss(NamedTuple):
     count: torch.Tensor
 
 
-def check_inputs(logits_or_hidden: torch.Tensor, labels: torch.Tensor, domain_ids: torch.Tensor,
-                 num_domains: int, name: str = "logits") -> None:
+def check_inputs(
+    logits_or_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    name: str = "logits",
+) -> None:
     """Validate shapes and dtypes (metadata only: never reads tensor values, so never syncs)."""
     if logits_or_hidden.dim() != 2:
         raise ValueError(f"{name} must be 2-D [N, *], got shape {tuple(logits_or_hidden.shape)}")
@@ -112,8 +117,7 @@ def linear_domain_cross_entropy_reference(
     check_inputs(hidden_NH, labels_N, domain_ids_N, num_domains, name="hidden")
     if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
         raise ValueError(
-            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, "
-            f"got {tuple(weight_VH.shape)}"
+            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, got {tuple(weight_VH.shape)}"
         )
     if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
         raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")

@@ -33,17 +33,43 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     _write_domain(root / "raw" / "ab", "ab", 30, 0)
     _write_domain(root / "raw" / "xyz", "xyz", 30, 1)
-    rc = main(["prepare", "--domain", f"ab={root / 'raw' / 'ab'}", "--domain", f"xyz={root / 'raw' / 'xyz'}/*.txt",
-               "--out", str(root / "corpus"), "--seq-len", str(SEQ), "--val-fraction", "0.2",
-               "--test-fraction", "0.2", "--quiet"])
+    rc = main(
+        [
+            "prepare",
+            "--domain",
+            f"ab={root / 'raw' / 'ab'}",
+            "--domain",
+            f"xyz={root / 'raw' / 'xyz'}/*.txt",
+            "--out",
+            str(root / "corpus"),
+            "--seq-len",
+            str(SEQ),
+            "--val-fraction",
+            "0.2",
+            "--test-fraction",
+            "0.2",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     return root
 
 
 def _train(corpus, name, *extra):
-    args = ["train", f"data.path={corpus / 'corpus'}", f"train.out_dir={corpus / 'runs'}", f"train.name={name}",
-            "train.steps=12", "train.batch_size=4", "train.log_every=4", "train.progress=false",
-            "optim.warmup_steps=2", "optim.lr=3e-3", "model.preset=tiny", *extra]
+    args = [
+        "train",
+        f"data.path={corpus / 'corpus'}",
+        f"train.out_dir={corpus / 'runs'}",
+        f"train.name={name}",
+        "train.steps=12",
+        "train.batch_size=4",
+        "train.log_every=4",
+        "train.progress=false",
+        "optim.warmup_steps=2",
+        "optim.lr=3e-3",
+        "model.preset=tiny",
+        *extra,
+    ]
     return main(args)
 
 
@@ -93,12 +119,15 @@ def test_prepare_then_train_then_eval(corpus, capsys):
     for split in ("val", "test"):
         for dom in ("ab", "xyz"):
             assert evaluated[split]["domains"][dom]["loss"] == pytest.approx(
-                final[split]["domains"][dom]["loss"], rel=1e-5)
+                final[split]["domains"][dom]["loss"], rel=1e-5
+            )
 
 
 def test_static_mixture_trains_only_on_weighted_domains(corpus):
     assert _train(corpus, "only-ab", "mixing.method=static", "mixing.proportions={ab: 1, xyz: 0}") == 0
-    records = [json.loads(line) for line in (corpus / "runs" / "only-ab" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (corpus / "runs" / "only-ab" / "metrics.jsonl").read_text().splitlines()
+    ]
     for r in records:
         assert r["proportions"] == {"ab": 1.0, "xyz": 0.0}
         assert r["domain_loss"]["xyz"] is None and r["domain_loss"]["ab"] is not None
@@ -123,8 +152,15 @@ def test_eval_every_writes_validation_records(corpus):
         (["data.domains=[ab, web]"], "data.domains names ['web'], not in the corpus"),
         (["model.preset=huge"], "unknown model preset 'huge'"),
     ],
-    ids=["unknown-key", "wrong-type", "vocab-too-small", "unknown-mixer", "static-missing-domain",
-         "unknown-domain", "unknown-preset"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "vocab-too-small",
+        "unknown-mixer",
+        "static-missing-domain",
+        "unknown-domain",
+        "unknown-preset",
+    ],
 )
 def test_bad_train_input_exits_2_with_one_message(corpus, capsys, extra, message):
     assert _train(corpus, "bad", *extra) == 2
@@ -149,8 +185,20 @@ def test_missing_and_corrupt_data(corpus, tmp_path, capsys):
     subprocess.run(["cp", "-r", str(corpus / "corpus"), str(broken)], check=True)
     shard = broken / "xyz" / "train-00000.tar"
     shard.write_bytes(shard.read_bytes()[:700])
-    assert main(["train", f"data.path={broken}", f"train.out_dir={tmp_path}", "train.steps=20",
-                 "train.batch_size=4", "train.progress=false", "model.preset=tiny"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                f"data.path={broken}",
+                f"train.out_dir={tmp_path}",
+                "train.steps=20",
+                "train.batch_size=4",
+                "train.progress=false",
+                "model.preset=tiny",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(shard) in err and ("truncated" in err or "corrupt" in err)
     assert not (tmp_path / "run" / "final.json").exists()
@@ -174,8 +222,12 @@ def test_prepare_errors_through_the_cli(tmp_path, capsys):
 def test_module_entry_point_and_exit_status(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "aioli_fast", "--version"], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.startswith("aioli_fast ")
-    bad = subprocess.run([sys.executable, "-m", "aioli_fast", "train", "train.stpes=1"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    bad = subprocess.run(
+        [sys.executable, "-m", "aioli_fast", "train", "train.stpes=1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "aioli-fast train: error: unknown config key 'train.stpes'; did you mean 'train.steps'? "
@@ -185,8 +237,22 @@ def test_module_entry_point_and_exit_status(tmp_path):
 
 
 def test_demo_small_scale(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--scale", "0.05",
-                 "eval.max_sequences=8", "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path / "demo"),
+                "--steps",
+                "4",
+                "--scale",
+                "0.05",
+                "eval.max_sequences=8",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     final = json.loads((tmp_path / "demo" / "stratified" / "final.json").read_text())
     domains = ["python_code", "language_reference", "licenses", "noise"]
@@ -194,6 +260,6 @@ def test_demo_small_scale(tmp_path, capsys):
     assert final["proportions"] == pytest.approx(dict.fromkeys(domains, 0.25))
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("domain"))
-    rows = [line.split()[0] for line in lines[header + 2:] if line and not line.startswith("-")]
+    rows = [line.split()[0] for line in lines[header + 2 :] if line and not line.startswith("-")]
     assert rows[: len(domains) + 1] == [*domains, "average"]
     assert "demo finished in" in out

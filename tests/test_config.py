@@ -28,7 +28,11 @@ def test_demo_yaml_matches_embedded_demo_config():
 def test_paper_preset_has_the_paper_settings():
     cfg = load_config(CONFIGS / "pythia160m-paper.yaml")
     assert (cfg.model.preset, cfg.train.batch_size, cfg.optim.lr, cfg.optim.warmup_steps) == (
-        "pythia-160m", 8, 5e-4, 500)
+        "pythia-160m",
+        8,
+        5e-4,
+        500,
+    )
     assert cfg.train.steps == 5000
 
 
@@ -58,8 +62,15 @@ def test_unknown_key_names_it_and_the_nearest(data, expected):
         ({"mixing": {"proportions": {"a": "x"}}}, "mixing.proportions.a: expected float"),
         ({"train": 3}, "train: expected a mapping"),
     ],
-    ids=["str-for-int", "float-for-int", "str-for-bool", "list-for-float", "str-for-list", "bad-dict-value",
-         "scalar-for-section"],
+    ids=[
+        "str-for-int",
+        "float-for-int",
+        "str-for-bool",
+        "list-for-float",
+        "str-for-list",
+        "bad-dict-value",
+        "scalar-for-section",
+    ],
 )
 def test_wrong_type_is_rejected(data, expected):
     with pytest.raises(ConfigError) as err:
@@ -86,8 +97,15 @@ def test_conflicting_or_invalid_values(data, expected):
 
 def test_overrides_parse_yaml_values_and_create_sections():
     cfg = config_from_dict(
-        MIN, ["train.steps=7", "optim.lr=1e-3", "mixing.method=static", "mixing.proportions={a: 2, b: 1}",
-              "data.domains=[a, b]", "train.micro_batch_size=null"]
+        MIN,
+        [
+            "train.steps=7",
+            "optim.lr=1e-3",
+            "mixing.method=static",
+            "mixing.proportions={a: 2, b: 1}",
+            "data.domains=[a, b]",
+            "train.micro_batch_size=null",
+        ],
     )
     assert cfg.train.steps == 7
     assert cfg.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads "1e-3" as a string; accepted as float
@@ -96,12 +114,16 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert cfg.train.micro_batch_size is None
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.steps", "is not of the form key=value"),
-    ("=3", "has an empty key"),
-    ("train.steps.x=3", "'steps' is not a section"),
-    ("train.steps=[1", "value is not valid YAML"),
-], ids=["no-equals", "empty-key", "into-scalar", "bad-yaml"])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.steps", "is not of the form key=value"),
+        ("=3", "has an empty key"),
+        ("train.steps.x=3", "'steps' is not a section"),
+        ("train.steps=[1", "value is not valid YAML"),
+    ],
+    ids=["no-equals", "empty-key", "into-scalar", "bad-yaml"],
+)
 def test_bad_overrides(override, expected):
     with pytest.raises(ConfigError) as err:
         config_from_dict({**MIN, "train": {"steps": 3}}, [override])
@@ -126,4 +148,7 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_config(cfg))
     assert yaml.safe_load(path.read_text())["train"]["steps"] == 11
-    assert load_config(path).to_dict() == {**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "name": "resolved"}}
+    assert load_config(path).to_dict() == {
+        **cfg.to_dict(),
+        "train": {**cfg.to_dict()["train"], "name": "resolved"},
+    }

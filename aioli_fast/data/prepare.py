@@ -100,7 +100,9 @@ def _split_by_hash(u: float, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
-def assign_splits(hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float]) -> list[str]:
+def assign_splits(
+    hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float]
+) -> list[str]:
     """Split of each document: by hash, then topped up so every held-out split can fill one sequence.
 
     Documents go to test when their hash is below ``fractions["test"]``, to val below the sum of both.

@@ -116,9 +116,7 @@ def read_shard(path: Path, *, sample_len: int, vocab_size: int) -> tuple[list[st
     top = int(tokens.max())
     if top >= vocab_size:
         row = int(np.argmax(tokens.max(axis=1)))
-        raise DataError(
-            f"{path}: sample {keys[row]} has token id {top} >= vocab_size {vocab_size}"
-        )
+        raise DataError(f"{path}: sample {keys[row]} has token id {top} >= vocab_size {vocab_size}")
     return keys, tokens
 
 
@@ -148,7 +146,9 @@ class Manifest:
 
     def split_shards(self, domain: str, split: str) -> tuple[ShardInfo, ...]:
         if domain not in self.domains:
-            raise DataError(f"domain {domain!r} is not in the corpus {self.root} (it has {list(self.domains)})")
+            raise DataError(
+                f"domain {domain!r} is not in the corpus {self.root} (it has {list(self.domains)})"
+            )
         found = self.shards.get((domain, split))
         if not found:
             raise DataError(f"corpus {self.root} has no {split!r} split for domain {domain!r}")

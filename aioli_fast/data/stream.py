@@ -33,7 +33,9 @@ class Batch:
     domain_ids: torch.Tensor
 
     def to(self, device, non_blocking: bool = True) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.labels, self.domain_ids)))
+        return Batch(
+            *(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.labels, self.domain_ids))
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -68,7 +70,9 @@ class DomainStream:
         if self._order is None:
             self._order = self._shard_order()
         shard = self.shards[int(self._order[self.shard_pos])]
-        _, samples = read_shard(shard.path, sample_len=self.manifest.sample_len, vocab_size=self.manifest.vocab_size)
+        _, samples = read_shard(
+            shard.path, sample_len=self.manifest.sample_len, vocab_size=self.manifest.vocab_size
+        )
         if len(samples) != shard.sequences:
             raise AioliError(
                 f"{shard.path}: holds {len(samples)} samples but the manifest says {shard.sequences}"
@@ -102,7 +106,9 @@ def check_proportions(proportions: Sequence[float], num_domains: int) -> np.ndar
     """Validate proportions: D finite non-negative values with a positive sum; returns them normalised."""
     p = np.asarray(proportions, dtype=np.float64)
     if p.shape != (num_domains,):
-        raise AioliError(f"expected {num_domains} proportions (one per domain), got {p.shape[0] if p.ndim else p}")
+        raise AioliError(
+            f"expected {num_domains} proportions (one per domain), got {p.shape[0] if p.ndim else p}"
+        )
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
         raise AioliError(f"proportions must be finite, non-negative and not all zero, got {p.tolist()}")
     return p / p.sum()
@@ -120,8 +126,16 @@ class MixtureStream:
         split: which split to stream (``"train"`` for training).
     """
 
-    def __init__(self, manifest: Manifest, domains: Sequence[str], batch_size: int,
-                 proportions: Sequence[float], *, seed: int = 0, split: str = "train"):
+    def __init__(
+        self,
+        manifest: Manifest,
+        domains: Sequence[str],
+        batch_size: int,
+        proportions: Sequence[float],
+        *,
+        seed: int = 0,
+        split: str = "train",
+    ):
         if batch_size < 1:
             raise AioliError(f"batch_size must be positive, got {batch_size}")
         self.domains = list(domains)
@@ -157,15 +171,18 @@ class MixtureStream:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["streams"]) != len(self.streams):
-            raise AioliError(f"stream state has {len(state['streams'])} domains, this stream {len(self.streams)}")
+            raise AioliError(
+                f"stream state has {len(state['streams'])} domains, this stream {len(self.streams)}"
+            )
         self.step = state["step"]
         self.proportions = check_proportions(state["proportions"], len(self.domains))
         for stream, s in zip(self.streams, state["streams"], strict=True):
             stream.load_state_dict(s)
 
 
-def sequential_batches(manifest: Manifest, domain: str, split: str, batch_size: int,
-                       max_sequences: int | None = None) -> Iterator[np.ndarray]:
+def sequential_batches(
+    manifest: Manifest, domain: str, split: str, batch_size: int, max_sequences: int | None = None
+) -> Iterator[np.ndarray]:
     """Every sample of one domain's split in stored order (at most ``max_sequences``), as [b, T+1] arrays."""
     remaining = max_sequences if max_sequences is not None else float("inf")
     pending: list[np.ndarray] = []

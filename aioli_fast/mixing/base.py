@@ -26,8 +26,12 @@ class Mixer:
 
     name = "base"
 
-    def __init__(self, domains: Sequence[str], device: torch.device | str = "cpu",
-                 proportions: dict[str, float] | None = None):
+    def __init__(
+        self,
+        domains: Sequence[str],
+        device: torch.device | str = "cpu",
+        proportions: dict[str, float] | None = None,
+    ):
         if not domains:
             raise ConfigError("a mixer needs at least one domain")
         self.domains = list(domains)
@@ -57,7 +61,9 @@ class Mixer:
     def load_state_dict(self, state: dict) -> None:
         p = state["proportions"]
         if p.shape != (self.num_domains,):
-            raise ConfigError(f"mixer state has {p.shape[0]} proportions, this run has {self.num_domains} domains")
+            raise ConfigError(
+                f"mixer state has {p.shape[0]} proportions, this run has {self.num_domains} domains"
+            )
         self._proportions_D = p.to(self.device, torch.float32)
 
 
@@ -77,8 +83,12 @@ def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
     return wrap
 
 
-def build_mixer(method: str, domains: Sequence[str], device: torch.device | str = "cpu",
-                proportions: dict[str, float] | None = None) -> Mixer:
+def build_mixer(
+    method: str,
+    domains: Sequence[str],
+    device: torch.device | str = "cpu",
+    proportions: dict[str, float] | None = None,
+) -> Mixer:
     """Look ``method`` up in the registry and build it."""
     cls = MIXERS.get(method)
     if cls is None:

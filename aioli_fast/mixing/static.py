@@ -24,7 +24,9 @@ class StaticMixer(Mixer):
             raise ConfigError("mixing.method 'static' needs mixing.proportions (domain -> weight)")
         unknown = sorted(set(proportions) - set(self.domains))
         if unknown:
-            raise ConfigError(f"mixing.proportions names unknown domain(s) {unknown}; domains: {self.domains}")
+            raise ConfigError(
+                f"mixing.proportions names unknown domain(s) {unknown}; domains: {self.domains}"
+            )
         missing = [d for d in self.domains if d not in proportions]
         if missing:
             raise ConfigError(f"mixing.proportions gives no weight for domain(s) {missing}")

@@ -4,4 +4,12 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import evaluate, format_table
 from .loop import RunResult, TrainingError, train
 
-__all__ = ["RunResult", "TrainingError", "evaluate", "format_table", "load_checkpoint", "save_checkpoint", "train"]
+__all__ = [
+    "RunResult",
+    "TrainingError",
+    "evaluate",
+    "format_table",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
+]

@@ -15,8 +15,9 @@ from ..model import GPT, GPTConfig
 CHECKPOINT_FORMAT = 1
 
 
-def save_checkpoint(path: Path, model: GPT, *, step: int, domains: list[str], config: dict,
-                    tokenizer: dict) -> None:
+def save_checkpoint(
+    path: Path, model: GPT, *, step: int, domains: list[str], config: dict, tokenizer: dict
+) -> None:
     """Save weights, model shape, domains, step, run config and tokenizer spec to ``path`` atomically."""
     payload = {
         "format": CHECKPOINT_FORMAT,

@@ -76,7 +76,9 @@ def format_table(val: dict | None, test: dict | None) -> str:
     width = max(12, *(len(n) for n in names), len("average"))
     cols = [("val", val), ("test", test)]
     cols = [(label, res) for label, res in cols if res is not None]
-    header = f"{'domain':<{width}}" + "".join(f"  {label + ' loss':>10}  {label + ' ppl':>10}" for label, _ in cols)
+    header = f"{'domain':<{width}}" + "".join(
+        f"  {label + ' loss':>10}  {label + ' ppl':>10}" for label, _ in cols
+    )
     lines = [header, "-" * len(header)]
     for name in [*names, "average"]:
         row = f"{name:<{width}}"

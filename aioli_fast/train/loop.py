@@ -67,7 +67,9 @@ def select_domains(cfg: RunConfig, manifest: Manifest) -> list[str]:
         return list(manifest.domains)
     unknown = [d for d in cfg.data.domains if d not in manifest.domains]
     if unknown:
-        raise ConfigError(f"data.domains names {unknown}, not in the corpus (it has {list(manifest.domains)})")
+        raise ConfigError(
+            f"data.domains names {unknown}, not in the corpus (it has {list(manifest.domains)})"
+        )
     if len(set(cfg.data.domains)) != len(cfg.data.domains) or not cfg.data.domains:
         raise ConfigError(f"data.domains must be a non-empty list without repeats, got {cfg.data.domains}")
     return list(cfg.data.domains)
@@ -78,14 +80,24 @@ def build_model(cfg: RunConfig, manifest: Manifest) -> GPT:
     m = cfg.model
     vocab = m.vocab_size if m.vocab_size is not None else -(-manifest.vocab_size // 64) * 64
     if vocab < manifest.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab} is smaller than the corpus vocabulary {manifest.vocab_size}")
+        raise ConfigError(
+            f"model.vocab_size={vocab} is smaller than the corpus vocabulary {manifest.vocab_size}"
+        )
     max_seq_len = m.max_seq_len if m.max_seq_len is not None else manifest.seq_len
     if max_seq_len < manifest.seq_len:
-        raise ConfigError(f"model.max_seq_len={max_seq_len} is shorter than the corpus seq_len {manifest.seq_len}")
+        raise ConfigError(
+            f"model.max_seq_len={max_seq_len} is shorter than the corpus seq_len {manifest.seq_len}"
+        )
     try:
         gpt_cfg = preset_config(
-            m.preset, vocab_size=vocab, max_seq_len=max_seq_len, d_model=m.d_model, n_layers=m.n_layers,
-            n_heads=m.n_heads, d_ff=m.d_ff, rotary_fraction=m.rotary_fraction,
+            m.preset,
+            vocab_size=vocab,
+            max_seq_len=max_seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            d_ff=m.d_ff,
+            rotary_fraction=m.rotary_fraction,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
@@ -243,23 +255,48 @@ def train(cfg: RunConfig) -> RunResult:
                 window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
 
             if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-                val = evaluate(model, manifest, domains, "val", batch_size=cfg.eval.batch_size, device=device,
-                               precision=precision, max_sequences=cfg.eval.max_sequences)
+                val = evaluate(
+                    model,
+                    manifest,
+                    domains,
+                    "val",
+                    batch_size=cfg.eval.batch_size,
+                    device=device,
+                    precision=precision,
+                    max_sequences=cfg.eval.max_sequences,
+                )
                 metrics.write(json.dumps({"step": done, "eval": {"val": val}}) + "\n")
                 metrics.flush()
-                _say(f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}", bar)
+                _say(
+                    f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}",
+                    bar,
+                )
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - train_start
 
-    save_checkpoint(run_dir / "model.pt", model, step=t.steps, domains=domains, config=cfg.to_dict(),
-                    tokenizer=manifest.tokenizer)
+    save_checkpoint(
+        run_dir / "model.pt",
+        model,
+        step=t.steps,
+        domains=domains,
+        config=cfg.to_dict(),
+        tokenizer=manifest.tokenizer,
+    )
     results = {}
     for split in ("val", "test"):
         if all((d, split) in manifest.shards for d in domains):
             _say(f"evaluating on {split} ...", None)
-            results[split] = evaluate(model, manifest, domains, split, batch_size=cfg.eval.batch_size,
-                                      device=device, precision=precision, max_sequences=cfg.eval.max_sequences)
+            results[split] = evaluate(
+                model,
+                manifest,
+                domains,
+                split,
+                batch_size=cfg.eval.batch_size,
+                device=device,
+                precision=precision,
+                max_sequences=cfg.eval.max_sequences,
+            )
     final = {
         "steps": t.steps,
         "tokens": total_tokens,
@@ -268,7 +305,9 @@ def train(cfg: RunConfig) -> RunResult:
         "domains": domains,
         "proportions": dict(zip(domains, proportions_D.tolist())),
         **results,
-        "average": {f"{split}_{k}": res["average"][k] for split, res in results.items() for k in ("loss", "ppl")},
+        "average": {
+            f"{split}_{k}": res["average"][k] for split, res in results.items() for k in ("loss", "ppl")
+        },
     }
     atomic_write_json(run_dir / "final.json", final)
     if results:
