@@ -92,7 +92,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(
             Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results}
         )
-    del torch
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
