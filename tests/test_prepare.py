@@ -662,23 +662,60 @@ def test_no_domains(tmp_path: Path) -> None:
         prepare({}, tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize("split", ["train", "val", "test"], ids=["train", "val", "test"])
-def test_too_little_text_for_a_split_names_domain_and_split(tmp_path: Path, split: str) -> None:
-    # plenty of text in the other splits, a single short document in ``split``
-    docs = [d for s in ("train", "val", "test") if s != split for d in docs_landing_in(s, 4, words=12)]
-    docs += docs_landing_in(split, 1, words=1)
-    write_jsonl(tmp_path / "d.jsonl", docs)
-    with pytest.raises(AioliError, match=f"the {split} split has \\d+ tokens from 1 document") as info:
+@pytest.mark.parametrize(
+    ("fractions", "split_re"),
+    [((0.0, 0.0), "train"), ((0.2, 0.2), "(train|val|test)")],
+    ids=["train-only", "with-held-out-splits"],
+)
+def test_too_little_text_names_domain_and_split(tmp_path: Path, fractions: tuple, split_re: str) -> None:
+    write_jsonl(tmp_path / "d.jsonl", ["tiny", "text", "only"])  # 3 x 5 tokens < seq_len 32
+    with pytest.raises(AioliError, match=f"the {split_re} split has \\d+ tokens from \\d+ document") as info:
         prepare(
             {"smalldomain": [str(tmp_path / "d.jsonl")]},
             tmp_path / "out",
             seq_len=32,
-            val_fraction=0.2,
-            test_fraction=0.2,
+            val_fraction=fractions[0],
+            test_fraction=fractions[1],
             progress=False,
         )
-    assert "'smalldomain'" in str(info.value)
+    assert "'smalldomain'" in str(info.value) and "more than 32 tokens" in str(info.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_short_held_out_split_is_topped_up_from_train(tmp_path: Path) -> None:
+    from aioli_fast.data.prepare import document_hash
+
+    train = docs_landing_in("train", 6, val=0.2, test=0.0, words=12)
+    short_val = docs_landing_in("val", 1, val=0.2, test=0.0, words=1)
+    assert len(short_val[0]) < 32
+    write_jsonl(tmp_path / "d.jsonl", train + short_val)
+    out = tmp_path / "out"
+    manifest = prepare(
+        {"d": [str(tmp_path / "d.jsonl")]},
+        out,
+        seq_len=32,
+        val_fraction=0.2,
+        test_fraction=0.0,
+        progress=False,
+    )
+    # val takes the train documents with the lowest hashes until it can fill one sequence
+    moved, total = [], len(short_val[0]) + 1
+    for doc in sorted(train, key=lambda d: document_hash(d, 0)):
+        if total > 32:
+            break
+        moved.append(doc)
+        total += len(doc) + 1
+    splits = manifest["domains"][0]["splits"]
+    assert splits["val"]["documents"] == 1 + len(moved) and splits["val"]["tokens"] == total
+    assert splits["train"]["documents"] == len(train) - len(moved)
+    for split, docs in [
+        ("val", [d for d in train + short_val if d in moved or d in short_val]),
+        ("train", [d for d in train if d not in moved]),
+    ]:
+        expected = [t for d in docs for t in [*byte_ids(d), BYTE_EOS]]
+        _, samples = split_samples(out, manifest, "d", split)
+        rebuilt = np.concatenate([samples[0], samples[1:, 1:].reshape(-1)]).tolist()
+        assert rebuilt == expected[: len(expected) - splits[split]["dropped_tokens"]]
 
 
 def test_unwritable_output_directory(tmp_path: Path, good_file: Path) -> None:
