@@ -116,12 +116,22 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.dims = cfg.rotary_dims
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.dims, 2).float() / self.dims))
-        t = torch.arange(cfg.max_seq_len).float()
-        freqs_TR = torch.outer(t, inv_freq)  # [T, dims/2]
-        self.register_buffer("cos_TR", freqs_TR.cos(), persistent=False)
-        self.register_buffer("sin_TR", freqs_TR.sin(), persistent=False)
+        self.dims, self.theta, self.max_seq_len = cfg.rotary_dims, cfg.rope_theta, cfg.max_seq_len
+        shape = (cfg.max_seq_len, self.dims // 2)
+        self.register_buffer("cos_TR", torch.empty(shape), persistent=False)
+        self.register_buffer("sin_TR", torch.empty(shape), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """(Re)compute the cos/sin tables in place (also after a model built on the meta device)."""
+        if self.cos_TR.is_meta:
+            return
+        device = self.cos_TR.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dims, 2, device=device).float() / self.dims))
+        freqs_TR = torch.outer(torch.arange(self.max_seq_len, device=device).float(), inv_freq)
+        self.cos_TR.copy_(freqs_TR.cos())
+        self.sin_TR.copy_(freqs_TR.sin())
 
     def forward(self, x_BHTD: torch.Tensor) -> torch.Tensor:
         T = x_BHTD.shape[-2]
@@ -192,8 +202,14 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases; residual output projections scaled by depth."""
+        """Normal(0, init_std) weights, zero biases; residual output projections scaled by depth.
+
+        Also recomputes the RoPE tables, so ``GPT`` built on the meta device, then ``to_empty()`` and
+        ``reset_parameters()``, equals a model built directly.
+        """
         std = self.cfg.init_std
+        for block in self.blocks:
+            block.attn.rotary.reset_tables()
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 if "ln" in name and name.endswith("weight"):

@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of the per-domain cross-entropy.
 
-This is the function every fast kernel must match, and the path CPU runs take. It reads the logits
-once in fp32, takes the log-sum-exp per row, and reduces the token losses per domain with
+This is the function every fast kernel must match, and the path CPU runs take. It computes the token
+losses with one fp32 ``F.cross_entropy(reduction="none")`` and reduces them per domain with
 ``index_add`` (no Python loop over domains, no host synchronisation: nothing here calls ``.item()``
 or branches on tensor values).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class DomainLoss(NamedTuple):
@@ -80,15 +81,13 @@ def domain_cross_entropy_reference(
     """
     check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
     valid_N = labels_N != ignore_index
-    safe_labels_N = torch.where(valid_N, labels_N, torch.zeros_like(labels_N)).long()
     safe_domains_N = torch.where(valid_N, domain_ids_N, torch.zeros_like(domain_ids_N)).long()
-
-    logits_NV = logits_NV.float()
-    lse_N = torch.logsumexp(logits_NV, dim=-1)
-    target_N = logits_NV.gather(1, safe_labels_N[:, None]).squeeze(1)
+    # One fused log-softmax + gather in fp32; ignored tokens get exactly 0 (even when their row of
+    # logits is not finite) and no gradient.
+    token_loss_N = F.cross_entropy(
+        logits_NV.float(), labels_N.long(), ignore_index=ignore_index, reduction="none"
+    )
     valid_f_N = valid_N.float()
-    token_loss_N = (lse_N - target_N) * valid_f_N
-
     zeros_D = torch.zeros(num_domains, dtype=torch.float32, device=logits_NV.device)
     loss_sum_D = zeros_D.index_add(0, safe_domains_N, token_loss_N)
     count_D = zeros_D.index_add(0, safe_domains_N, valid_f_N)
@@ -121,7 +120,7 @@ def linear_domain_cross_entropy_reference(
         )
     if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
         raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
-    logits_NV = torch.nn.functional.linear(hidden_NH, weight_VH, bias_V)
+    logits_NV = F.linear(hidden_NH, weight_VH, bias_V)
     return domain_cross_entropy_reference(
         logits_NV, labels_N, domain_ids_N, num_domains, ignore_index=ignore_index
     )

@@ -569,3 +569,22 @@ def test_no_host_sync_linear_forward_and_backward() -> None:
 
     assert n_forward > 0 and len(mode.seen) > n_forward
     assert all(t.grad is not None for t in (hidden, weight, bias))
+
+
+def test_non_finite_logits_in_an_ignored_row_do_not_leak():
+    logits = torch.randn(4, 8)
+    logits[1] = float("nan")
+    logits[3, 2] = float("inf")
+    labels = torch.tensor([1, -100, 2, -100])
+    domains = torch.tensor([0, 0, 1, 1])
+    logits.requires_grad_(True)
+    out = domain_cross_entropy(logits, labels, domains, 2)
+    kept = torch.tensor([0, 2])
+    expected = F.cross_entropy(logits.detach()[kept].double(), labels[kept], reduction="none")
+    assert torch.allclose(out.loss_sum.double(), expected, atol=1e-6)
+    assert torch.allclose(out.loss.double(), expected.mean(), atol=1e-6)
+    out.loss.backward()
+    # counted rows get the usual gradient; (like F.cross_entropy, the gradient of a non-finite
+    # ignored row is not defined and not checked)
+    expected_grad = (logits.detach()[kept].softmax(-1) - F.one_hot(labels[kept], 8)) / 2
+    assert torch.allclose(logits.grad[kept], expected_grad, atol=1e-6)

@@ -300,3 +300,15 @@ def test_config_is_a_dataclass_with_plain_dict() -> None:
     cfg = GPTConfig(**TINY)
     assert GPTConfig(**config_dict(cfg)) == cfg
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_meta_device_build_then_reset_equals_a_direct_build():
+    cfg = preset_config("tiny", rotary_fraction=0.5)
+    with torch.device("meta"):
+        lazy = GPT(cfg)
+    lazy = lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    direct = GPT(cfg)
+    for a, b in zip(lazy.blocks, direct.blocks):
+        assert torch.equal(a.attn.rotary.cos_TR, b.attn.rotary.cos_TR)
+        assert torch.equal(a.attn.rotary.sin_TR, b.attn.rotary.sin_TR)

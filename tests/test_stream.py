@@ -338,11 +338,6 @@ def test_manifest_count_mismatch_names_the_shard(corpus_copy: Path, delta: int) 
     assert str(shard_path) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sequential_batches does not compare a shard's sample count with the manifest (MixtureStream "
-    "does), so evaluation silently runs on a different number of sequences",
-)
 def test_sequential_batches_checks_manifest_counts(corpus_copy: Path) -> None:
     actual = load_manifest(corpus_copy).split_shards("digits", "train")[0].sequences
     shard_path = edit_manifest(corpus_copy, "digits", 0, actual + 3)

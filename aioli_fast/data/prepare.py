@@ -5,8 +5,8 @@ For each domain: expand its inputs (files, folders, globs; ``.txt``-like files a
 document to train/val/test by a hash of its content (deterministic, independent of file order; a
 held-out split too short for one sequence is topped up with the train documents nearest its hash
 range), tokenize, append an end-of-document token, and pack the documents of one split of
-one domain into fixed-length samples (a sample never mixes domains or splits). The tail that does not
-fill a sample is dropped and counted in the manifest.
+one domain, in the order of their hashes, into fixed-length samples (a sample never mixes domains or
+splits). The tail that does not fill a sample is dropped and counted in the manifest.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def prepare(
     if not domains:
         raise AioliError("no domains given: pass at least one --domain NAME=PATH")
     for name in domains:
-        if not DOMAIN_NAME_RE.match(name):
+        if not isinstance(name, str) or not DOMAIN_NAME_RE.fullmatch(name):
             raise AioliError(f"domain name {name!r} may only contain letters, digits, '_' and '-'")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise AioliError(f"seq_len must be a positive integer, got {seq_len!r}")
@@ -218,9 +218,11 @@ def prepare(
         assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)
         streams: dict[str, list[int]] = {s: [] for s in SPLITS}
         docs = dict.fromkeys(SPLITS, 0)
-        for split, ids in zip(assigned, docs_ids):
-            streams[split].extend(ids)
-            docs[split] += 1
+        # Documents of a split are packed in the order of their hashes: the shards depend on the
+        # documents' content only, not on file names or read order.
+        for i in sorted(range(len(docs_ids)), key=lambda i: hashes[i]):
+            streams[assigned[i]].extend(docs_ids[i])
+            docs[assigned[i]] += 1
 
         domain_dir = out / name
         if domain_dir.exists():

@@ -33,7 +33,7 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SAMPLE_EXT = ".tokens.npy"
-DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -76,11 +76,15 @@ def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_shard(path: Path, *, sample_len: int, vocab_size: int) -> tuple[list[str], np.ndarray]:
+def read_shard(
+    path: Path, *, sample_len: int, vocab_size: int, expected: int | None = None
+) -> tuple[list[str], np.ndarray]:
     """Read every sample of a shard: (keys, tokens [S, sample_len] int64).
 
     Raises DataError naming the file (and the sample) when the shard is missing, corrupt or
-    truncated, or holds a sample of the wrong shape, dtype or with a token id >= vocab_size.
+    truncated, holds a sample of the wrong shape, dtype or with a token id >= vocab_size, or holds
+    another number of samples than ``expected`` (the manifest's count: a tar cut at a member boundary
+    reads as a complete, shorter archive, so only the count reveals it).
     """
     path = Path(path)
     if not path.is_file():
@@ -112,6 +116,8 @@ def read_shard(path: Path, *, sample_len: int, vocab_size: int) -> tuple[list[st
         raise DataError(f"corrupt or truncated shard {path}: {exc}") from exc
     if not rows:
         raise DataError(f"shard {path} holds no samples")
+    if expected is not None and len(rows) != expected:
+        raise DataError(f"{path}: holds {len(rows)} samples but the manifest says {expected} (truncated?)")
     tokens = np.stack(rows).astype(np.int64)
     top = int(tokens.max())
     if top >= vocab_size:
@@ -153,6 +159,12 @@ class Manifest:
         if not found:
             raise DataError(f"corpus {self.root} has no {split!r} split for domain {domain!r}")
         return found
+
+    def read(self, shard: ShardInfo) -> tuple[list[str], np.ndarray]:
+        """Read one of this corpus' shards, checked against the manifest: (keys, tokens [S, T+1])."""
+        return read_shard(
+            shard.path, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
+        )
 
     def num_sequences(self, domain: str, split: str) -> int:
         return sum(s.sequences for s in self.split_shards(domain, split))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import AioliError
-from .shards import Manifest, read_shard
+from .shards import Manifest
 
 
 @dataclass
@@ -69,14 +69,7 @@ class DomainStream:
     def _load(self) -> None:
         if self._order is None:
             self._order = self._shard_order()
-        shard = self.shards[int(self._order[self.shard_pos])]
-        _, samples = read_shard(
-            shard.path, sample_len=self.manifest.sample_len, vocab_size=self.manifest.vocab_size
-        )
-        if len(samples) != shard.sequences:
-            raise AioliError(
-                f"{shard.path}: holds {len(samples)} samples but the manifest says {shard.sequences}"
-            )
+        _, samples = self.manifest.read(self.shards[int(self._order[self.shard_pos])])
         perm = np.random.default_rng([*self._seed, self.epoch, self.shard_pos]).permutation(len(samples))
         self._samples = samples[perm]
 
@@ -189,7 +182,7 @@ def sequential_batches(
     for shard in manifest.split_shards(domain, split):
         if remaining <= 0:
             break
-        _, samples = read_shard(shard.path, sample_len=manifest.sample_len, vocab_size=manifest.vocab_size)
+        _, samples = manifest.read(shard)
         samples = samples[: int(min(len(samples), remaining))]
         remaining -= len(samples)
         pending.append(samples)
