@@ -87,7 +87,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     }
     print(format_table(results.get("val"), results.get("test")))
     if args.out:
-        from .data.shards import atomic_write_json
+        from .fileio import atomic_write_json
 
         atomic_write_json(
             Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results}

@@ -29,8 +29,8 @@ import numpy as np
 
 from .config import config_from_dict
 from .data import prepare
-from .data.shards import atomic_write_bytes
 from .errors import AioliError
+from .fileio import atomic_write_bytes
 
 DEMO_SEQ_LEN = 128
 NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters

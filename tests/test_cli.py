@@ -123,6 +123,14 @@ def test_prepare_then_train_then_eval(corpus, capsys):
             )
 
 
+def test_progress_is_logged_as_lines_when_stderr_is_not_a_terminal(corpus, capsys):
+    assert _train(corpus, "progress", "train.progress=true") == 0
+    err = capsys.readouterr().err
+    steps = [line.split()[1] for line in err.splitlines() if line.startswith("step ")]
+    assert steps == ["4/12", "8/12", "12/12"]
+    assert "\r" not in err  # no progress bar redraws in a log file
+
+
 def test_static_mixture_trains_only_on_weighted_domains(corpus):
     assert _train(corpus, "only-ab", "mixing.method=static", "mixing.proportions={ab: 1, xyz: 0}") == 0
     records = [

@@ -24,12 +24,12 @@ import numpy as np
 
 from .. import __version__
 from ..errors import AioliError, DataError
+from ..fileio import atomic_write_json, ensure_writable_dir, progress_bar
 from .shards import (
     DOMAIN_NAME_RE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     SPLITS,
-    atomic_write_json,
     token_dtype,
     write_shard,
 )
@@ -132,26 +132,6 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[idx]
 
 
-def _progress(iterable, desc: str, total: int, enabled: bool):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, unit="file", file=sys.stderr, leave=False)
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise AioliError(f"output directory {out} is not writable: {exc.strerror or exc}") from exc
-
-
 def prepare(
     domains: dict[str, list[str]],
     out_dir: str | Path,
@@ -195,8 +175,7 @@ def prepare(
     tok = get_tokenizer(tokenizer, eos_token=eos_token)
     dtype = token_dtype(tok.vocab_size)
 
-    out = Path(out_dir)
-    _check_writable(out)
+    out = ensure_writable_dir(Path(out_dir))
     manifest_path = out / MANIFEST_NAME
     if manifest_path.exists():
         if not overwrite:
@@ -207,12 +186,17 @@ def prepare(
     domain_entries = []
     for name, files in files_by_domain.items():
         hashes, docs_ids = [], []
-        for path in _progress(files, f"tokenize {name}", len(files), progress):
+        bar = progress_bar(len(files), f"tokenize {name}", "file", progress)
+        for path in files:
+            if bar is not None:
+                bar.update(1)
             for text in iter_documents(path, text_field):
                 if not text.strip():
                     continue
                 hashes.append(document_hash(text, seed))
                 docs_ids.append([*tok.encode(text), tok.eos_id])
+        if bar is not None:
+            bar.close()
         if not docs_ids:
             raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
         assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import AioliError
+from ..fileio import atomic_write
 from ..model import GPT, GPTConfig
 
 CHECKPOINT_FORMAT = 1
@@ -28,15 +27,7 @@ def save_checkpoint(
         "config": config,
         "tokenizer": tokenizer,
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[GPT, dict]:

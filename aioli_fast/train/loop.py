@@ -26,8 +26,8 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data import Manifest, MixtureStream, load_manifest
-from ..data.shards import atomic_write_bytes, atomic_write_json
 from ..errors import AioliError, ConfigError
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, progress_bar
 from ..mixing import build_mixer
 from ..model import GPT, preset_config
 from .checkpoint import save_checkpoint
@@ -130,26 +130,10 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         raise AioliError(
             f"{run_dir} already holds a run; choose another train.name or pass train.overwrite=true"
         )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise AioliError(f"run directory {run_dir} is not writable: {exc.strerror or exc}") from exc
+    ensure_writable_dir(run_dir, "run directory")
     for stale in ("final.json", "metrics.jsonl", "model.pt"):
         (run_dir / stale).unlink(missing_ok=True)
     return run_dir
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
 
 def _say(message: str, bar) -> None:
@@ -182,7 +166,7 @@ def train(cfg: RunConfig) -> RunResult:
     proportions_D = mixer.proportions(0)
     stream = MixtureStream(manifest, domains, t.batch_size, proportions_D.tolist(), seed=t.seed)
 
-    bar = _progress_bar(t.steps, t.progress)
+    bar = progress_bar(t.steps, "train", "step", t.progress)
     _say(
         f"training {model.num_parameters() / 1e6:.2f}M parameters on {device} ({precision}), "
         f"{num_domains} domains, {t.steps} steps x {t.batch_size} x {manifest.seq_len} tokens, "
@@ -249,6 +233,12 @@ def train(cfg: RunConfig) -> RunResult:
                 metrics.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
+                elif t.progress:
+                    _say(
+                        f"step {done}/{t.steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                        f"{record['tokens_per_s'] or 0:,.0f} tokens/s  {record['elapsed_s']:.0f} s",
+                        None,
+                    )
                 window_sum_D.zero_()
                 window_count_D.zero_()
                 window_loss.zero_()
