@@ -14,19 +14,46 @@ from . import __version__
 from .errors import AioliError
 
 
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    from .data import prepare
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def parse_domains(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=PATH[,PATH...]`` flags -> {name: [paths]}; a repeated NAME adds inputs to that domain.
+
+    A value that names an existing file or folder as a whole is one path even if it holds commas.
+    """
     domains: dict[str, list[str]] = {}
-    for spec in args.domain:
+    for spec in specs:
         name, sep, paths = spec.partition("=")
         if not sep or not name or not paths:
             raise AioliError(f"--domain {spec!r} is not of the form NAME=PATH[,PATH...]")
-        if name in domains:
-            raise AioliError(f"domain {name!r} is given twice")
-        domains[name] = [p for p in paths.split(",") if p]
+        parts = [paths] if Path(paths).exists() else [p for p in paths.split(",") if p]
+        domains.setdefault(name, []).extend(parts)
+    return domains
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
     manifest = prepare(
-        domains,
+        parse_domains(args.domain),
         args.out,
         seq_len=args.seq_len,
         tokenizer=args.tokenizer,
@@ -45,6 +72,13 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {Path(args.out) / 'manifest.json'}")
 
 
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from .data import load_manifest
+
+    count = load_manifest(args.corpus).verify_checksums(progress=not args.quiet)
+    print(f"{args.corpus}: {count} shards match their checksums")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import train
@@ -54,44 +88,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .data import load_manifest
-    from .train import evaluate, format_table, load_checkpoint
-    from .train.loop import resolve_device
+    from .fileio import atomic_write_json, ensure_writable_dir
+    from .train import evaluate_checkpoint, format_table
 
-    device = resolve_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device)
-    data = args.data or meta["config"]["data"]["path"]
-    manifest = load_manifest(data)
-    if manifest.tokenizer != meta["tokenizer"]:
-        raise AioliError(
-            f"the corpus {data} was tokenized with {manifest.tokenizer}, "
-            f"the checkpoint's corpus with {meta['tokenizer']}"
-        )
-    if manifest.vocab_size > model.cfg.vocab_size or manifest.seq_len > model.cfg.max_seq_len:
-        raise AioliError(f"the corpus {data} does not fit the checkpoint's vocabulary or context length")
-    domains = args.domains.split(",") if args.domains else list(manifest.domains)
+    if args.out:
+        ensure_writable_dir(Path(args.out).parent)  # fail before the evaluation, not after
     splits = ["val", "test"] if args.split == "both" else [args.split]
-    precision = "bf16" if device.type == "cuda" else "fp32"
-    results = {
-        split: evaluate(
-            model,
-            manifest,
-            domains,
-            split,
-            batch_size=args.batch_size,
-            device=device,
-            precision=precision,
-            max_sequences=args.max_sequences,
-        )
-        for split in splits
-    }
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        domains=args.domains.split(",") if args.domains else None,
+        splits=splits,
+        batch_size=args.batch_size,
+        max_sequences=args.max_sequences,
+        device=args.device,
+    )
     print(format_table(results.get("val"), results.get("test")))
     if args.out:
-        from .fileio import atomic_write_json
-
-        atomic_write_json(
-            Path(args.out), {"checkpoint": str(args.checkpoint), "step": meta["step"], **results}
-        )
+        atomic_write_json(Path(args.out), results)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -111,20 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="NAME=PATH[,PATH...]",
-        help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain",
+        help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain "
+        "(a repeated NAME adds inputs)",
     )
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    p.add_argument(
+        "--seq-len", type=_positive_int, default=512, help="tokens per training sequence (default 512)"
+    )
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
     p.add_argument("--eos-token", default=None, help="end-of-document token of an HF tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val (0.05)")
     p.add_argument("--test-fraction", type=float, default=0.05, help="fraction of documents for test (0.05)")
-    p.add_argument("--shard-sequences", type=int, default=1024, help="sequences per shard (1024)")
+    p.add_argument("--shard-sequences", type=_positive_int, default=1024, help="sequences per shard (1024)")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("verify", help="check every shard of a corpus against the manifest's sha256")
+    p.add_argument("corpus", help="a corpus folder made by prepare")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("train", help="train a model on a prepared corpus")
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults for every key not set")
@@ -136,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared corpus (default: the one the run trained on)")
     p.add_argument("--split", choices=("val", "test", "both"), default="test")
     p.add_argument("--domains", help="comma-separated subset of the corpus' domains")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-sequences", type=int, default=None, help="per domain (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--max-sequences", type=_positive_int, default=None, help="per domain (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
@@ -146,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)"
     )
     p.add_argument("--out", default="runs/demo", help="folder for the corpus and the run (runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
-    p.add_argument("--scale", type=float, default=1.0, help="corpus size factor (default 1.0)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 300)")
+    p.add_argument("--scale", type=_positive_float, default=1.0, help="corpus size factor (default 1.0)")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -107,36 +108,59 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Cross-field checks that no single type can express."""
-        t, o = self.train, self.optim
-        positive = {
-            "train.steps": t.steps,
-            "train.batch_size": t.batch_size,
-            "train.log_every": t.log_every,
-            "eval.batch_size": self.eval.batch_size,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
+        """Checks that no single type can express: ranges, finiteness, cross-field agreement."""
+        t, o, e = self.train, self.optim, self.eval
+        checks = [
+            ("train.steps", t.steps, t.steps >= 1, ">= 1"),
+            ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+            ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+            ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+            ("eval.batch_size", e.batch_size, e.batch_size >= 1, ">= 1"),
+            ("eval.every", e.every, e.every >= 0, ">= 0"),
+            (
+                "eval.max_sequences",
+                e.max_sequences,
+                e.max_sequences is None or e.max_sequences >= 1,
+                ">= 1 (or null for all)",
+            ),
+            ("optim.lr", o.lr, math.isfinite(o.lr) and o.lr > 0, "finite and > 0"),
+            (
+                "optim.weight_decay",
+                o.weight_decay,
+                math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+                "finite and >= 0",
+            ),
+            ("optim.beta1", o.beta1, 0 <= o.beta1 < 1, "in [0, 1)"),
+            ("optim.beta2", o.beta2, 0 <= o.beta2 < 1, "in [0, 1)"),
+            ("optim.eps", o.eps, math.isfinite(o.eps) and o.eps > 0, "finite and > 0"),
+            ("optim.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, ">= 0"),
+            ("optim.min_lr_ratio", o.min_lr_ratio, 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+            (
+                "optim.grad_clip",
+                o.grad_clip,
+                math.isfinite(o.grad_clip) and o.grad_clip >= 0,
+                "finite and >= 0 (0 disables clipping)",
+            ),
+        ]
+        for key, value, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{key} must be {rule}, got {value}")
         mb = t.micro_batch_size
         if mb is not None and (mb < 1 or t.batch_size % mb):
             raise ConfigError(
                 f"train.micro_batch_size ({mb}) must be positive and divide train.batch_size ({t.batch_size})"
             )
-        if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.grad_clip < 0:
-            raise ConfigError(
-                "optim: lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0 and grad_clip >= 0 "
-                f"(got lr={o.lr}, min_lr_ratio={o.min_lr_ratio}, warmup_steps={o.warmup_steps}, "
-                f"grad_clip={o.grad_clip})"
-            )
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be one of auto, bf16, fp32; got {t.precision!r}")
-        if self.eval.every < 0:
-            raise ConfigError(f"eval.every must be >= 0, got {self.eval.every}")
+        if not _DEVICE_RE.fullmatch(t.device):
+            raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+        if t.name is not None and (not t.name or t.name in (".", "..") or "/" in t.name or "\\" in t.name):
+            raise ConfigError(f"train.name must be a plain folder name (no '/' or '..'); got {t.name!r}")
         if not self.data.path:
             raise ConfigError("data.path is not set: point it at a corpus made by `aioli-fast prepare`")
 
 
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 

@@ -843,8 +843,8 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 def test_write_and_read_shard_round_trip(tmp_path: Path) -> None:
     samples = np.arange(5 * SAMPLE_LEN, dtype=np.uint16).reshape(5, SAMPLE_LEN) * 7
     keys = [f"d-train-{i:09d}" for i in range(5)]
-    sha = write_shard(tmp_path / "s.tar", keys, samples)
-    assert sha == sha256_of(tmp_path / "s.tar")
+    sha, size = write_shard(tmp_path / "s.tar", keys, samples)
+    assert sha == sha256_of(tmp_path / "s.tar") and size == (tmp_path / "s.tar").stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == ["s.tar"]  # no temporary file left behind
     got_keys, tokens = read_shard(
         tmp_path / "s.tar", sample_len=SAMPLE_LEN, vocab_size=int(samples.max()) + 1

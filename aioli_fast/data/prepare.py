@@ -231,8 +231,8 @@ def prepare(
                 chunk = samples[start : start + shard_sequences]
                 keys = [f"{name}-{split}-{start + j:09d}" for j in range(len(chunk))]
                 rel = f"{name}/{split}-{i:05d}.tar"
-                sha = write_shard(out / rel, keys, chunk)
-                shards.append({"path": rel, "sequences": len(chunk), "sha256": sha})
+                sha, size = write_shard(out / rel, keys, chunk)
+                shards.append({"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size})
             splits[split] = {
                 "documents": docs[split],
                 "tokens": int(len(tokens)),

@@ -20,13 +20,14 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, progress_bar
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -40,8 +41,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> str:
-    """Write one tar shard of samples [S, L] atomically; returns its sha256."""
+def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> tuple[str, int]:
+    """Write one tar shard of samples [S, L] atomically; returns (its sha256, its size in bytes)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, sample in zip(keys, samples_SL, strict=True):
@@ -53,7 +54,7 @@ def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> str:
             tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
     atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 def read_shard(
@@ -111,6 +112,7 @@ class ShardInfo:
     path: Path
     sequences: int
     sha256: str
+    size: int | None = None  # bytes; None in manifests that do not record it
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,41 @@ class Manifest:
             shard.path, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
         )
 
+    def check_files(self, domains: Sequence[str], splits: Sequence[str]) -> None:
+        """Cheap start-up check (one ``stat`` per shard): every shard of these splits exists and has the
+        size the manifest records. Raises DataError naming the first bad shard."""
+        for domain in domains:
+            for split in splits:
+                for shard in self.split_shards(domain, split):
+                    try:
+                        size = shard.path.stat().st_size
+                    except OSError:
+                        raise DataError(f"shard not found: {shard.path}") from None
+                    if shard.size is not None and size != shard.size:
+                        raise DataError(
+                            f"shard {shard.path} has {size} bytes, the manifest says {shard.size} "
+                            "(truncated or replaced?)"
+                        )
+
+    def verify_checksums(self, progress: bool = True) -> int:
+        """Hash every shard of the corpus and compare with the manifest's sha256; returns the count."""
+        shards = [s for group in self.shards.values() for s in group]
+        bar = progress_bar(len(shards), "verify", "shard", progress)
+        for shard in shards:
+            if not shard.path.is_file():
+                raise DataError(f"shard not found: {shard.path}")
+            digest = hashlib.sha256()
+            with open(shard.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != shard.sha256:
+                raise DataError(f"shard {shard.path} does not match its sha256 in the manifest (damaged?)")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return len(shards)
+
     def num_sequences(self, domain: str, split: str) -> int:
         return sum(s.sequences for s in self.split_shards(domain, split))
 
@@ -168,7 +205,8 @@ def load_manifest(path: str | Path) -> Manifest:
         for dom in raw["domains"]:
             for split, info in dom["splits"].items():
                 shards[(dom["name"], split)] = tuple(
-                    ShardInfo(root / s["path"], int(s["sequences"]), s["sha256"]) for s in info["shards"]
+                    ShardInfo(root / s["path"], int(s["sequences"]), s["sha256"], s.get("bytes"))
+                    for s in info["shards"]
                 )
         return Manifest(
             root=root,

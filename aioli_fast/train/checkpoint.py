@@ -40,7 +40,10 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        raise AioliError(f"cannot read checkpoint {path}: {exc}") from exc
+        # torch's own message is long and suggests weights_only=False, which is unsafe advice here
+        raise AioliError(
+            f"cannot read checkpoint {path}: damaged, or not a checkpoint ({type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise AioliError(f"{path} is not an aioli_fast checkpoint (format {CHECKPOINT_FORMAT})")
     model = GPT(GPTConfig(**payload["model_config"]))

@@ -7,22 +7,18 @@ average of the per-domain perplexities).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import Manifest, sequential_batches
+from ..data import Manifest, load_manifest, sequential_batches
+from ..errors import AioliError
 from ..model import GPT
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast on CUDA when ``precision`` is bf16; a no-op otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .checkpoint import load_checkpoint
+from .device import autocast_context, resolve_device, resolve_precision
 
 
 @torch.no_grad()
@@ -89,3 +85,65 @@ def format_table(val: dict | None, test: dict | None) -> str:
             lines.append("-" * len(header))
         lines.append(row)
     return "\n".join(lines)
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer specs (from manifests or checkpoints) give the same ids: by content, not path."""
+    keys = ("kind", "vocab_size", "eos_id", "sha256")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data: str | Path | None = None,
+    domains: Sequence[str] | None = None,
+    splits: Sequence[str] = ("test",),
+    batch_size: int = 16,
+    max_sequences: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Per-domain loss and perplexity of a checkpoint on a prepared corpus.
+
+    Args:
+        checkpoint: ``model.pt`` or the run directory holding it.
+        data: corpus folder; default the one the run trained on.
+        domains: subset of the corpus' domains; default all.
+        splits: which held-out splits to evaluate.
+
+    Returns:
+        ``{"checkpoint", "step", "data", <split>: evaluate(...) for each split}``.
+    """
+    if batch_size < 1 or (max_sequences is not None and max_sequences < 1):
+        raise AioliError(f"batch size ({batch_size}) and max sequences ({max_sequences}) must be >= 1")
+    dev = resolve_device(device, key="--device")
+    data = data or None
+    model, meta = load_checkpoint(checkpoint, dev)
+    data = Path(data if data is not None else meta["config"]["data"]["path"])
+    manifest = load_manifest(data)
+    if not same_tokenizer(manifest.tokenizer, meta["tokenizer"]):
+        raise AioliError(
+            f"the corpus {data} was tokenized with {manifest.tokenizer}, "
+            f"the checkpoint's training corpus with {meta['tokenizer']}"
+        )
+    if manifest.seq_len > model.cfg.max_seq_len:
+        raise AioliError(
+            f"the corpus {data} has seq_len {manifest.seq_len}, "
+            f"longer than the checkpoint's context {model.cfg.max_seq_len}"
+        )
+    domains = list(domains) if domains else list(manifest.domains)
+    manifest.check_files(domains, splits)
+    precision = resolve_precision("auto", dev)
+    results = {"checkpoint": str(checkpoint), "step": meta["step"], "data": str(data)}
+    for split in splits:
+        results[split] = evaluate(
+            model,
+            manifest,
+            domains,
+            split,
+            batch_size=batch_size,
+            device=dev,
+            precision=precision,
+            max_sequences=max_sequences,
+        )
+    return results

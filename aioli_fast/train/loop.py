@@ -31,7 +31,8 @@ from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir,
 from ..mixing import build_mixer
 from ..model import GPT, preset_config
 from .checkpoint import save_checkpoint
-from .evaluate import autocast_context, evaluate, format_table
+from .device import autocast_context, resolve_device, resolve_precision
+from .evaluate import evaluate, format_table
 
 
 class TrainingError(AioliError):
@@ -42,24 +43,6 @@ class TrainingError(AioliError):
 class RunResult:
     run_dir: Path
     final: dict
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"train.device: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available on this machine")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def select_domains(cfg: RunConfig, manifest: Manifest) -> list[str]:
@@ -118,8 +101,8 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     o, total = cfg.optim, cfg.train.steps
     if step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    span = max(1, total - o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / span)
+    span = total - 1 - o.warmup_steps  # the last step (total - 1) ends exactly at min_lr_ratio * lr
+    progress = min(1.0, (step - o.warmup_steps) / span) if span > 0 else 1.0
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -150,8 +133,6 @@ def train(cfg: RunConfig) -> RunResult:
     domains = select_domains(cfg, manifest)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    if precision == "bf16" and device.type != "cuda":
-        raise ConfigError("train.precision=bf16 needs a CUDA device (the CPU path trains in fp32)")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, manifest).to(device)
     mixer = build_mixer(cfg.mixing.method, domains, device=device, proportions=cfg.mixing.proportions)
