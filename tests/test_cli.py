@@ -182,8 +182,27 @@ def test_existing_run_is_not_overwritten(corpus, capsys):
     assert _train(corpus, "twice") == 0
     before = (corpus / "runs" / "twice" / "final.json").read_bytes()
     assert _train(corpus, "twice") == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err
     assert (corpus / "runs" / "twice" / "final.json").read_bytes() == before
+
+
+def test_an_unfinished_run_is_replaced(corpus):
+    run = corpus / "runs" / "unfinished"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("left over by a run that crashed\n")
+    (run / "metrics.jsonl").write_text('{"step": 999}\n')
+    assert _train(corpus, "unfinished") == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [4, 8, 12]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["name"] == "unfinished"
+
+
+def test_missing_held_out_shard_fails_before_training(corpus, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(corpus / "corpus"), str(broken)], check=True)
+    (broken / "ab" / "test-00000.tar").unlink()
+    assert _train(corpus, "nostart", f"data.path={broken}") == 2
+    assert f"shard not found: {broken / 'ab' / 'test-00000.tar'}" in capsys.readouterr().err
+    assert not (corpus / "runs" / "nostart").exists()  # failed before the run directory was made
 
 
 def test_missing_and_corrupt_data(corpus, tmp_path, capsys):

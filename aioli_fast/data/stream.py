@@ -32,6 +32,10 @@ class Batch:
     labels: torch.Tensor
     domain_ids: torch.Tensor
 
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked host memory (so a copy to CUDA can overlap with compute)."""
+        return Batch(*(t.pin_memory() for t in (self.input_ids, self.labels, self.domain_ids)))
+
     def to(self, device, non_blocking: bool = True) -> Batch:
         return Batch(
             *(t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.labels, self.domain_ids))

@@ -49,7 +49,13 @@ class Mixer:
         return torch.full((self.num_domains,), 1.0 / self.num_domains, device=self.device)
 
     def proportions(self, step: int) -> torch.Tensor:
-        """[D] fp32 proportions for the batch of ``step`` (sums to 1)."""
+        """[D] fp32 proportions for the batch of ``step`` (sums to 1), on the mixer's device.
+
+        Contract: return the *same tensor object* for as long as the proportions do not change, and a
+        new tensor when they do; never modify a returned tensor in place. The training loop copies the
+        proportions to the host (for the data stream) only when it receives a new object, so an
+        in-place update would go unseen.
+        """
         return self._proportions_D
 
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:

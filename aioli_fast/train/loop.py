@@ -107,16 +107,32 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create (or, with train.overwrite, reuse) the run directory and check that it is writable."""
+    """Create the run directory and check that it is writable.
+
+    A directory holding a finished run (``final.json``) is reused only with ``train.overwrite``; the
+    files of an unfinished run (one that failed or was stopped) are replaced.
+    """
     run_dir = Path(cfg.train.out_dir) / (cfg.train.name or "run")
-    if (run_dir / "config.yaml").exists() and not cfg.train.overwrite:
+    if (run_dir / "final.json").exists() and not cfg.train.overwrite:
         raise AioliError(
-            f"{run_dir} already holds a run; choose another train.name or pass train.overwrite=true"
+            f"{run_dir} already holds a finished run; choose another train.name or pass train.overwrite=true"
         )
     ensure_writable_dir(run_dir, "run directory")
-    for stale in ("final.json", "metrics.jsonl", "model.pt"):
+    for stale in ("final.json", "metrics.jsonl", "model.pt", "config.yaml"):
         (run_dir / stale).unlink(missing_ok=True)
     return run_dir
+
+
+def held_out_splits(manifest: Manifest, domains: list[str]) -> tuple[list[str], list[str]]:
+    """(splits every domain has, messages about held-out splits that cannot be evaluated)."""
+    present, notes = [], []
+    for split in ("val", "test"):
+        missing = [d for d in domains if (d, split) not in manifest.shards]
+        if not missing:
+            present.append(split)
+        else:
+            notes.append(f"no {split} evaluation: the corpus has no {split} split for domain(s) {missing}")
+    return present, notes
 
 
 def _say(message: str, bar) -> None:
@@ -131,6 +147,10 @@ def train(cfg: RunConfig) -> RunResult:
     cfg.validate()
     manifest = load_manifest(cfg.data.path)
     domains = select_domains(cfg, manifest)
+    eval_splits, eval_notes = held_out_splits(manifest, domains)
+    if cfg.eval.every and "val" not in eval_splits:
+        raise ConfigError(f"eval.every={cfg.eval.every} needs a val split: {eval_notes[0]}")
+    manifest.check_files(domains, ["train", *eval_splits])  # a missing shard fails now, not after training
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
@@ -167,7 +187,10 @@ def train(cfg: RunConfig) -> RunResult:
             if current is not proportions_D:  # a new tensor means new proportions: one small read
                 proportions_D = current
                 stream.set_proportions(proportions_D.tolist())
-            batch = next(stream).to(device)
+            batch = next(stream)
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -255,19 +278,21 @@ def train(cfg: RunConfig) -> RunResult:
         tokenizer=manifest.tokenizer,
     )
     results = {}
-    for split in ("val", "test"):
-        if all((d, split) in manifest.shards for d in domains):
+    for note in eval_notes:
+        _say(note, None)
+    for split in eval_splits:
+        if t.progress:
             _say(f"evaluating on {split} ...", None)
-            results[split] = evaluate(
-                model,
-                manifest,
-                domains,
-                split,
-                batch_size=cfg.eval.batch_size,
-                device=device,
-                precision=precision,
-                max_sequences=cfg.eval.max_sequences,
-            )
+        results[split] = evaluate(
+            model,
+            manifest,
+            domains,
+            split,
+            batch_size=cfg.eval.batch_size,
+            device=device,
+            precision=precision,
+            max_sequences=cfg.eval.max_sequences,
+        )
     final = {
         "steps": t.steps,
         "tokens": total_tokens,
@@ -276,6 +301,7 @@ def train(cfg: RunConfig) -> RunResult:
         "domains": domains,
         "proportions": dict(zip(domains, proportions_D.tolist())),
         **results,
+        "notes": eval_notes,
         "average": {
             f"{split}_{k}": res["average"][k] for split, res in results.items() for k in ("loss", "ppl")
         },
