@@ -800,19 +800,26 @@ def test_failure_mid_prepare_leaves_no_manifest(
 ) -> None:
     out = tmp_path / "corpus"
     kw = dict(seq_len=8, val_fraction=0, test_fraction=0, progress=False)
+    before = {}
     if existing:
         prepare({"good": [str(good_file)]}, out, **kw)
-        assert (out / "manifest.json").is_file()
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert Path("manifest.json") in before
     if failure == "invalid-json":
         bad, error = write_text(tmp_path / "bad.jsonl", '{"text": "fine"}\n{oops\n'), DataError
     else:
         bad, error = write_text(tmp_path / "bad.txt", "tiny"), AioliError
     with pytest.raises(error):
         prepare({"good": [str(good_file)], "bad": [str(bad)]}, out, overwrite=existing, **kw)
-    assert (out / "good" / "train-00000.tar").is_file()  # the first domain was done before the failure
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(DataError, match="interrupted"):
-        load_manifest(out)
+    # the new corpus was built aside and thrown away: an old corpus is untouched, a new one never appears
+    after = (
+        {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
+    )
+    assert after == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no staging left
+    if not existing:
+        with pytest.raises(DataError, match="no corpus manifest"):
+            load_manifest(out)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,13 +37,13 @@ def _config(**sections):
 
 
 @pytest.mark.parametrize(
-    "warmup, steps", [(4, 20), (1, 10), (3, 4), (10, 11), (5, 1000)], ids=["W4T20", "W1T10", "W3T4", "W10T11", "W5T1000"]
+    "warmup, steps",
+    [(4, 20), (1, 10), (3, 4), (10, 11), (5, 1000)],
+    ids=["W4T20", "W1T10", "W3T4", "W10T11", "W5T1000"],
 )
 def test_lr_warmup_then_cosine_to_the_floor(warmup, steps):
     lr, ratio = 3e-3, 0.1
-    cfg = _config(
-        optim={"lr": lr, "warmup_steps": warmup, "min_lr_ratio": ratio}, train={"steps": steps}
-    )
+    cfg = _config(optim={"lr": lr, "warmup_steps": warmup, "min_lr_ratio": ratio}, train={"steps": steps})
     assert lr_at(0, cfg) == pytest.approx(lr / warmup)  # the first step already learns
     for s in range(warmup):
         assert lr_at(s, cfg) == pytest.approx(lr * (s + 1) / warmup)
@@ -102,9 +102,7 @@ def test_weight_decay_only_on_matrices():
     assert decay_names | no_decay_names == set(names.values())
 
     norm_weights = {
-        f"{mod_name}.weight"
-        for mod_name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.LayerNorm)
+        f"{mod_name}.weight" for mod_name, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm)
     }
     biases = {n for n in names.values() if n.endswith(".bias")}
     assert norm_weights and biases
@@ -431,10 +429,6 @@ def test_load_checkpoint_of_a_foreign_torch_file(tmp_path, payload):
         load_checkpoint(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dict with our format tag but without 'model_config'/'model' raises a bare KeyError",
-)
 def test_load_checkpoint_with_our_tag_but_missing_fields(tmp_path):
     path = tmp_path / "partial.pt"
     torch.save({"format": 1}, path)
@@ -472,5 +466,7 @@ def test_trained_checkpoint_reproduces_the_final_evaluation(run, corpus):
     for split in ("val", "test"):
         res = evaluate(model, manifest, meta["domains"], split, batch_size=8, device=CPU, max_sequences=8)
         for dom in ("ab", "xyz"):
-            assert res["domains"][dom]["loss"] == pytest.approx(final[split]["domains"][dom]["loss"], rel=1e-6)
+            assert res["domains"][dom]["loss"] == pytest.approx(
+                final[split]["domains"][dom]["loss"], rel=1e-6
+            )
         assert res["average"]["ppl"] == pytest.approx(final["average"][f"{split}_ppl"], rel=1e-6)

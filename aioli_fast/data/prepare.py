@@ -15,8 +15,10 @@ import glob
 import gzip
 import hashlib
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,27 +40,62 @@ from .tokenizers import get_tokenizer
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 
 
-def expand_inputs(domain: str, patterns: list[str]) -> list[Path]:
-    """Files named by paths, folders (every file below, recursively) and globs (``**`` allowed), sorted."""
+SKIPPED_DIRS = {"__pycache__"}
+MAX_SKIPPED_LISTED = 20
+
+
+def is_binary(path: Path) -> bool:
+    """A file with a NUL byte in its first 8 KiB (compressed ``.gz`` inputs are not sniffed)."""
+    if path.suffix == ".gz":
+        return False
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def expand_inputs(domain: str, patterns: list[str]) -> tuple[list[Path], list[Path]]:
+    """Input files of a domain: (files to read, sorted; files skipped).
+
+    A path names one file (an error if it is binary). A folder gives every file below it except hidden
+    files and folders (a leading '.'), ``__pycache__`` and binary files. A glob (``**`` recursive; as
+    usual, ``*`` does not match hidden names) gives its matches except binary files.
+    """
     files: set[Path] = set()
+    skipped: set[Path] = set()
     for pattern in patterns:
         p = Path(pattern)
+        if p.is_file():
+            if is_binary(p):
+                raise AioliError(f"domain {domain!r}: input {pattern!r} is a binary file, not text")
+            files.add(p.resolve())
+            continue
         if p.is_dir():
-            matched = [q for q in p.rglob("*") if q.is_file()]
-        elif p.is_file():
-            matched = [p]
+            matched = []
+            for q in p.rglob("*"):
+                rel = q.relative_to(p).parts
+                if any(part.startswith(".") or part in SKIPPED_DIRS for part in rel):
+                    if q.is_file():
+                        skipped.add(q.resolve())
+                elif q.is_file():
+                    matched.append(q)
         else:
             matched = [Path(q) for q in glob.glob(pattern, recursive=True) if Path(q).is_file()]
-        if not matched:
+        if not matched and not skipped:
             raise AioliError(f"domain {domain!r}: no input file matches {pattern!r}")
-        files.update(q.resolve() for q in matched)
-    return sorted(files)
+        for q in matched:
+            (skipped if is_binary(q) else files).add(q.resolve())
+    if not files:
+        raise AioliError(
+            f"domain {domain!r}: no text file among its inputs {patterns} "
+            f"({len(skipped)} hidden or binary file(s) skipped)"
+        )
+    return sorted(files), sorted(skipped)
 
 
 def _open_text(path: Path):
+    # utf-8-sig drops a byte-order mark at the start of a file; undecodable bytes become U+FFFD
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
@@ -78,7 +115,8 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}: no string field {text_field!r} in this record")
-                yield text
+                # JSON may carry lone surrogates ("\\ud800"), which are not text: replace them
+                yield text.encode("utf-8", errors="replace").decode("utf-8")
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
@@ -151,7 +189,8 @@ def prepare(
 
     Args:
         domains: domain name -> list of input paths, folders or globs. Domain ids follow this order.
-        out_dir: output folder (created). An existing corpus there is replaced only with ``overwrite``.
+        out_dir: output folder (created; must be new, empty, or hold a corpus). An existing corpus is
+            replaced only with ``overwrite``, and only once the new one is complete.
         seq_len: tokens per training sequence (samples hold ``seq_len + 1`` ids).
         tokenizer: ``"byte"`` or the path of an HF ``tokenizer.json``.
         val_fraction, test_fraction: expected fraction of documents held out for each split.
@@ -171,20 +210,70 @@ def prepare(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
             "and sum to less than 1"
         )
-    files_by_domain = {name: expand_inputs(name, list(pats)) for name, pats in domains.items()}
+    inputs = {name: expand_inputs(name, list(pats)) for name, pats in domains.items()}
     tok = get_tokenizer(tokenizer, eos_token=eos_token)
-    dtype = token_dtype(tok.vocab_size)
 
-    out = ensure_writable_dir(Path(out_dir))
+    final = Path(out_dir)
+    if final.exists():
+        if not final.is_dir():
+            raise AioliError(f"output {final} exists and is not a folder")
+        if (final / MANIFEST_NAME).exists():
+            if not overwrite:
+                raise AioliError(f"{final} already holds a prepared corpus; pass --overwrite to replace it")
+        elif any(final.iterdir()):
+            raise AioliError(f"{final} is not empty and holds no corpus; choose a new or empty folder")
+    # Everything is built in a hidden sibling folder and renamed into place at the end: a failure
+    # leaves the previous corpus (if any) untouched and nothing that looks complete.
+    created = not final.exists()
+    ensure_writable_dir(final)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        manifest = _prepare_into(
+            out,
+            inputs,
+            tok,
+            seq_len,
+            val_fraction,
+            test_fraction,
+            shard_sequences,
+            text_field,
+            seed,
+            progress,
+        )
+        _replace_folder(out, final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        if created:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_folder(new: Path, final: Path) -> None:
+    """Rename ``new`` to ``final``, replacing an old ``final`` folder (which is deleted after)."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.rename(final, old)
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_into(
+    out: Path, inputs, tok, seq_len, val_fraction, test_fraction, shard_sequences, text_field, seed, progress
+) -> dict:
+    dtype = token_dtype(tok.vocab_size)
     manifest_path = out / MANIFEST_NAME
-    if manifest_path.exists():
-        if not overwrite:
-            raise AioliError(f"{out} already holds a prepared corpus; pass --overwrite to replace it")
-        manifest_path.unlink()  # from here on the folder no longer looks complete
     fractions = {"val": val_fraction, "test": test_fraction}
 
     domain_entries = []
-    for name, files in files_by_domain.items():
+    for name, (files, skipped) in inputs.items():
         hashes, docs_ids = [], []
         bar = progress_bar(len(files), f"tokenize {name}", "file", progress)
         for path in files:
@@ -208,10 +297,7 @@ def prepare(
             streams[assigned[i]].extend(docs_ids[i])
             docs[assigned[i]] += 1
 
-        domain_dir = out / name
-        if domain_dir.exists():
-            shutil.rmtree(domain_dir)
-        domain_dir.mkdir(parents=True)
+        (out / name).mkdir()
         splits = {}
         for split in SPLITS:
             if split != "train" and fractions[split] == 0:
@@ -241,12 +327,23 @@ def prepare(
                 "shards": shards,
             }
         domain_entries.append(
-            {"name": name, "inputs": [str(p) for p in files], "documents": len(docs_ids), "splits": splits}
+            {
+                "name": name,
+                "inputs": [str(p) for p in files],
+                "skipped_files": len(skipped),
+                "skipped_examples": [str(p) for p in skipped[:MAX_SKIPPED_LISTED]],
+                "documents": len(docs_ids),
+                "splits": splits,
+            }
         )
         if progress:
             summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
             print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
 
+    tokenizer_spec = tok.spec()
+    if tokenizer_spec["kind"] == "hf":  # the corpus carries its tokenizer: it can be moved as a whole
+        shutil.copyfile(tokenizer_spec["path"], out / "tokenizer.json")
+        tokenizer_spec["path"] = "tokenizer.json"
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": f"aioli_fast {__version__}",
@@ -255,7 +352,7 @@ def prepare(
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
-        "tokenizer": tok.spec(),
+        "tokenizer": tokenizer_spec,
         "split": {"unit": "document", "seed": seed, **{f"{k}_fraction": v for k, v in fractions.items()}},
         "domains": domain_entries,
     }

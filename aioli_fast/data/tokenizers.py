@@ -86,14 +86,21 @@ class HFTokenizer:
 def get_tokenizer(name: str, eos_token: str | None = None):
     """``"byte"`` or the path of a ``tokenizer.json``."""
     if name == "byte":
+        if eos_token is not None:
+            raise AioliError(
+                "--eos-token applies to an HF tokenizer.json; the byte tokenizer's end of document is 256"
+            )
         return ByteTokenizer()
     return HFTokenizer(name, eos_token=eos_token)
 
 
-def load_tokenizer(spec: dict):
-    """Rebuild the tokenizer a manifest describes."""
+def load_tokenizer(spec: dict, root: str | Path | None = None):
+    """Rebuild the tokenizer a manifest describes (an HF path is relative to the corpus ``root``)."""
     if spec.get("kind") == "byte":
         return ByteTokenizer()
     if spec.get("kind") == "hf":
-        return HFTokenizer(spec["path"], eos_token=spec.get("eos_token"))
+        path = Path(spec["path"])
+        if root is not None and not path.is_absolute():
+            path = Path(root) / path
+        return HFTokenizer(path, eos_token=spec.get("eos_token"))
     raise AioliError(f"unknown tokenizer kind in manifest: {spec!r}")

@@ -70,7 +70,7 @@ class Mixer:
             raise ConfigError(
                 f"mixer state has {p.shape[0]} proportions, this run has {self.num_domains} domains"
             )
-        self._proportions_D = p.to(self.device, torch.float32)
+        self._proportions_D = p.to(self.device, torch.float32, copy=True)  # never alias the caller's tensor
 
 
 MIXERS: dict[str, type[Mixer]] = {}

@@ -46,6 +46,15 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise AioliError(f"{path} is not an aioli_fast checkpoint (format {CHECKPOINT_FORMAT})")
-    model = GPT(GPTConfig(**payload["model_config"]))
-    model.load_state_dict(payload.pop("model"))
+    missing = [
+        k for k in ("model", "model_config", "step", "domains", "config", "tokenizer") if k not in payload
+    ]
+    if missing:
+        raise AioliError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)}")
+    try:
+        model = GPT(GPTConfig(**payload["model_config"]))
+        model.load_state_dict(payload.pop("model"))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AioliError(f"checkpoint {path} does not hold a valid model: {first_line}") from exc
     return model.to(device), payload
