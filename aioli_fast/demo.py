@@ -30,7 +30,7 @@ import numpy as np
 from .config import config_from_dict
 from .data import prepare
 from .errors import AioliError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, ensure_writable_dir
 
 DEMO_SEQ_LEN = 128
 NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
@@ -175,8 +175,11 @@ def run_demo(
     """Build, prepare, train and evaluate; prints the table and returns ``final.json``'s content."""
     from .train import train  # the demo sits above the training package
 
+    if not scale > 0:
+        raise AioliError(f"demo scale must be > 0, got {scale}")
+
     start = time.perf_counter()
-    out = Path(out_dir)
+    out = ensure_writable_dir(Path(out_dir), "demo output directory")
     print(f"[1/3] collecting the demo corpus under {out / 'raw'} ...", file=sys.stderr, flush=True)
     sources = build_demo_sources(out / "raw", scale=scale)
     print(

@@ -14,14 +14,13 @@ consume on every step at no extra cost.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import linear_domain_cross_entropy
+from .kernels import DomainLoss, linear_domain_cross_entropy
 
 try:  # optional: flash-attn only installs on CUDA machines
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -98,17 +97,8 @@ def preset_config(name: str, **overrides) -> GPTConfig:
     return GPTConfig(**fields)
 
 
-class ModelOutput(NamedTuple):
-    """Training output of :class:`GPT`.
-
-    loss:     [] fp32 mean token loss over non-ignored tokens.
-    loss_sum: [D] fp32 per-domain loss sums.
-    count:    [D] fp32 per-domain token counts.
-    """
-
-    loss: torch.Tensor
-    loss_sum: torch.Tensor
-    count: torch.Tensor
+# The model returns the kernels' result type: (loss [], loss_sum [D], count [D]), all fp32.
+ModelOutput = DomainLoss
 
 
 class Rotary(nn.Module):
@@ -276,9 +266,4 @@ class GPT(nn.Module):
             num_domains,
             ignore_index=ignore_index,
         )
-        return ModelOutput(*out)
-
-
-def config_dict(cfg: GPTConfig) -> dict:
-    """Plain-dict form of a GPTConfig (for checkpoints)."""
-    return asdict(cfg)
+        return out

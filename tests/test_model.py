@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aioli_fast.model import GPT, PRESETS, GPTConfig, ModelOutput, Rotary, config_dict, preset_config
+from aioli_fast.model import GPT, PRESETS, GPTConfig, ModelOutput, Rotary, preset_config
 
 TINY = dict(vocab_size=97, max_seq_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 
@@ -204,7 +204,7 @@ def test_pythia_160m_preset_parameter_count() -> None:
 @pytest.mark.parametrize("name", sorted(PRESETS), ids=str)
 def test_presets_build(name: str) -> None:
     cfg = preset_config(name)
-    assert config_dict(cfg)["d_model"] == PRESETS[name]["d_model"]
+    assert dataclasses.asdict(cfg)["d_model"] == PRESETS[name]["d_model"]
 
 
 def test_preset_overrides() -> None:
@@ -298,7 +298,7 @@ def test_training_on_a_fixed_batch_lowers_the_loss() -> None:
 
 def test_config_is_a_dataclass_with_plain_dict() -> None:
     cfg = GPTConfig(**TINY)
-    assert GPTConfig(**config_dict(cfg)) == cfg
+    assert GPTConfig(**dataclasses.asdict(cfg)) == cfg
     assert dataclasses.is_dataclass(cfg)
 
 

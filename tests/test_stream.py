@@ -367,3 +367,15 @@ def test_missing_shard_is_a_data_error(corpus_copy: Path) -> None:
     stream = MixtureStream(manifest, ["symbols"], 4, [1.0], seed=0)
     with pytest.raises(DataError, match="shard not found"):
         take(stream, manifest.num_sequences("symbols", "train"))
+
+
+def test_random_streams_are_independent(manifest: Manifest) -> None:
+    # numpy's SeedSequence ignores trailing zeros: without distinct tags the domain draw of step i and
+    # domain i's shard order (epoch 0) would come from one generator.
+    from aioli_fast.data.stream import _DOMAIN_DRAW, _SAMPLE_ORDER, _SHARD_ORDER, _rng
+
+    draws = {
+        tag: _rng(tag, 0, 1, 0).random(8).tolist() for tag in (_DOMAIN_DRAW, _SHARD_ORDER, _SAMPLE_ORDER)
+    }
+    assert len({tuple(v) for v in draws.values()}) == 3
+    assert _rng(_SHARD_ORDER, 0, 1).random(8).tolist() != _rng(_SAMPLE_ORDER, 0, 1, 0, 0).random(8).tolist()

@@ -18,6 +18,14 @@ import torch
 from ..errors import AioliError
 from .shards import Manifest
 
+# Each random stream gets its own leading tag: numpy's SeedSequence ignores trailing zeros, so
+# [seed, step] and [seed, domain, 0] would otherwise be the same generator.
+_DOMAIN_DRAW, _SHARD_ORDER, _SAMPLE_ORDER = 1, 2, 3
+
+
+def _rng(tag: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng([tag, *key])
+
 
 @dataclass
 class Batch:
@@ -68,13 +76,13 @@ class DomainStream:
         self._samples: np.ndarray | None = None
 
     def _shard_order(self) -> np.ndarray:
-        return np.random.default_rng([*self._seed, self.epoch]).permutation(len(self.shards))
+        return _rng(_SHARD_ORDER, *self._seed, self.epoch).permutation(len(self.shards))
 
     def _load(self) -> None:
         if self._order is None:
             self._order = self._shard_order()
         _, samples = self.manifest.read(self.shards[int(self._order[self.shard_pos])])
-        perm = np.random.default_rng([*self._seed, self.epoch, self.shard_pos]).permutation(len(samples))
+        perm = _rng(_SAMPLE_ORDER, *self._seed, self.epoch, self.shard_pos).permutation(len(samples))
         self._samples = samples[perm]
 
     def next(self) -> np.ndarray:
@@ -147,7 +155,7 @@ class MixtureStream:
 
     def assign_domains(self, step: int) -> np.ndarray:
         """Domain of each slot of the batch of ``step``: [B] int, i.i.d. from the proportions."""
-        rng = np.random.default_rng([self.seed, step])
+        rng = _rng(_DOMAIN_DRAW, self.seed, step)
         return rng.choice(len(self.domains), size=self.batch_size, p=self.proportions)
 
     def __iter__(self) -> Iterator[Batch]:
