@@ -11,28 +11,20 @@ import math
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import yaml
+from helpers import write_alphabet_domain
 
 from aioli_fast.cli import main
 
 SEQ = 16
 
 
-def _write_domain(folder, alphabet: str, n_docs: int, seed: int):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_docs):
-        words = ["".join(rng.choice(list(alphabet), size=rng.integers(2, 6))) for _ in range(60)]
-        (folder / f"doc{i}.txt").write_text(" ".join(words))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    _write_domain(root / "raw" / "ab", "ab", 30, 0)
-    _write_domain(root / "raw" / "xyz", "xyz", 30, 1)
+    write_alphabet_domain(root / "raw" / "ab", "ab", 30, 0)
+    write_alphabet_domain(root / "raw" / "xyz", "xyz", 30, 1)
     rc = main(
         [
             "prepare",

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import write_alphabet_domain
 
 from aioli_fast.config import config_from_dict
 from aioli_fast.data import load_manifest, prepare, read_shard
@@ -169,19 +170,11 @@ def test_format_table_with_one_split(only):
 # a tiny corpus
 
 
-def _write_domain(folder, alphabet: str, n_docs: int, seed: int):
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n_docs):
-        words = ["".join(rng.choice(list(alphabet), size=rng.integers(2, 6))) for _ in range(60)]
-        (folder / f"doc{i}.txt").write_text(" ".join(words))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    _write_domain(root / "raw" / "ab", "ab", 20, 0)
-    _write_domain(root / "raw" / "xyz", "xyz", 20, 1)
+    write_alphabet_domain(root / "raw" / "ab", "ab", 20, 0)
+    write_alphabet_domain(root / "raw" / "xyz", "xyz", 20, 1)
     prepare(
         {"ab": [str(root / "raw" / "ab")], "xyz": [str(root / "raw" / "xyz")]},
         root / "corpus",
