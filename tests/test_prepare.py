@@ -706,6 +706,13 @@ def test_short_held_out_split_is_topped_up_from_train(tmp_path: Path) -> None:
         assert rebuilt == expected[: len(expected) - splits[split]["dropped_tokens"]]
 
 
+def assert_unwritable(good_file: Path, out: Path) -> None:
+    """prepare into ``out`` fails with a message naming it as not writable."""
+    with pytest.raises(AioliError, match="not writable") as info:
+        prepare({"d": [str(good_file)]}, out, seq_len=8, val_fraction=0, test_fraction=0, progress=False)
+    assert str(out) in str(info.value)
+
+
 def test_unwritable_output_directory(tmp_path: Path, good_file: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -717,16 +724,7 @@ def test_unwritable_output_directory(tmp_path: Path, good_file: Path) -> None:
             pass
         else:
             pytest.skip("chmod does not restrict this user (running as root?)")
-        with pytest.raises(AioliError, match="not writable") as info:
-            prepare(
-                {"d": [str(good_file)]},
-                locked / "corpus",
-                seq_len=8,
-                val_fraction=0,
-                test_fraction=0,
-                progress=False,
-            )
-        assert str(locked / "corpus") in str(info.value)
+        assert_unwritable(good_file, locked / "corpus")
     finally:
         locked.chmod(0o700)
 
@@ -734,16 +732,7 @@ def test_unwritable_output_directory(tmp_path: Path, good_file: Path) -> None:
 def test_output_directory_below_a_file(tmp_path: Path, good_file: Path) -> None:
     # works as root too: a regular file cannot hold a folder
     blocker = write_text(tmp_path / "blocker", "a file, not a folder")
-    with pytest.raises(AioliError, match="not writable") as info:
-        prepare(
-            {"d": [str(good_file)]},
-            blocker / "corpus",
-            seq_len=8,
-            val_fraction=0,
-            test_fraction=0,
-            progress=False,
-        )
-    assert str(blocker / "corpus") in str(info.value)
+    assert_unwritable(good_file, blocker / "corpus")
 
 
 def test_existing_corpus_needs_overwrite(tmp_path: Path, good_file: Path) -> None:
