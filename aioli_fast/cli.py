@@ -61,10 +61,12 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         shard_sequences=args.shard_sequences,
+        shard_bytes=None if args.shard_mb is None else max(1, int(args.shard_mb * 2**20)),
         text_field=args.text_field,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        workers=args.workers,
     )
     for dom in manifest["domains"]:
         splits = ", ".join(f"{s}: {v['sequences']} seq / {v['tokens']} tok" for s, v in dom["splits"].items())
@@ -136,7 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-token", default=None, help="end-of-document token of an HF tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val (0.05)")
     p.add_argument("--test-fraction", type=float, default=0.05, help="fraction of documents for test (0.05)")
-    p.add_argument("--shard-sequences", type=_positive_int, default=1024, help="sequences per shard (1024)")
+    p.add_argument(
+        "--shard-sequences", type=_positive_int, default=None, help="sequences per shard (default 1024)"
+    )
+    p.add_argument(
+        "--shard-mb",
+        type=_positive_float,
+        default=None,
+        help="largest shard size in MiB (instead of a count)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="tokenizer processes (default: 1 for inputs under 8 MiB, else one per CPU up to 8)",
+    )
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")

@@ -43,14 +43,61 @@ class DataSection:
 
     path: str = ""
     domains: list[str] | None = None  # a subset, in domain-id order; default all, in manifest order
+    assignment: str = "categorical"  # categorical (i.i.d., as the paper) | largest_remainder
+    num_workers: int = 0  # DataLoader processes reading shards; 0 reads in the training process
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    on_error: str = "raise"  # raise | skip (bad samples replaced, counted and warned about)
+
+    def check(self) -> None:
+        """Ranges and choices of the data options (called by :meth:`RunConfig.validate`)."""
+        from .data.stream import ASSIGNMENT_RULES, ON_ERROR
+
+        if self.assignment not in ASSIGNMENT_RULES:
+            raise ConfigError(
+                f"data.assignment must be one of {', '.join(ASSIGNMENT_RULES)}; got {self.assignment!r}"
+            )
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"data.on_error must be one of {', '.join(ON_ERROR)}; got {self.on_error!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass
 class MixingSection:
-    """How the mixture proportions are set. ``static`` needs ``proportions`` (domain -> weight)."""
+    """How the mixture proportions are set (docs/mixing.md has every method).
+
+    ``static`` needs ``proportions`` (domain -> weight); for ``aioli`` they are the prior. Every other
+    field is a method option: ``None`` means the method's default, and setting an option the chosen
+    method does not use is an error.
+    """
 
     method: str = "stratified"
     proportions: dict[str, float] | None = None
+    eta: float | None = None
+    round_steps: int | None = None
+    sweeps: int | None = None
+    block_steps: int | None = None
+    one_hot_factor: float | None = None
+    update: str | None = None  # aioli: ema | cumulative
+    ema: float | None = None
+    diagonal: bool | None = None
+    measurement: str | None = None  # train | probe | full_val
+    measure_steps: int | None = None
+    prior_steps: int | None = None
+    min_proportion: float | None = None
+    update_every: int | None = None
+    smoothing: float | None = None
+    reference: str | None = None  # doremi: per-domain reference losses (.json) or a checkpoint
+    skills_graph: str | None = None  # skillit: a JSON file
+    seed: int | None = None  # default: train.seed
+    probe_sequences: int = 16  # per domain, for measurement: probe
+
+    def options(self) -> dict:
+        """The method options that are set (everything but method, proportions and probe_sequences)."""
+        skip = ("method", "proportions", "probe_sequences")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
 @dataclass
@@ -156,8 +203,11 @@ class RunConfig:
             raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
         if t.name is not None and (not t.name or t.name in (".", "..") or "/" in t.name or "\\" in t.name):
             raise ConfigError(f"train.name must be a plain folder name (no '/' or '..'); got {t.name!r}")
+        if self.mixing.probe_sequences < 1:
+            raise ConfigError(f"mixing.probe_sequences must be >= 1, got {self.mixing.probe_sequences}")
         if not self.data.path:
             raise ConfigError("data.path is not set: point it at a corpus made by `aioli-fast prepare`")
+        self.data.check()
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")

@@ -13,10 +13,19 @@ Contract (docs/DESIGN and ``aioli_fast.kernels``):
              loss_sum  [D] fp32, per-domain sum of token losses,
              count     [D] fp32, per-domain number of non-ignored tokens.
     ``loss`` and ``loss_sum`` are differentiable; ``count`` is not.
+
+Options (the fused kernels implement the same ones; each is tested against this file):
+    softcap            logits are replaced by ``softcap * tanh(logits / softcap)`` before everything else;
+    lse_square_scale   z-loss: ``lse_square_scale * logsumexp(logits) ** 2`` is added to each counted
+                       token's term in ``loss`` (not to ``loss_sum``);
+    domain_weights_D   [D] per-domain weights of the terms in ``loss`` (not of ``loss_sum``).
+    So ``loss = sum_i w[d_i] * (ce_i + z_i) / max(count, 1)`` while ``loss_sum[d]`` stays the plain
+    cross-entropy sum of domain d (the statistic mixers and perplexities use).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -58,6 +67,47 @@ def check_inputs(
         raise ValueError(f"num_domains must be a positive int, got {num_domains!r}")
 
 
+def check_linear_inputs(
+    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None
+) -> None:
+    """Validate the projection's shapes (metadata only)."""
+    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
+        raise ValueError(
+            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, got {tuple(weight_VH.shape)}"
+        )
+    if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
+        raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
+
+
+def check_options(
+    num_domains: int,
+    device: torch.device,
+    *,
+    domain_weights_D: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+) -> None:
+    """Validate the loss options (metadata only, no host sync)."""
+    if isinstance(lse_square_scale, bool) or not isinstance(lse_square_scale, (int, float)):
+        raise ValueError(f"lse_square_scale must be a float >= 0, got {lse_square_scale!r}")
+    if not math.isfinite(lse_square_scale) or lse_square_scale < 0:
+        raise ValueError(f"lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if domain_weights_D is not None:
+        if not isinstance(domain_weights_D, torch.Tensor) or not domain_weights_D.is_floating_point():
+            raise ValueError(f"domain_weights must be a floating-point tensor of shape ({num_domains},)")
+        if domain_weights_D.shape != (num_domains,):
+            raise ValueError(
+                f"domain_weights must have shape ({num_domains},), got {tuple(domain_weights_D.shape)}"
+            )
+        if domain_weights_D.device != device:
+            raise ValueError(f"domain_weights must be on {device}, got {domain_weights_D.device}")
+
+
 def domain_cross_entropy_reference(
     logits_NV: torch.Tensor,
     labels_N: torch.Tensor,
@@ -65,6 +115,9 @@ def domain_cross_entropy_reference(
     num_domains: int,
     *,
     ignore_index: int = -100,
+    domain_weights_D: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
 ) -> DomainLoss:
     """Mean cross-entropy plus per-domain loss sums and token counts, computed in fp32.
 
@@ -75,23 +128,39 @@ def domain_cross_entropy_reference(
             (the value on ignored tokens is not used).
         num_domains: D, the number of domains.
         ignore_index: label value of tokens that count nowhere.
+        domain_weights_D, lse_square_scale, softcap: the options in the module docstring.
 
     Returns:
         DomainLoss(loss [], loss_sum [D], count [D]), all fp32 on the logits' device.
     """
     check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
+    check_options(
+        num_domains,
+        logits_NV.device,
+        domain_weights_D=domain_weights_D,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
     valid_N = labels_N != ignore_index
     safe_domains_N = torch.where(valid_N, domain_ids_N, torch.zeros_like(domain_ids_N)).long()
+    logits_f_NV = logits_NV.float()
+    if softcap is not None:
+        logits_f_NV = softcap * torch.tanh(logits_f_NV / softcap)
     # One fused log-softmax + gather in fp32; ignored tokens get exactly 0 (even when their row of
     # logits is not finite) and no gradient.
-    token_loss_N = F.cross_entropy(
-        logits_NV.float(), labels_N.long(), ignore_index=ignore_index, reduction="none"
-    )
+    token_loss_N = F.cross_entropy(logits_f_NV, labels_N.long(), ignore_index=ignore_index, reduction="none")
+    objective_N = token_loss_N
+    if lse_square_scale:
+        lse_N = torch.logsumexp(logits_f_NV, dim=-1)
+        z_loss_N = torch.where(valid_N, lse_square_scale * lse_N.square(), torch.zeros_like(lse_N))
+        objective_N = objective_N + z_loss_N
+    if domain_weights_D is not None:
+        objective_N = objective_N * domain_weights_D.float()[safe_domains_N]
     valid_f_N = valid_N.float()
     zeros_D = torch.zeros(num_domains, dtype=torch.float32, device=logits_NV.device)
     loss_sum_D = zeros_D.index_add(0, safe_domains_N, token_loss_N)
     count_D = zeros_D.index_add(0, safe_domains_N, valid_f_N)
-    loss = token_loss_N.sum() / valid_f_N.sum().clamp_min(1.0)
+    loss = objective_N.sum() / valid_f_N.sum().clamp_min(1.0)
     return DomainLoss(loss, loss_sum_D, count_D)
 
 
@@ -104,6 +173,9 @@ def linear_domain_cross_entropy_reference(
     *,
     bias_V: torch.Tensor | None = None,
     ignore_index: int = -100,
+    domain_weights_D: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
 ) -> DomainLoss:
     """Per-domain cross-entropy of ``hidden_NH @ weight_VH.T (+ bias_V)``.
 
@@ -114,13 +186,15 @@ def linear_domain_cross_entropy_reference(
         DomainLoss(loss [], loss_sum [D], count [D]), fp32.
     """
     check_inputs(hidden_NH, labels_N, domain_ids_N, num_domains, name="hidden")
-    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
-        raise ValueError(
-            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, got {tuple(weight_VH.shape)}"
-        )
-    if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
-        raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
+    check_linear_inputs(hidden_NH, weight_VH, bias_V)
     logits_NV = F.linear(hidden_NH, weight_VH, bias_V)
     return domain_cross_entropy_reference(
-        logits_NV, labels_N, domain_ids_N, num_domains, ignore_index=ignore_index
+        logits_NV,
+        labels_N,
+        domain_ids_N,
+        num_domains,
+        ignore_index=ignore_index,
+        domain_weights_D=domain_weights_D,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
     )

@@ -15,3 +15,30 @@ def write_alphabet_domain(folder: Path, alphabet: str, n_docs: int, seed: int) -
         words = ["".join(rng.choice(list(alphabet), size=rng.integers(2, 6))) for _ in range(60)]
         (folder / f"doc{i}.txt").write_text(" ".join(words))
     return folder
+
+
+def prepare_alphabet_corpus(
+    root: Path, alphabets: dict[str, str], docs: int, *, seq_len: int = 8, shard_sequences: int = 16
+) -> Path:
+    """A prepared corpus (train split only) whose domains use disjoint alphabets; returns its folder."""
+    from aioli_fast.data.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    domains = {}
+    for d, (name, alphabet) in enumerate(alphabets.items()):
+        folder = root / "raw" / name
+        folder.mkdir(parents=True)
+        for i in range(docs + 10 * d):
+            doc = "".join(rng.choice(list(alphabet), size=int(rng.integers(10, 40))))
+            (folder / f"{i:03d}.txt").write_text(doc)
+        domains[name] = [str(folder)]
+    prepare(
+        domains,
+        root / "corpus",
+        seq_len=seq_len,
+        val_fraction=0.0,
+        test_fraction=0.0,
+        shard_sequences=shard_sequences,
+        progress=False,
+    )
+    return root / "corpus"

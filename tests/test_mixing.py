@@ -180,7 +180,7 @@ def test_a_registered_custom_mixer_is_built_by_name(custom_mixer_name):
 def test_state_dict_round_trip_restores_the_proportions():
     source = build_mixer("static", DOMAINS, proportions={"a": 3, "b": 1})
     state = source.state_dict()
-    assert set(state) == {"proportions"}
+    assert set(state) == {"method", "domains", "proportions"}
     fresh = build_mixer("static", DOMAINS, proportions={"a": 1, "b": 1})
     assert fresh.proportions(0).tolist() == [0.5, 0.5]
     fresh.load_state_dict(state)
@@ -189,8 +189,13 @@ def test_state_dict_round_trip_restores_the_proportions():
     assert p_D.dtype == torch.float32 and p_D.device == torch.device("cpu")
 
     stratified = build_mixer("stratified", DOMAINS)
-    stratified.load_state_dict(state)
-    assert stratified.proportions(0).tolist() == pytest.approx([0.75, 0.25])
+    with pytest.raises(
+        ConfigError, match="mixer state is from mixing.method 'static', this run uses 'stratified'"
+    ):
+        stratified.load_state_dict(state)
+    assert stratified.proportions(0).tolist() == [0.5, 0.5]
+    with pytest.raises(ConfigError, match=r"mixer state is for domains \['b', 'a'\]"):
+        fresh.load_state_dict({**state, "domains": ["b", "a"]})
 
 
 def test_state_dict_is_a_copy():
@@ -219,7 +224,9 @@ def test_load_state_dict_with_another_number_of_domains_raises(size):
     mixer = build_mixer("stratified", DOMAINS)
     with pytest.raises(ConfigError) as info:
         mixer.load_state_dict({"proportions": torch.full((size,), 1.0 / size)})
-    assert str(info.value) == f"mixer state has {size} proportions, this run has 2 domains"
+    assert str(info.value) == (
+        f"mixer state 'proportions' has shape ({size},), this run expects (2,) (2 domains)"
+    )
     assert mixer.proportions(0).tolist() == [0.5, 0.5]  # unchanged
 
 

@@ -805,10 +805,14 @@ def test_failure_mid_prepare_leaves_no_manifest(
         {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} if out.exists() else {}
     )
     assert after == before
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")]  # no staging left
+    # the staging folder stays hidden beside the output for a re-run to resume from
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")] == [".corpus.partial"]
     if not existing:
         with pytest.raises(DataError, match="no corpus manifest"):
             load_manifest(out)
+    prepare({"good": [str(good_file)]}, out, overwrite=True, **kw)  # the re-run resumes and finishes
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".corpus")]
+    assert load_manifest(out).domains == ("good",)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,14 @@ held-out split too short for one sequence is topped up with the train documents 
 range), tokenize, append an end-of-document token, and pack the documents of one split of
 one domain, in the order of their hashes, into fixed-length samples (a sample never mixes domains or
 splits). The tail that does not fill a sample is dropped and counted in the manifest.
+
+Scale: documents are read in this process and tokenized by a pool of worker processes in chunks (results
+in order, so the corpus does not depend on the number of workers). The corpus is built in a hidden
+staging folder beside the output (``.NAME.partial``) that survives a failure or an interrupt: a re-run
+with the same settings reuses every finished domain without reading its inputs again, and within an
+unfinished domain rewrites no shard that is already complete (shards are written under a temporary name
+and renamed, so a file under a shard's final name is always complete). The staging folder is renamed
+into place when every domain is done.
 """
 
 from __future__ import annotations
@@ -15,10 +23,11 @@ import glob
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +45,11 @@ from .shards import (
     write_shard,
 )
 from .tokenizers import get_tokenizer
+
+STATE_NAME = ".prepare-state.json"
+CHUNK_DOCUMENTS = 256  # documents per tokenization task
+AUTO_PARALLEL_BYTES = 8 << 20  # inputs smaller than this are tokenized in this process by default
+MAX_AUTO_WORKERS = 8
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 
@@ -170,6 +184,21 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[idx]
 
 
+def sequences_per_shard(shard_bytes: int, seq_len: int, tok) -> int:
+    """The most samples whose tar shard stays within ``shard_bytes`` (at least one)."""
+    npy_header = 128  # numpy's format 1.0 header of a 1-D array, padded
+    data = npy_header + (seq_len + 1) * token_dtype(tok.vocab_size).itemsize
+    member = 512 + -(-data // 512) * 512  # header block + data padded to blocks
+
+    def size(n: int) -> int:  # + end-of-archive blocks, padded to tarfile's 10240-byte records
+        return -(-(n * member + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+    n = max(1, (shard_bytes - 1024) // member)
+    while n > 1 and size(n) > shard_bytes:
+        n -= 1
+    return n
+
+
 def prepare(
     domains: dict[str, list[str]],
     out_dir: str | Path,
@@ -179,11 +208,13 @@ def prepare(
     eos_token: str | None = None,
     val_fraction: float = 0.05,
     test_fraction: float = 0.05,
-    shard_sequences: int = 1024,
+    shard_sequences: int | None = None,
+    shard_bytes: int | None = None,
     text_field: str = "text",
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> dict:
     """Prepare a corpus; returns the manifest written to ``out_dir/manifest.json``.
 
@@ -194,7 +225,9 @@ def prepare(
         seq_len: tokens per training sequence (samples hold ``seq_len + 1`` ids).
         tokenizer: ``"byte"`` or the path of an HF ``tokenizer.json``.
         val_fraction, test_fraction: expected fraction of documents held out for each split.
-        shard_sequences: samples per tar shard.
+        shard_sequences: samples per tar shard (default 1024 unless ``shard_bytes`` is given).
+        shard_bytes: largest shard size in bytes instead (as many samples as fit, at least one).
+        workers: tokenizer processes; default: 1 for inputs under 8 MiB, else up to 8 (one per CPU).
     """
     if not domains:
         raise AioliError("no domains given: pass at least one --domain NAME=PATH")
@@ -203,8 +236,16 @@ def prepare(
             raise AioliError(f"domain name {name!r} may only contain letters, digits, '_' and '-'")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise AioliError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if shard_sequences < 1:
+    if shard_sequences is not None and shard_bytes is not None:
+        raise AioliError(
+            "give either shard_sequences (--shard-sequences) or shard_bytes (--shard-mb), not both"
+        )
+    if shard_sequences is not None and (not isinstance(shard_sequences, int) or shard_sequences < 1):
         raise AioliError(f"shard_sequences must be a positive integer, got {shard_sequences!r}")
+    if shard_bytes is not None and (not isinstance(shard_bytes, int) or shard_bytes < 1):
+        raise AioliError(f"shard_bytes must be a positive integer, got {shard_bytes!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise AioliError(f"workers must be a positive integer, got {workers!r}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise AioliError(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
@@ -212,6 +253,11 @@ def prepare(
         )
     inputs = {name: expand_inputs(name, list(pats)) for name, pats in domains.items()}
     tok = get_tokenizer(tokenizer, eos_token=eos_token)
+    if shard_sequences is None:
+        shard_sequences = 1024 if shard_bytes is None else sequences_per_shard(shard_bytes, seq_len, tok)
+    if workers is None:
+        total = sum(f.stat().st_size for files, _ in inputs.values() for f in files)
+        workers = 1 if total < AUTO_PARALLEL_BYTES else max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
 
     final = Path(out_dir)
     if final.exists():
@@ -223,15 +269,28 @@ def prepare(
         elif any(final.iterdir()):
             raise AioliError(f"{final} is not empty and holds no corpus; choose a new or empty folder")
     # Everything is built in a hidden sibling folder and renamed into place at the end: a failure
-    # leaves the previous corpus (if any) untouched and nothing that looks complete.
+    # leaves the previous corpus (if any) untouched and nothing that looks complete. The staging folder
+    # is kept after a failure so that a re-run resumes from it.
     created = not final.exists()
     ensure_writable_dir(final)
-    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    out = final.parent / f".{final.name}.partial"
+    out.mkdir(exist_ok=True)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "seq_len": seq_len,
+        "tokenizer": tok.spec(),
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "shard_sequences": shard_sequences,
+        "text_field": text_field,
+        "seed": seed,
+    }
     try:
         manifest = _prepare_into(
             out,
             inputs,
             tok,
+            (tokenizer, eos_token),
             seq_len,
             val_fraction,
             test_fraction,
@@ -239,12 +298,13 @@ def prepare(
             text_field,
             seed,
             progress,
+            workers,
+            settings,
         )
         _replace_folder(out, final)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        if created:
-            shutil.rmtree(final, ignore_errors=True)
+        if created and final.exists() and not any(final.iterdir()):
+            final.rmdir()
         raise
     return manifest
 
@@ -265,80 +325,232 @@ def _replace_folder(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(name: str, eos_token: str | None) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = get_tokenizer(name, eos_token=eos_token)
+
+
+def _encode_chunk(task: tuple[list[str], int]) -> list[tuple[float, np.ndarray]]:
+    """(content hash, token ids + end of document as int64 [n]) of each document of a chunk."""
+    texts, seed = task
+    tok = _WORKER_TOKENIZER
+    return [
+        (document_hash(text, seed), np.asarray([*tok.encode(text), tok.eos_id], dtype=np.int64))
+        for text in texts
+    ]
+
+
+def _chunks(files: list[Path], text_field: str, seed: int, bar) -> Iterator[tuple[list[str], int]]:
+    chunk: list[str] = []
+    for path in files:
+        for text in iter_documents(path, text_field):
+            if text.strip():
+                chunk.append(text)
+            if len(chunk) == CHUNK_DOCUMENTS:
+                yield chunk, seed
+                chunk = []
+        if bar is not None:
+            bar.update(1)
+    if chunk:
+        yield chunk, seed
+
+
+def _tokenize(files, text_field, seed, tok_args, pool, bar) -> tuple[list[float], list[np.ndarray]]:
+    hashes, ids = [], []
+    chunks = _chunks(files, text_field, seed, bar)
+    results = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
+    for encoded in results:
+        for h, doc in encoded:
+            hashes.append(h)
+            ids.append(doc)
+    return hashes, ids
+
+
+def _fingerprint(settings: dict, name: str, files: list[Path]) -> str:
+    """What a domain's shards depend on: the settings and its inputs (path, size, modification time)."""
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    text = json.dumps({"settings": settings, "domain": name, "inputs": stats}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _load_state(out: Path) -> dict:
+    try:
+        state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
+        return state if isinstance(state, dict) and "domains" in state and "shards" in state else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _complete(out: Path, record: dict | None) -> bool:
+    """A shard recorded in the staging state whose file is there with the recorded size."""
+    if record is None:
+        return False
+    try:
+        return (out / record["path"]).stat().st_size == record["bytes"]
+    except OSError:
+        return False
+
+
+def _prepare_domain(
+    out,
+    name,
+    files,
+    skipped,
+    tok,
+    tok_args,
+    seq_len,
+    fractions,
+    shard_sequences,
+    text_field,
+    seed,
+    progress,
+    dtype,
+    settings,
+    state,
+    pool,
+) -> dict:
+    """Tokenize, split, pack and write one domain (or reuse it from an earlier, interrupted run)."""
+    fingerprint = _fingerprint(settings, name, files)
+    done = state["domains"].get(name)
+    if done is not None and done["fingerprint"] == fingerprint:
+        shards = [sh for sp in done["entry"]["splits"].values() for sh in sp["shards"]]
+        if all(_complete(out, sh) for sh in shards):
+            if progress:
+                print(f"prepared {name}: reused from the interrupted run", file=sys.stderr)
+            return done["entry"]
+    folder = out / name
+    for tmp in folder.glob(".*") if folder.exists() else []:
+        tmp.unlink()  # a shard whose write was interrupted
+    if folder.exists() and any(
+        state["shards"].get(f"{name}/{p.name}", {}).get("fingerprint") != fingerprint
+        for p in folder.iterdir()
+    ):
+        shutil.rmtree(folder)  # shards of other settings or inputs
+    folder.mkdir(exist_ok=True)
+
+    bar = progress_bar(len(files), f"tokenize {name}", "file", progress)
+    try:
+        hashes, docs_ids = _tokenize(files, text_field, seed, tok_args, pool, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not docs_ids:
+        raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
+    assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)
+    order = sorted(range(len(docs_ids)), key=lambda i: hashes[i])
+    splits = {}
+    for split in SPLITS:
+        if split != "train" and fractions[split] == 0:
+            continue
+        # Documents of a split are packed in the order of their hashes: the shards depend on the
+        # documents' content only, not on file names or read order.
+        members = [docs_ids[i] for i in order if assigned[i] == split]
+        tokens = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
+        samples = pack(tokens, seq_len)
+        if len(samples) == 0:
+            need = f"more than {seq_len} tokens"
+            raise AioliError(
+                f"domain {name!r}: the {split} split has {len(tokens)} tokens from {len(members)} "
+                f"document(s), {need} are needed for one sequence; add text, lower --seq-len"
+                + ("" if split == "train" else f" or change --{split}-fraction")
+            )
+        samples = samples.astype(dtype)
+        shards = []
+        for i, start in enumerate(range(0, len(samples), shard_sequences)):
+            chunk = samples[start : start + shard_sequences]
+            rel = f"{name}/{split}-{i:05d}.tar"
+            record = state["shards"].get(rel)
+            if not (
+                _complete(out, record)
+                and record["fingerprint"] == fingerprint
+                and record["sequences"] == len(chunk)
+            ):
+                keys = [f"{name}-{split}-{start + j:09d}" for j in range(len(chunk))]
+                sha, size = write_shard(out / rel, keys, chunk)
+                record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
+                state["shards"][rel] = {**record, "fingerprint": fingerprint}
+                atomic_write_json(out / STATE_NAME, state)
+            shards.append({k: record[k] for k in ("path", "sequences", "sha256", "bytes")})
+        splits[split] = {
+            "documents": len(members),
+            "tokens": int(len(tokens)),
+            "sequences": int(len(samples)),
+            "dropped_tokens": int(len(tokens) - (len(samples) * seq_len + 1)),
+            "shards": shards,
+        }
+    entry = {
+        "name": name,
+        "inputs": [str(p) for p in files],
+        "skipped_files": len(skipped),
+        "skipped_examples": [str(p) for p in skipped[:MAX_SKIPPED_LISTED]],
+        "documents": len(docs_ids),
+        "splits": splits,
+    }
+    state["domains"][name] = {"fingerprint": fingerprint, "entry": entry}
+    atomic_write_json(out / STATE_NAME, state)
+    if progress:
+        summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
+        print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
+    return entry
+
+
 def _prepare_into(
-    out: Path, inputs, tok, seq_len, val_fraction, test_fraction, shard_sequences, text_field, seed, progress
+    out,
+    inputs,
+    tok,
+    tok_args,
+    seq_len,
+    val_fraction,
+    test_fraction,
+    shard_sequences,
+    text_field,
+    seed,
+    progress,
+    workers,
+    settings,
 ) -> dict:
     dtype = token_dtype(tok.vocab_size)
     manifest_path = out / MANIFEST_NAME
     fractions = {"val": val_fraction, "test": test_fraction}
-
-    domain_entries = []
-    for name, (files, skipped) in inputs.items():
-        hashes, docs_ids = [], []
-        bar = progress_bar(len(files), f"tokenize {name}", "file", progress)
-        for path in files:
-            if bar is not None:
-                bar.update(1)
-            for text in iter_documents(path, text_field):
-                if not text.strip():
-                    continue
-                hashes.append(document_hash(text, seed))
-                docs_ids.append([*tok.encode(text), tok.eos_id])
-        if bar is not None:
-            bar.close()
-        if not docs_ids:
-            raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
-        assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)
-        streams: dict[str, list[int]] = {s: [] for s in SPLITS}
-        docs = dict.fromkeys(SPLITS, 0)
-        # Documents of a split are packed in the order of their hashes: the shards depend on the
-        # documents' content only, not on file names or read order.
-        for i in sorted(range(len(docs_ids)), key=lambda i: hashes[i]):
-            streams[assigned[i]].extend(docs_ids[i])
-            docs[assigned[i]] += 1
-
-        (out / name).mkdir()
-        splits = {}
-        for split in SPLITS:
-            if split != "train" and fractions[split] == 0:
-                continue
-            tokens = np.asarray(streams[split], dtype=np.int64)
-            samples = pack(tokens, seq_len)
-            if len(samples) == 0:
-                need = f"more than {seq_len} tokens"
-                raise AioliError(
-                    f"domain {name!r}: the {split} split has {len(tokens)} tokens from {docs[split]} "
-                    f"document(s), {need} are needed for one sequence; add text, lower --seq-len"
-                    + ("" if split == "train" else f" or change --{split}-fraction")
-                )
-            samples = samples.astype(dtype)
-            shards = []
-            for i, start in enumerate(range(0, len(samples), shard_sequences)):
-                chunk = samples[start : start + shard_sequences]
-                keys = [f"{name}-{split}-{start + j:09d}" for j in range(len(chunk))]
-                rel = f"{name}/{split}-{i:05d}.tar"
-                sha, size = write_shard(out / rel, keys, chunk)
-                shards.append({"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size})
-            splits[split] = {
-                "documents": docs[split],
-                "tokens": int(len(tokens)),
-                "sequences": int(len(samples)),
-                "dropped_tokens": int(len(tokens) - (len(samples) * seq_len + 1)),
-                "shards": shards,
-            }
-        domain_entries.append(
-            {
-                "name": name,
-                "inputs": [str(p) for p in files],
-                "skipped_files": len(skipped),
-                "skipped_examples": [str(p) for p in skipped[:MAX_SKIPPED_LISTED]],
-                "documents": len(docs_ids),
-                "splits": splits,
-            }
-        )
-        if progress:
-            summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
-            print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
+    state = _load_state(out)
+    state = {"domains": state.get("domains", {}), "shards": state.get("shards", {})}
+    keep = set(inputs)
+    for stale in [p for p in out.iterdir() if p.is_dir() and p.name not in keep]:
+        shutil.rmtree(stale)  # a domain of an earlier attempt that this run does not have
+    ctx = multiprocessing.get_context("spawn" if sys.platform == "win32" else "fork")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=tok_args) if workers > 1 else None
+    if pool is None:
+        _init_worker(*tok_args)
+    try:
+        domain_entries = [
+            _prepare_domain(
+                out,
+                name,
+                files,
+                skipped,
+                tok,
+                tok_args,
+                seq_len,
+                fractions,
+                shard_sequences,
+                text_field,
+                seed,
+                progress,
+                dtype,
+                settings,
+                state,
+                pool,
+            )
+            for name, (files, skipped) in inputs.items()
+        ]
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    (out / STATE_NAME).unlink(missing_ok=True)
 
     tokenizer_spec = tok.spec()
     if tokenizer_spec["kind"] == "hf":  # the corpus carries its tokenizer: it can be moved as a whole

@@ -57,6 +57,95 @@ def write_shard(path: Path, keys: list[str], samples_SL: np.ndarray) -> tuple[st
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+@dataclass
+class ShardContent:
+    """What :func:`decode_shard` found in one shard.
+
+    tokens:   [S, sample_len] in the stored dtype (uint16 or uint32); a bad row holds zeros.
+    good:     [S] bool, False for a row that is missing, unreadable, or fails a check.
+    keys:     [S] sample keys ("" for a row that could not be read).
+    problems: one message per problem, each naming the file (and the sample).
+    """
+
+    tokens: np.ndarray
+    good: np.ndarray
+    keys: list[str]
+    problems: list[str]
+
+
+def decode_shard(
+    path: Path, *, sample_len: int, vocab_size: int, expected: int | None = None, strict: bool = True
+) -> ShardContent:
+    """Read and check every sample of a shard.
+
+    ``strict``: the first problem raises DataError naming the file (and the sample). Otherwise every
+    problem is recorded and the rows it concerns are marked bad: a member that is not a valid sample, a
+    sample of the wrong dtype or shape or with a token id >= ``vocab_size``, rows missing from a corrupt
+    or truncated tar, or rows that the manifest (``expected``, when given) counts and the shard lacks.
+    Rows beyond ``expected`` are dropped (and reported). A missing file is an error in both modes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"shard not found: {path}")
+    keys: list[str] = []
+    rows: list[np.ndarray | None] = []
+    problems: list[str] = []
+
+    def problem(message: str) -> None:
+        if strict:
+            raise DataError(message)
+        problems.append(message)
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if not member.name.endswith(SAMPLE_EXT):
+                    problem(f"{path}: unexpected member {member.name!r} (expected *{SAMPLE_EXT})")
+                    continue
+                key = member.name[: -len(SAMPLE_EXT)]
+                raw = tar.extractfile(member).read()
+                arr = None
+                if len(raw) != member.size:
+                    problem(f"{path}: sample {key} is truncated")
+                else:
+                    try:
+                        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                    except Exception as exc:  # noqa: BLE001 - numpy raises several types
+                        problem(f"{path}: sample {key} is not a valid .npy array ({exc})")
+                bad_type = arr is not None and arr.dtype not in (np.uint16, np.uint32)
+                if arr is not None and (bad_type or arr.shape != (sample_len,)):
+                    problem(
+                        f"{path}: sample {key} has dtype {arr.dtype} and shape {arr.shape}; "
+                        f"expected uint16/uint32 of shape ({sample_len},)"
+                    )
+                    arr = None
+                if arr is not None and len(arr) and int(arr.max()) >= vocab_size:
+                    problem(f"{path}: sample {key} has token id {int(arr.max())} >= vocab_size {vocab_size}")
+                    arr = None
+                keys.append(key)
+                rows.append(arr)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problem(f"corrupt or truncated shard {path}: {exc}")
+    if not rows and expected is None:
+        problem(f"shard {path} holds no samples")
+    if expected is not None and len(rows) != expected:
+        problem(f"{path}: holds {len(rows)} samples but the manifest says {expected} (truncated?)")
+        del rows[expected:], keys[expected:]
+        keys += [""] * (expected - len(rows))
+        rows += [None] * (expected - len(rows))
+    if not rows and strict:
+        raise DataError(f"shard {path} holds no samples")
+    dtype = np.uint32 if any(r is not None and r.dtype == np.uint32 for r in rows) else np.uint16
+    tokens = np.zeros((len(rows), sample_len), dtype=dtype)
+    good = np.zeros(len(rows), dtype=bool)
+    for i, row in enumerate(rows):
+        if row is not None:
+            tokens[i], good[i] = row, True
+    return ShardContent(tokens, good, keys, problems)
+
+
 def read_shard(
     path: Path, *, sample_len: int, vocab_size: int, expected: int | None = None
 ) -> tuple[list[str], np.ndarray]:
@@ -67,44 +156,8 @@ def read_shard(
     another number of samples than ``expected`` (the manifest's count: a tar cut at a member boundary
     reads as a complete, shorter archive, so only the count reveals it).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"shard not found: {path}")
-    keys, rows = [], []
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if not member.name.endswith(SAMPLE_EXT):
-                    raise DataError(f"{path}: unexpected member {member.name!r} (expected *{SAMPLE_EXT})")
-                key = member.name[: -len(SAMPLE_EXT)]
-                raw = tar.extractfile(member).read()
-                if len(raw) != member.size:
-                    raise DataError(f"{path}: sample {key} is truncated")
-                try:
-                    arr = np.load(io.BytesIO(raw), allow_pickle=False)
-                except Exception as exc:  # noqa: BLE001 - numpy raises several types
-                    raise DataError(f"{path}: sample {key} is not a valid .npy array ({exc})") from exc
-                if arr.dtype not in (np.uint16, np.uint32) or arr.shape != (sample_len,):
-                    raise DataError(
-                        f"{path}: sample {key} has dtype {arr.dtype} and shape {arr.shape}; "
-                        f"expected uint16/uint32 of shape ({sample_len},)"
-                    )
-                keys.append(key)
-                rows.append(arr)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"corrupt or truncated shard {path}: {exc}") from exc
-    if not rows:
-        raise DataError(f"shard {path} holds no samples")
-    if expected is not None and len(rows) != expected:
-        raise DataError(f"{path}: holds {len(rows)} samples but the manifest says {expected} (truncated?)")
-    tokens = np.stack(rows).astype(np.int64)
-    top = int(tokens.max())
-    if top >= vocab_size:
-        row = int(np.argmax(tokens.max(axis=1)))
-        raise DataError(f"{path}: sample {keys[row]} has token id {top} >= vocab_size {vocab_size}")
-    return keys, tokens
+    content = decode_shard(path, sample_len=sample_len, vocab_size=vocab_size, expected=expected)
+    return content.keys, content.tokens.astype(np.int64)
 
 
 @dataclass(frozen=True)

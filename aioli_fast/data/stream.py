@@ -1,26 +1,54 @@
-"""Mixture stream: per-domain shard streams mixed by proportions into training batches.
+"""Mixture stream: per-domain shard streams mixed by proportions that change at known steps.
 
-First version, single process: each domain's split is an infinite stream (shards in a seeded random
-order each epoch, samples shuffled within a shard); every slot of a batch is given a domain by an i.i.d.
-categorical draw from the current proportions, with a generator seeded by ``(seed, step)`` so the
-assignment of a step is reproducible on its own. Proportions set with :meth:`MixtureStream.set_proportions`
-apply from the next batch produced.
+Design, in the order a batch is made:
+
+1. **Proportions of a step.** A schedule maps every global step to proportions: ``set_proportions(p,
+   step=s)`` makes ``p`` hold from step ``s`` on (default: the next batch), ``set_schedule(rows, start=s)``
+   gives one row per step from ``s`` on (Aioli's LearnParams blocks). The latest call wins from its step.
+2. **Domain of every slot of the global batch** (``batch_size * world_size`` slots) by one of the rules
+   in :data:`ASSIGNMENT_RULES`: ``categorical`` (i.i.d. draws, seeded by the step, as the paper) or
+   ``largest_remainder`` (counts ``floor(G p + carried error)`` topped up by largest remainders, the
+   error carried to the next step, so the realised proportions stay within one sample of the target
+   sums per domain). Every rank computes the same global assignment and takes slots
+   ``[rank * B, (rank + 1) * B)``.
+3. **Which sample fills a slot.** Each domain's shards are dealt, every pass (epoch), in a seeded order
+   to ``world_size`` lanes, one lane per rank (``shard_order[rank::world_size]``; with fewer shards than
+   ranks, every rank reads all shards and takes every ``world_size``-th sample of each). A lane walks its
+   shards with the samples of each shard in a seeded order and starts its next pass when its share is
+   used up: lanes never wait for each other, so uneven shards never hang a job. Every rank advances every
+   lane (counts are known from the global assignment), so the stream state is the same on all ranks.
+4. **Reading.** Steps 1-3 need only the manifest's sample counts and run in the calling process, which
+   knows the step. The result is a *plan* (domain, shard, row per slot); a reader turns it into tokens.
+   With ``num_workers > 0`` a torch DataLoader sends plans to worker processes, which only read and
+   decode shards (each caches the shards it has open). Batches therefore do not depend on the number of
+   workers. Plans are made ahead for prefetching; when proportions change for a step already planned,
+   the plans from that step on are made again and the stale batches are dropped on arrival (counted in
+   :meth:`MixtureStream.metrics`); a schedule set in advance avoids that.
+
+State (:meth:`MixtureStream.state_dict`) is the next step, the schedule from that step on, every lane's
+position and the carried error: small, JSON-serialisable and identical on every rank. Loading it on
+another number of ranks deals the unread rest of every lane's current pass to the new lanes, so no
+sample is repeated or skipped within the pass under way; the new lanes then start the next pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import AioliError
-from .shards import Manifest
+from ..errors import AioliError, ConfigError, DataError
+from .shards import Manifest, ShardContent, decode_shard
 
 # Each random stream gets its own leading tag: numpy's SeedSequence ignores trailing zeros, so
 # [seed, step] and [seed, domain, 0] would otherwise be the same generator.
-_DOMAIN_DRAW, _SHARD_ORDER, _SAMPLE_ORDER = 1, 2, 3
+_DOMAIN_DRAW, _SHARD_ORDER, _SAMPLE_ORDER, _SLOT_ORDER = 1, 2, 3, 4
+STATE_VERSION = 2
+ON_ERROR = ("raise", "skip")
 
 
 def _rng(tag: int, *key: int) -> np.random.Generator:
@@ -64,51 +92,13 @@ def make_batch(samples_BL: np.ndarray, domain_ids_B: np.ndarray) -> Batch:
     )
 
 
-class DomainStream:
-    """Infinite, resampled stream of the samples of one domain's split."""
+def check_proportions(proportions, num_domains: int) -> np.ndarray:
+    """Validate proportions: D finite non-negative values with a positive sum; returns them normalised.
 
-    def __init__(self, manifest: Manifest, domain: str, split: str, seed: int, domain_index: int):
-        self.manifest, self.domain, self.split = manifest, domain, split
-        self.shards = manifest.split_shards(domain, split)
-        self._seed = (seed, domain_index)
-        self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
-        self._order: np.ndarray | None = None
-        self._samples: np.ndarray | None = None
-
-    def _shard_order(self) -> np.ndarray:
-        return _rng(_SHARD_ORDER, *self._seed, self.epoch).permutation(len(self.shards))
-
-    def _load(self) -> None:
-        if self._order is None:
-            self._order = self._shard_order()
-        _, samples = self.manifest.read(self.shards[int(self._order[self.shard_pos])])
-        perm = _rng(_SAMPLE_ORDER, *self._seed, self.epoch, self.shard_pos).permutation(len(samples))
-        self._samples = samples[perm]
-
-    def next(self) -> np.ndarray:
-        """The next sample, [T+1] int64."""
-        if self._samples is None:
-            self._load()
-        sample = self._samples[self.sample_pos]
-        self.sample_pos += 1
-        if self.sample_pos == len(self._samples):
-            self.sample_pos, self._samples = 0, None
-            self.shard_pos += 1
-            if self.shard_pos == len(self.shards):
-                self.shard_pos, self._order = 0, None
-                self.epoch += 1
-        return sample
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
-        self._order, self._samples = None, None
-
-
-def check_proportions(proportions: Sequence[float], num_domains: int) -> np.ndarray:
-    """Validate proportions: D finite non-negative values with a positive sum; returns them normalised."""
+    Accepts a sequence, a numpy array or a torch tensor (on any device).
+    """
+    if isinstance(proportions, torch.Tensor):
+        proportions = proportions.detach().to("cpu", torch.float64).numpy()
     p = np.asarray(proportions, dtype=np.float64)
     if p.shape != (num_domains,):
         raise AioliError(
@@ -119,16 +109,312 @@ def check_proportions(proportions: Sequence[float], num_domains: int) -> np.ndar
     return p / p.sum()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# assignment rules: (proportions [D], slots G, seed, step, carried error [D]) -> (domains [G], carry [D])
+
+
+def assign_categorical(
+    p_D: np.ndarray, num_slots: int, seed: int, step: int, carry_D: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """i.i.d. categorical draws from ``p_D`` with a generator seeded by ``(seed, step)``; no carried error."""
+    return _rng(_DOMAIN_DRAW, seed, step).choice(len(p_D), size=num_slots, p=p_D), carry_D
+
+
+def largest_remainder_counts(
+    p_D: np.ndarray, num_slots: int, carry_D: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integer counts [D] summing to ``num_slots`` that track ``num_slots * p_D`` over time.
+
+    The target of a step is ``num_slots * p + carry``; counts are its floors, topped up by the largest
+    remainders (ties: lower domain id); the new carry is target - counts (|carry| < 1 while the set of
+    domains with p > 0 does not change). A domain with p = 0 gets no slot and its carry is reset.
+    """
+    eligible = p_D > 0
+    carry = np.where(eligible, carry_D, 0.0)
+    carry[eligible] -= carry[eligible].sum() / eligible.sum()  # targets sum to num_slots exactly
+    target = num_slots * p_D + carry
+    counts = np.where(eligible, np.floor(np.maximum(target, 0.0)), 0.0).astype(np.int64)
+    short = num_slots - int(counts.sum())
+    if short > 0:
+        order = np.argsort(-np.where(eligible, target - counts, -np.inf), kind="stable")
+        counts[order[:short]] += 1
+    while short < 0:  # only when a negative carry was clipped at zero
+        i = int(np.argmax(np.where(counts > 0, counts - target, -np.inf)))
+        counts[i] -= 1
+        short += 1
+    return counts, np.where(eligible, target - counts, 0.0)
+
+
+def assign_largest_remainder(
+    p_D: np.ndarray, num_slots: int, seed: int, step: int, carry_D: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic counts (:func:`largest_remainder_counts`) laid out in a seeded order of the slots."""
+    counts, carry = largest_remainder_counts(p_D, num_slots, carry_D)
+    slots = np.repeat(np.arange(len(p_D)), counts)
+    return slots[_rng(_SLOT_ORDER, seed, step).permutation(num_slots)], carry
+
+
+ASSIGNMENT_RULES: dict[str, Callable] = {
+    "categorical": assign_categorical,
+    "largest_remainder": assign_largest_remainder,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lanes: which samples of a domain each rank reads
+#
+# A *piece* (shard, epoch, offset, stride) is the rows perm[offset::stride] of a shard, where perm is the
+# seeded order of that shard's rows in that epoch.
+
+
+class _DomainLayout:
+    """The pieces of one domain's split, per lane and epoch."""
+
+    def __init__(self, sizes: np.ndarray, seed: int, domain: int, world_size: int):
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.seed, self.domain, self.world = seed, domain, world_size
+        self.shared = int(self.sizes.sum()) < world_size  # too few samples: every lane reads them all
+        self._regular: OrderedDict = OrderedDict()
+        self._perms: OrderedDict = OrderedDict()
+
+    def length(self, piece) -> int:
+        s, _, o, k = piece
+        return max(0, -(-(int(self.sizes[s]) - o) // k))
+
+    def regular(self, lane: int, epoch: int) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """Pieces of ``lane`` in pass ``epoch`` (all non-empty) and their lengths."""
+        key = (lane, epoch)
+        if key not in self._regular:
+            order = _rng(_SHARD_ORDER, self.seed, self.domain, epoch).permutation(len(self.sizes))
+            if self.shared:
+                pieces = [(int(s), epoch, 0, 1) for s in order]
+            elif len(order) >= self.world:
+                pieces = [(int(s), epoch, 0, 1) for s in order[lane :: self.world]]
+            else:
+                pieces = [(int(s), epoch, lane, self.world) for s in order]
+            pieces = [p for p in pieces if self.length(p) > 0]
+            self._regular[key] = (pieces, [self.length(p) for p in pieces])
+            if len(self._regular) > 4 * self.world + 8:
+                self._regular.popitem(last=False)
+        return self._regular[key]
+
+    def rows(self, piece, start: int, count: int) -> np.ndarray:
+        """Rows ``start .. start + count`` of a piece, as row indices of its shard."""
+        s, e, o, k = piece
+        key = (e, s)
+        perm = self._perms.get(key)
+        if perm is None:
+            perm = _rng(_SAMPLE_ORDER, self.seed, self.domain, e, s).permutation(int(self.sizes[s]))
+            self._perms[key] = perm
+            if len(self._perms) > 16:
+                self._perms.popitem(last=False)
+        return perm[o + (start + np.arange(count)) * k]
+
+
+class _Lanes:
+    """Positions of every (lane, domain): pass, piece index in that pass, row in that piece, and pieces
+    left over from a change of world size (read before the regular pass)."""
+
+    def __init__(self, layouts: list[_DomainLayout], world_size: int):
+        self.layouts = layouts
+        shape = (world_size, len(layouts))
+        self.epoch = np.zeros(shape, dtype=np.int64)
+        self.index = np.zeros(shape, dtype=np.int64)
+        self.row = np.zeros(shape, dtype=np.int64)
+        self.residual: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
+
+    def snapshot(self) -> tuple:
+        return (
+            self.epoch.copy(),
+            self.index.copy(),
+            self.row.copy(),
+            {k: list(v) for k, v in self.residual.items()},
+        )
+
+    def restore(self, snap: tuple) -> None:
+        self.epoch, self.index, self.row = (a.copy() for a in snap[:3])
+        self.residual = {k: list(v) for k, v in snap[3].items()}
+
+    def advance(self, lane: int, d: int, count: int, want_rows: bool):
+        """Take ``count`` samples from lane ``lane`` of domain ``d``; (shards, rows) if ``want_rows``."""
+        layout = self.layouts[d]
+        shards, rows = [], []
+        while count > 0:
+            leftover = self.residual.get((lane, d))
+            if leftover:
+                piece = leftover[0]
+                length = layout.length(piece)
+            else:
+                pieces, lengths = layout.regular(lane, int(self.epoch[lane, d]))
+                piece, length = pieces[self.index[lane, d]], lengths[self.index[lane, d]]
+            j = int(self.row[lane, d])
+            take = min(count, length - j)
+            if want_rows:
+                rows.append(layout.rows(piece, j, take))
+                shards.append(np.full(take, piece[0], dtype=np.int64))
+            count -= take
+            j += take
+            if j == length:
+                j = 0
+                if leftover:
+                    leftover.pop(0)
+                    if not leftover:
+                        del self.residual[(lane, d)]
+                else:
+                    self.index[lane, d] += 1
+                    if self.index[lane, d] == len(pieces):
+                        self.index[lane, d] = 0
+                        self.epoch[lane, d] += 1
+            self.row[lane, d] = j
+        if want_rows:
+            return np.concatenate(shards), np.concatenate(rows)
+        return None
+
+    def remaining_pieces(self, lane: int, d: int, old_layout: _DomainLayout) -> list:
+        """The unread rest of a lane's current pass (leftovers first), as pieces."""
+        out = list(self.residual.get((lane, d), []))
+        pieces, _ = old_layout.regular(lane, int(self.epoch[lane, d]))
+        out += pieces[int(self.index[lane, d]) :]
+        j = int(self.row[lane, d])
+        if out and j:
+            s, e, o, k = out[0]
+            out[0] = (s, e, o + j * k, k)
+        return [p for p in out if old_layout.length(p) > 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass
+class _Plan:
+    """What one rank reads for one step: domain, shard index and row of each of its B slots."""
+
+    plan_id: int
+    step: int
+    domain_B: np.ndarray
+    shard_B: np.ndarray
+    row_B: np.ndarray
+
+
+class ShardReader(torch.utils.data.Dataset):
+    """Turns plans into token arrays; the only part that runs in DataLoader workers.
+
+    Keeps the most recently used shards decoded (in their stored dtype). With ``on_error="skip"`` a bad
+    sample is replaced by the next good sample of its shard in stored order (or of the next readable
+    shard of its domain) and reported with the batch; with ``"raise"`` it is a DataError naming the file.
+    """
+
+    def __init__(self, manifest: Manifest, domains: Sequence[str], split: str, on_error: str):
+        self.paths = [[str(s.path) for s in manifest.split_shards(d, split)] for d in domains]
+        self.counts = [[s.sequences for s in manifest.split_shards(d, split)] for d in domains]
+        self.domains = list(domains)
+        self.sample_len, self.vocab_size = manifest.sample_len, manifest.vocab_size
+        self.strict = on_error == "raise"
+        self.capacity = len(domains) + 4
+        self._cache: OrderedDict = OrderedDict()
+
+    def _shard(self, d: int, s: int):
+        key = (d, s)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        try:
+            content = decode_shard(
+                self.paths[d][s],
+                sample_len=self.sample_len,
+                vocab_size=self.vocab_size,
+                expected=self.counts[d][s],
+                strict=self.strict,
+            )
+        except DataError as exc:
+            if self.strict or "shard not found" not in str(exc):
+                raise
+            n = self.counts[d][s]  # a shard deleted since start-up: all of its samples are bad
+            content = ShardContent(
+                np.zeros((n, self.sample_len), np.uint16), np.zeros(n, bool), [""] * n, [str(exc)]
+            )
+        self._cache[key] = content
+        if len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return content
+
+    def _replacement(self, d: int, s: int, row: int) -> tuple[int, int]:
+        """The next good sample after (shard s, row) in stored order, over the domain's shards."""
+        n_shards = len(self.paths[d])
+        for step in range(n_shards + 1):
+            shard = (s + step) % n_shards
+            good = self._shard(d, shard).good
+            start = row + 1 if step == 0 else 0
+            idx = np.flatnonzero(good[start:])
+            if len(idx):
+                return shard, start + int(idx[0])
+            if step == 0 and good[:start].any():
+                return shard, int(np.flatnonzero(good)[0])
+        raise DataError(f"domain {self.domains[d]!r}: no readable sample in any of its shards")
+
+    def read(self, plan: _Plan) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        """Samples [B, T+1] int64 of a plan, and (domain, problem) for every sample replaced."""
+        out = np.empty((len(plan.domain_B), self.sample_len), dtype=np.int64)
+        replaced: list[tuple[int, str]] = []
+        slots = zip(plan.domain_B.tolist(), plan.shard_B.tolist(), plan.row_B.tolist())
+        for i, (d, s, row) in enumerate(slots):
+            content = self._shard(d, s)
+            if not content.good[row]:
+                problem = content.problems[0] if content.problems else f"{self.paths[d][s]}: bad sample"
+                replaced.append((d, problem))
+                s, row = self._replacement(d, s, row)
+                content = self._shard(d, s)
+            out[i] = content.tokens[row]
+        return out, replaced
+
+    def __getitem__(self, plan: _Plan):
+        samples, replaced = self.read(plan)
+        batch = make_batch(samples, plan.domain_B)
+        return plan.plan_id, plan.step, batch.input_ids, batch.labels, batch.domain_ids, replaced
+
+    def __len__(self) -> int:  # plans are the indices; there is no fixed length
+        raise TypeError("ShardReader is indexed by plans and has no length")
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Endless plans, made in the process that owns the stream when the DataLoader asks for them."""
+
+    def __init__(self, stream: MixtureStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[_Plan]:
+        while True:
+            yield self.stream._plan_next()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stream
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class MixtureStream:
-    """Batches of ``batch_size`` sequences whose domains are drawn from the current proportions.
+    """Batches of ``batch_size`` sequences per rank whose domains follow a proportions schedule.
 
     Args:
         manifest: the prepared corpus.
         domains: domain names, in domain-id order.
-        batch_size: sequences per batch (B).
-        proportions: [D] mixture weights (normalised here).
+        batch_size: sequences per batch on this rank (B); the global batch is ``B * world_size``.
+        proportions: [D] mixture weights from step 0 (normalised here).
         seed: seeds the domain draws and every domain's shuffling.
         split: which split to stream (``"train"`` for training).
+        assignment: a rule of :data:`ASSIGNMENT_RULES` (``categorical`` or ``largest_remainder``).
+        rank, world_size: this rank and the number of ranks; default from ``torch.distributed`` when it
+            is initialised, else 0 and 1.
+        num_workers: DataLoader worker processes that read shards (0: read in this process).
+        prefetch_factor: batches each worker prepares ahead (with ``num_workers > 0``).
+        on_error: ``"raise"`` (bad data is a DataError naming the file) or ``"skip"`` (a bad sample is
+            replaced by a good one of the same domain, counted in :meth:`metrics` and warned about).
     """
 
     def __init__(
@@ -136,53 +422,304 @@ class MixtureStream:
         manifest: Manifest,
         domains: Sequence[str],
         batch_size: int,
-        proportions: Sequence[float],
+        proportions,
         *,
         seed: int = 0,
         split: str = "train",
+        assignment: str = "categorical",
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        on_error: str = "raise",
     ):
         if batch_size < 1:
             raise AioliError(f"batch_size must be positive, got {batch_size}")
+        if assignment not in ASSIGNMENT_RULES:
+            raise ConfigError(
+                f"unknown assignment rule {assignment!r} (available: {', '.join(ASSIGNMENT_RULES)})"
+            )
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be one of {', '.join(ON_ERROR)}; got {on_error!r}")
+        if num_workers < 0 or prefetch_factor < 1:
+            raise ConfigError(
+                f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers} and {prefetch_factor}"
+            )
+        dist_rank, dist_world = _distributed_rank_world()
+        self.rank = dist_rank if rank is None else rank
+        self.world_size = dist_world if world_size is None else world_size
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise AioliError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         self.domains = list(domains)
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            raise AioliError(f"domains must be a non-empty list without repeats, got {self.domains}")
+        self.manifest, self.split = manifest, split
+        manifest.check_files(self.domains, [split])  # every shard exists with its recorded size
         self.batch_size, self.seed = batch_size, seed
-        self.streams = [DomainStream(manifest, d, split, seed, i) for i, d in enumerate(self.domains)]
-        self.proportions = check_proportions(proportions, len(self.domains))
-        self.step = 0
+        self.assignment, self.on_error = assignment, on_error
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self._rule = ASSIGNMENT_RULES[assignment]
+        self._sizes = [
+            np.array([s.sequences for s in manifest.split_shards(d, split)], dtype=np.int64)
+            for d in self.domains
+        ]
+        self._set_layout(self.world_size)
+        for d, layout in enumerate(self._layouts):
+            if layout.shared:
+                warnings.warn(
+                    f"domain {self.domains[d]!r} has {int(layout.sizes.sum())} {split} samples for "
+                    f"{self.world_size} ranks: every rank reads all of them (samples repeat across ranks)",
+                    stacklevel=2,
+                )
+        self._changes: list[tuple[int, np.ndarray]] = [(0, check_proportions(proportions, len(self.domains)))]
+        self._carry = np.zeros(len(self.domains))
+        self.step = 0  # the step of the next batch returned
+        self._next_plan_step = 0
+        self._snapshots: dict[int, tuple] = {}
+        self._expected: dict[int, int] = {}
+        self._plan_counter = 0
+        self.last_global_domain_ids: np.ndarray | None = None
+        self._global_ids: dict[int, np.ndarray] = {}
+        self._reader = ShardReader(manifest, self.domains, split, on_error)
+        self._loader_iter = None
+        self._skipped = np.zeros(len(self.domains), dtype=np.int64)
+        self._discarded = 0
+        self._warned: set[str] = set()
 
-    def set_proportions(self, proportions: Sequence[float]) -> None:
-        """Use these proportions from the next batch on."""
-        self.proportions = check_proportions(proportions, len(self.domains))
+    def _set_layout(self, world_size: int) -> None:
+        self._layouts = [_DomainLayout(sz, self.seed, d, world_size) for d, sz in enumerate(self._sizes)]
+        self._lanes = _Lanes(self._layouts, world_size)
 
-    def assign_domains(self, step: int) -> np.ndarray:
-        """Domain of each slot of the batch of ``step``: [B] int, i.i.d. from the proportions."""
-        rng = _rng(_DOMAIN_DRAW, self.seed, step)
-        return rng.choice(len(self.domains), size=self.batch_size, p=self.proportions)
+    # -- proportions ------------------------------------------------------------------------------------
+
+    def proportions_at(self, step: int) -> np.ndarray:
+        """[D] float64 proportions of the batch of ``step`` under the current schedule."""
+        current = self._changes[0][1]
+        for start, p in self._changes:
+            if start > step:
+                break
+            current = p
+        return current
+
+    @property
+    def proportions(self) -> np.ndarray:
+        """[D] proportions of the next batch."""
+        return self.proportions_at(self.step)
+
+    def _schedule_from(self, start: int | None, rows: list[np.ndarray]) -> None:
+        start = self.step if start is None else int(start)
+        if start < self.step:
+            raise AioliError(
+                f"cannot change the proportions from step {start}: the batch of step {self.step - 1} "
+                "has been returned already"
+            )
+        changes = [c for c in self._changes if c[0] < start]
+        for i, p in enumerate(rows):
+            previous = changes[-1][1] if changes else None
+            if previous is None or not np.array_equal(previous, p):
+                changes.append((start + i, p))
+        self._changes = changes
+        if start < self._next_plan_step:  # planned ahead with other proportions: plan again
+            self._rewind(start)
+
+    def set_proportions(self, proportions, step: int | None = None) -> None:
+        """Use ``proportions`` ([D], normalised here) from global step ``step`` on (default: the next
+        batch); replaces whatever was scheduled from that step on."""
+        self._schedule_from(step, [check_proportions(proportions, len(self.domains))])
+
+    def set_schedule(self, proportions_SD, start: int | None = None) -> None:
+        """Row ``i`` of ``proportions_SD`` ([S, D]) for step ``start + i``; the last row holds after the
+        schedule until the next change (default start: the next batch)."""
+        if isinstance(proportions_SD, torch.Tensor):
+            proportions_SD = proportions_SD.detach().cpu().double().numpy()
+        rows = [check_proportions(p, len(self.domains)) for p in proportions_SD]
+        if not rows:
+            raise AioliError("set_schedule needs at least one row of proportions")
+        self._schedule_from(start, rows)
+
+    # -- planning ---------------------------------------------------------------------------------------
+
+    def _rewind(self, step: int) -> None:
+        snap = self._snapshots[step]
+        self._lanes.restore(snap[0])
+        self._carry = snap[1].copy()
+        self._next_plan_step = step
+        for s in [s for s in self._snapshots if s > step]:
+            del self._snapshots[s]
+        for s in [s for s in self._expected if s >= step]:
+            del self._expected[s]
+
+    def _plan_next(self) -> _Plan:
+        step = self._next_plan_step
+        self._snapshots[step] = (self._lanes.snapshot(), self._carry.copy())
+        B, W, D = self.batch_size, self.world_size, len(self.domains)
+        global_ids, self._carry = self._rule(
+            self.proportions_at(step), B * W, self.seed, step, self._carry.copy()
+        )
+        counts_WD = np.bincount(np.arange(B * W) // B * D + global_ids, minlength=W * D).reshape(W, D)
+        local = global_ids[self.rank * B : (self.rank + 1) * B]
+        shard_B = np.empty(B, dtype=np.int64)
+        row_B = np.empty(B, dtype=np.int64)
+        for lane, d in zip(*np.nonzero(counts_WD)):
+            mine = lane == self.rank
+            taken = self._lanes.advance(int(lane), int(d), int(counts_WD[lane, d]), mine)
+            if mine:
+                where = local == d
+                shard_B[where], row_B[where] = taken
+        self._plan_counter += 1
+        self._expected[step] = self._plan_counter
+        self._global_ids[step] = global_ids
+        self._next_plan_step = step + 1
+        return _Plan(self._plan_counter, step, local.astype(np.int32), shard_B, row_B)
+
+    def global_domain_ids(self, step: int | None = None) -> np.ndarray:
+        """[B * world_size] domain of every slot of the global batch of ``step`` (default: the last
+        batch returned); only for steps planned and not yet forgotten."""
+        step = self.step - 1 if step is None else step
+        if step not in self._global_ids:
+            raise AioliError(f"the assignment of step {step} is not kept (only recent steps are)")
+        return self._global_ids[step]
+
+    # -- iteration --------------------------------------------------------------------------------------
+
+    def _loader(self):
+        if self._loader_iter is None:
+            loader = torch.utils.data.DataLoader(
+                self._reader,
+                batch_size=None,
+                sampler=_PlanSampler(self),
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+            )
+            self._loader_iter = iter(loader)
+        return self._loader_iter
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        domain_ids = self.assign_domains(self.step)
-        samples = np.stack([self.streams[d].next() for d in domain_ids])
+        if self.num_workers == 0:
+            plan = self._plan_next()
+            samples, replaced = self._reader.read(plan)
+            batch = make_batch(samples, plan.domain_B)
+        else:
+            while True:
+                plan_id, step, input_ids, labels, domain_ids, replaced = next(self._loader())
+                if step == self.step and self._expected.get(step) == plan_id:
+                    break
+                self._discarded += 1
+            batch = Batch(input_ids, labels, domain_ids)
+        for d, problem in replaced:
+            self._skipped[d] += 1
+            if problem not in self._warned:
+                self._warned.add(problem)
+                warnings.warn(f"skipping bad data (on_error=skip): {problem}", stacklevel=2)
+        self.last_global_domain_ids = self._global_ids[self.step]
         self.step += 1
-        return make_batch(samples, domain_ids)
+        self._snapshots.pop(self.step - 1, None)
+        self._expected.pop(self.step - 1, None)
+        for s in [s for s in self._global_ids if s < self.step - 64]:
+            del self._global_ids[s]
+        while len(self._changes) > 1 and self._changes[1][0] <= self.step:
+            self._changes.pop(0)
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (a later ``next`` starts new ones)."""
+        it, self._loader_iter = self._loader_iter, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        if self._next_plan_step > self.step:  # the batches in flight are gone: plan them again
+            self._rewind(self.step)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def metrics(self) -> dict:
+        """Counters: samples replaced per domain (``on_error: skip``), stale batches dropped."""
+        return {
+            "skipped_samples": dict(zip(self.domains, self._skipped.tolist())),
+            "discarded_batches": self._discarded,
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """JSON-serialisable state at the next batch; identical on every rank."""
+        if self.step in self._snapshots:
+            lanes, carry = self._snapshots[self.step]
+        else:
+            lanes, carry = self._lanes.snapshot(), self._carry
+        epoch, index, row, residual = lanes
+        changes = [c for c in self._changes if c[0] > self.step]
         return {
+            "version": STATE_VERSION,
             "step": self.step,
+            "seed": self.seed,
+            "split": self.split,
+            "domains": list(self.domains),
+            "assignment": self.assignment,
+            "world_size": self.world_size,
             "proportions": self.proportions.tolist(),
-            "streams": [s.state_dict() for s in self.streams],
+            "schedule": [[s, p.tolist()] for s, p in changes],
+            "carry": carry.tolist(),
+            "lanes": {
+                "epoch": epoch.tolist(),
+                "index": index.tolist(),
+                "row": row.tolist(),
+                "residual": [[r, d, [list(p) for p in pieces]] for (r, d), pieces in residual.items()],
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if len(state["streams"]) != len(self.streams):
+        """Continue from ``state``; on another world size the unread rest of every lane's current pass
+        is dealt to the new ranks (see the module docstring)."""
+        if state.get("version") != STATE_VERSION:
             raise AioliError(
-                f"stream state has {len(state['streams'])} domains, this stream {len(self.streams)}"
+                f"stream state version {state.get('version')!r}, this version reads {STATE_VERSION}"
             )
-        self.step = state["step"]
-        self.proportions = check_proportions(state["proportions"], len(self.domains))
-        for stream, s in zip(self.streams, state["streams"], strict=True):
-            stream.load_state_dict(s)
+        if state["domains"] != self.domains:
+            raise AioliError(
+                f"stream state has {len(state['domains'])} domains {state['domains']}, "
+                f"this stream {len(self.domains)} {self.domains}"
+            )
+        for key in ("seed", "split"):
+            if state[key] != getattr(self, key):
+                raise AioliError(f"stream state has {key}={state[key]!r}, this stream {getattr(self, key)!r}")
+        self.close()
+        D = len(self.domains)
+        step = int(state["step"])
+        self._changes = [(step, check_proportions(state["proportions"], D))]
+        self._changes += [(int(s), check_proportions(p, D)) for s, p in state["schedule"]]
+        old_world = int(state["world_size"])
+        self._set_layout(old_world)
+        lanes = state["lanes"]
+        self._lanes.epoch = np.array(lanes["epoch"], dtype=np.int64).reshape(old_world, D)
+        self._lanes.index = np.array(lanes["index"], dtype=np.int64).reshape(old_world, D)
+        self._lanes.row = np.array(lanes["row"], dtype=np.int64).reshape(old_world, D)
+        self._lanes.residual = {
+            (int(r), int(d)): [tuple(int(x) for x in p) for p in pieces] for r, d, pieces in lanes["residual"]
+        }
+        if old_world != self.world_size:
+            self._relayout(old_world)
+        self._carry = np.array(state["carry"], dtype=np.float64)
+        self.step = self._next_plan_step = step
+        self._snapshots, self._expected, self._global_ids = {}, {}, {}
+
+    def _relayout(self, old_world: int) -> None:
+        old_lanes, old_layouts = self._lanes, self._layouts
+        self._set_layout(self.world_size)
+        for d, old_layout in enumerate(old_layouts):
+            pool = [p for lane in range(old_world) for p in old_lanes.remaining_pieces(lane, d, old_layout)]
+            next_epoch = int(old_lanes.epoch[:, d].max()) + 1
+            self._lanes.epoch[:, d] = next_epoch
+            for lane in range(self.world_size):
+                share = pool[lane :: self.world_size]
+                if share:
+                    self._lanes.residual[(lane, d)] = share
 
 
 def sequential_batches(
@@ -205,3 +742,17 @@ def sequential_batches(
         pending = [merged[full:]] if full < len(merged) else []
     if pending:
         yield np.concatenate(pending)
+
+
+__all__ = [
+    "ASSIGNMENT_RULES",
+    "Batch",
+    "MixtureStream",
+    "ShardReader",
+    "assign_categorical",
+    "assign_largest_remainder",
+    "check_proportions",
+    "largest_remainder_counts",
+    "make_batch",
+    "sequential_batches",
+]

@@ -1,9 +1,9 @@
-"""Data mixing: the mixer interface, its registry, and the mixers.
+"""Data mixing: the LMO mathematics (``lmo``), the mixer interface and registry, and the mixers.
 
 ``build_mixer(method, domains, ...)`` is the one place a method name is looked up.
 """
 
-from . import static  # noqa: F401 - registers "stratified" and "static"
-from .base import MIXERS, Mixer, build_mixer, register_mixer
+from . import aioli, doge, doremi, odm, skillit, static  # noqa: F401 - register the mixers
+from .base import MEASUREMENTS, MIXERS, Mixer, build_mixer, register_mixer
 
-__all__ = ["MIXERS", "Mixer", "build_mixer", "register_mixer"]
+__all__ = ["MEASUREMENTS", "MIXERS", "Mixer", "build_mixer", "register_mixer"]

@@ -1,51 +1,99 @@
 """The mixer interface and its registry.
 
-A mixer owns the mixture proportions of a run. All state lives in tensors on the training device;
-the data stream reads the proportions for each step, and the loop hands the mixer the per-domain loss
-sums and token counts of every micro-batch through :meth:`Mixer.observe`.
+A mixer owns the mixture proportions of a run. All state lives in tensors on the training device, and
+nothing in ``observe`` or in an update reads device values on the host: the only read is the one the
+data stream needs, :meth:`Mixer.host_proportions`, once per change of the proportions.
+
+The training loop drives a mixer with four calls per step (``step`` is the global optimizer step):
+
+    if mixer.measurement_due(step):                       # probe / full_val measurement sources only
+        mixer.observe_measurement(step, *evaluate_probe())
+    p_D = mixer.proportions(step)                         # the same tensor until it changes
+    stream.set_proportions(mixer.host_proportions(step))  # only when p_D is a new tensor
+    ... forward every micro-batch ...
+    mixer.observe(step, loss_sum_D, count_D)              # this rank's per-domain sums, per micro-batch
+
+Per-domain statistics are all-reduced across data-parallel ranks by the mixer itself, once per
+measurement, so every rank holds identical proportions.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError
+from .distributed import all_reduce_sum
+
+MEASUREMENTS = ("train", "probe", "full_val")
 
 
 class Mixer:
-    """Base class: fixed proportions, ``observe`` does nothing.
+    """Base class: fixed proportions; ``observe`` does nothing.
 
     Args:
         domains: domain names in domain-id order (D of them).
         device: where the state tensors live.
         proportions: optional mapping domain -> weight (method-specific meaning).
+        **options: the method's options (see ``OPTIONS``); an option the method does not take is an error.
     """
 
     name = "base"
+    #: option name -> default; ``build_mixer`` rejects any other option.
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+    #: where the loss measurements come from: "train", "probe", "full_val", or None (no measurements).
+    measurement: str | None = None
+    #: whether the loop computes per-domain gradient alignments (``alignment_due``, ``observe_alignment``)
+    needs_gradients: ClassVar[bool] = False
+    #: whether the loop must run a reference model on every micro-batch (``observe_reference``)
+    needs_reference_model: bool = False
+    #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied).
+    STATE: ClassVar[dict[str, str]] = {"proportions": "_proportions_D"}
 
     def __init__(
         self,
         domains: Sequence[str],
         device: torch.device | str = "cpu",
         proportions: dict[str, float] | None = None,
+        **options: Any,
     ):
         if not domains:
             raise ConfigError("a mixer needs at least one domain")
+        if len(set(domains)) != len(domains):
+            raise ConfigError(f"domain names must be unique, got {list(domains)}")
         self.domains = list(domains)
         self.device = torch.device(device)
+        self.options = self.resolve_options(options)
         self._proportions_D = self.initial_proportions(proportions)
+        self._host_cache: tuple[torch.Tensor | None, list[float]] = (None, [])
 
     @property
     def num_domains(self) -> int:
         return len(self.domains)
 
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The method's defaults updated by ``options`` (``None`` values mean "the default")."""
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - set(cls.OPTIONS))
+        if unknown:
+            takes = ", ".join(f"mixing.{k}" for k in cls.OPTIONS) or "no options"
+            raise ConfigError(
+                f"mixing.method '{cls.name}' does not use {', '.join('mixing.' + k for k in unknown)} "
+                f"(it takes: {takes})"
+            )
+        return {**cls.OPTIONS, **given}
+
     def initial_proportions(self, proportions: dict[str, float] | None) -> torch.Tensor:
         """[D] fp32 proportions at step 0."""
         if proportions is not None:
             raise ConfigError(f"mixing.method '{self.name}' takes no mixing.proportions")
+        return self.uniform()
+
+    def uniform(self) -> torch.Tensor:
         return torch.full((self.num_domains,), 1.0 / self.num_domains, device=self.device)
 
     def proportions(self, step: int) -> torch.Tensor:
@@ -58,19 +106,77 @@ class Mixer:
         """
         return self._proportions_D
 
+    def host_values(self, step: int) -> list[float] | None:
+        """The proportions of ``step`` when the host knows them without reading the device, else None."""
+        return None
+
+    def host_proportions(self, step: int) -> list[float]:
+        """The proportions of ``step`` as Python floats, for the data stream.
+
+        Reads the device at most once per new proportions tensor (the only host read a mixer makes).
+        """
+        p_D = self.proportions(step)
+        if self._host_cache[0] is not p_D:
+            known = self.host_values(step)
+            self._host_cache = (p_D, known if known is not None else p_D.tolist())
+        return list(self._host_cache[1])
+
+    def measurement_due(self, step: int) -> bool:
+        """Whether the loop must measure per-domain losses (probe or full validation) before ``step``."""
+        return False
+
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        """Per-domain loss sums [D] and token counts [D] of one micro-batch of ``step``."""
+        """Per-domain loss sums [D] and token counts [D] of one micro-batch of ``step`` (this rank's)."""
+
+    def observe_measurement(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+        """The measurement asked for by :meth:`measurement_due` (this rank's sums and counts)."""
+        raise ConfigError(f"mixing.method '{self.name}' takes no loss measurements")
+
+    def reduce(self, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums and counts summed over the data-parallel ranks (one small collective; identity alone)."""
+        both_2D = torch.stack(
+            [loss_sum_D.to(self.device, torch.float32), count_D.to(self.device, torch.float32)]
+        )
+        both_2D = all_reduce_sum(both_2D)
+        return both_2D[0], both_2D[1]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Device tensors worth logging (read by the loop at log steps only)."""
+        return {}
+
+    def summary(self) -> dict:
+        """Method-specific results for the run's final.json (read once at the end)."""
+        return {}
 
     def state_dict(self) -> dict:
-        return {"proportions": self._proportions_D.clone()}
+        state: dict[str, Any] = {"method": self.name, "domains": list(self.domains)}
+        for key, attr in self.STATE.items():
+            value = getattr(self, attr)
+            state[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        p = state["proportions"]
-        if p.shape != (self.num_domains,):
-            raise ConfigError(
-                f"mixer state has {p.shape[0]} proportions, this run has {self.num_domains} domains"
-            )
-        self._proportions_D = p.to(self.device, torch.float32, copy=True)  # never alias the caller's tensor
+        method = state.get("method", self.name)
+        if method != self.name:
+            raise ConfigError(f"mixer state is from mixing.method '{method}', this run uses '{self.name}'")
+        domains = state.get("domains", self.domains)
+        if list(domains) != self.domains:
+            raise ConfigError(f"mixer state is for domains {list(domains)}, this run has {self.domains}")
+        missing = [key for key in self.STATE if key not in state]
+        if missing:
+            raise ConfigError(f"mixer state lacks {missing}")
+        for key, attr in self.STATE.items():
+            value, current = state[key], getattr(self, attr)
+            if isinstance(current, torch.Tensor):
+                if not isinstance(value, torch.Tensor) or value.shape != current.shape:
+                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ConfigError(
+                        f"mixer state '{key}' has shape {got}, this run expects {tuple(current.shape)} "
+                        f"({self.num_domains} domains)"
+                    )
+                value = value.to(current.device, current.dtype, copy=True)  # never alias the caller's tensor
+            setattr(self, attr, value)
+        self._host_cache = (None, [])
 
 
 MIXERS: dict[str, type[Mixer]] = {}
@@ -94,11 +200,12 @@ def build_mixer(
     domains: Sequence[str],
     device: torch.device | str = "cpu",
     proportions: dict[str, float] | None = None,
+    **options: Any,
 ) -> Mixer:
-    """Look ``method`` up in the registry and build it."""
+    """Look ``method`` up in the registry and build it with ``options`` (``None`` means the default)."""
     cls = MIXERS.get(method)
     if cls is None:
         near = difflib.get_close_matches(method, list(MIXERS), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"unknown mixing.method '{method}'{hint} (available: {', '.join(sorted(MIXERS))})")
-    return cls(domains, device=device, proportions=proportions)
+    return cls(domains, device=device, proportions=proportions, **options)

@@ -22,16 +22,21 @@ class StaticMixer(Mixer):
     def initial_proportions(self, proportions: dict[str, float] | None) -> torch.Tensor:
         if not proportions:
             raise ConfigError("mixing.method 'static' needs mixing.proportions (domain -> weight)")
-        unknown = sorted(set(proportions) - set(self.domains))
-        if unknown:
-            raise ConfigError(
-                f"mixing.proportions names unknown domain(s) {unknown}; domains: {self.domains}"
-            )
-        missing = [d for d in self.domains if d not in proportions]
-        if missing:
-            raise ConfigError(f"mixing.proportions gives no weight for domain(s) {missing}")
-        weights = [proportions[d] for d in self.domains]
-        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-            raise ConfigError(f"mixing.proportions must be finite, >= 0 and not all 0; got {proportions}")
-        p = torch.tensor(weights, dtype=torch.float32, device=self.device)
-        return p / p.sum()
+        return proportions_tensor(proportions, self.domains, self.device)
+
+
+def proportions_tensor(
+    proportions: dict[str, float], domains: list[str], device: torch.device
+) -> torch.Tensor:
+    """[D] fp32 proportions from a mapping domain -> weight covering every domain, normalised."""
+    unknown = sorted(set(proportions) - set(domains))
+    if unknown:
+        raise ConfigError(f"mixing.proportions names unknown domain(s) {unknown}; domains: {domains}")
+    missing = [d for d in domains if d not in proportions]
+    if missing:
+        raise ConfigError(f"mixing.proportions gives no weight for domain(s) {missing}")
+    weights = [proportions[d] for d in domains]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"mixing.proportions must be finite, >= 0 and not all 0; got {proportions}")
+    p = torch.tensor(weights, dtype=torch.float64)
+    return (p / p.sum()).to(device, torch.float32)

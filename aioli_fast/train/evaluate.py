@@ -8,7 +8,7 @@ average of the per-domain perplexities).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,73 @@ from ..model import GPT
 from .checkpoint import load_checkpoint
 from .device import autocast_context, resolve_device, resolve_precision
 
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]
+
 
 @torch.no_grad()
+def measure_losses(
+    model: GPT,
+    batches: Batches,
+    num_domains: int,
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-domain token-loss sums [D] and token counts [D] (fp32, on ``device``) over ``batches``.
+
+    ``batches`` yields ``(samples [b, T+1], domain_ids [b])`` arrays. One no-grad forward per batch
+    through the per-domain loss; nothing is read back to the host.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum_D = torch.zeros(num_domains, device=device)
+    count_D = torch.zeros(num_domains, device=device)
+    try:
+        for samples, domain_ids in batches:
+            tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
+            ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
+            with autocast_context(device, precision):
+                out = model(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
+            loss_sum_D += out.loss_sum.float()
+            count_D += out.count.float()
+    finally:
+        model.train(was_training)
+    return loss_sum_D, count_D
+
+
+def split_batches(
+    manifest: Manifest,
+    domains: Sequence[str],
+    split: str,
+    batch_size: int,
+    max_sequences: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every domain's ``split`` (at most ``max_sequences`` each) as ``(samples, domain_ids)`` batches."""
+    for index, name in enumerate(domains):
+        for samples in sequential_batches(manifest, name, split, batch_size, max_sequences):
+            yield samples, np.full(len(samples), index, dtype=np.int32)
+
+
+def probe_batches(
+    manifest: Manifest, domains: Sequence[str], split: str, sequences: int, batch_size: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed probe: the first ``sequences`` samples of each domain's ``split``, mixed into batches.
+
+    Loaded once and kept in host memory; measuring it costs ``ceil(D * sequences / batch_size)``
+    no-grad forwards.
+    """
+    samples, ids = [], []
+    for index, name in enumerate(domains):
+        for chunk in sequential_batches(manifest, name, split, sequences, sequences):
+            samples.append(chunk)
+            ids.append(np.full(len(chunk), index, dtype=np.int32))
+    all_samples, all_ids = np.concatenate(samples), np.concatenate(ids)
+    return [
+        (all_samples[i : i + batch_size], all_ids[i : i + batch_size])
+        for i in range(0, len(all_samples), batch_size)
+    ]
+
+
 def evaluate(
     model: GPT,
     manifest: Manifest,
@@ -38,25 +103,12 @@ def evaluate(
     Returns:
         ``{"domains": {name: {"loss", "ppl", "tokens"}}, "average": {"loss", "ppl"}}``.
     """
-    was_training = model.training
-    model.eval()
+    batches = split_batches(manifest, domains, split, batch_size, max_sequences)
+    loss_sum_D, count_D = measure_losses(model, batches, len(domains), device=device, precision=precision)
     results = {}
-    try:
-        for name in domains:
-            loss_sum = torch.zeros(1, device=device)
-            count = torch.zeros(1, device=device)
-            for samples in sequential_batches(manifest, name, split, batch_size, max_sequences):
-                tokens = torch.from_numpy(np.ascontiguousarray(samples)).to(device)
-                zeros = torch.zeros(tokens.shape[0], dtype=torch.int32, device=device)
-                with autocast_context(device, precision):
-                    out = model(tokens[:, :-1], tokens[:, 1:], zeros, 1)
-                loss_sum += out.loss_sum
-                count += out.count
-            n = float(count.item())
-            loss = float(loss_sum.item()) / n if n else float("nan")
-            results[name] = {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n)}
-    finally:
-        model.train(was_training)
+    for name, total, n in zip(domains, loss_sum_D.tolist(), count_D.tolist()):
+        loss = total / n if n else float("nan")
+        results[name] = {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n)}
     losses = [r["loss"] for r in results.values()]
     ppls = [r["ppl"] for r in results.values()]
     return {

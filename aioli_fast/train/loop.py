@@ -22,17 +22,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import RunConfig, dump_config
 from ..data import Manifest, MixtureStream, load_manifest
 from ..errors import AioliError, ConfigError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, progress_bar
-from ..mixing import build_mixer
+from ..mixing import MIXERS, Mixer, build_mixer
+from ..mixing.doge import gradient_alignment
 from ..model import GPT, preset_config
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .device import autocast_context, resolve_device, resolve_precision
-from .evaluate import evaluate, format_table
+from .evaluate import evaluate, format_table, measure_losses, probe_batches, same_tokenizer, split_batches
 
 
 class TrainingError(AioliError):
@@ -106,6 +108,73 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def build_run_mixer(cfg: RunConfig, domains: list[str], device: torch.device) -> Mixer:
+    """The mixer of ``cfg.mixing``; a method's ``seed`` defaults to ``train.seed``."""
+    options = cfg.mixing.options()
+    cls = MIXERS.get(cfg.mixing.method)
+    if cls is not None and options.get("seed") is None and "seed" in cls.OPTIONS:
+        options["seed"] = cfg.train.seed
+    return build_mixer(
+        cfg.mixing.method, domains, device=device, proportions=cfg.mixing.proportions, **options
+    )
+
+
+def measurement_source(
+    mixer: Mixer,
+    cfg: RunConfig,
+    manifest: Manifest,
+    domains: list[str],
+    eval_splits: list[str],
+    device: torch.device,
+    precision: str,
+):
+    """A function ``model -> (loss_sum_D, count_D)`` for the mixer's probe / full_val measurements, or None.
+
+    ``probe`` loads its fixed batches once; ``full_val`` streams the validation split (at most
+    ``eval.max_sequences`` per domain) each time, as the Aioli paper does.
+    """
+    kind = mixer.measurement
+    if kind not in ("probe", "full_val"):
+        return None
+    if "val" not in eval_splits:
+        raise ConfigError(
+            f"mixing.measurement={kind} needs a val split in the corpus; use mixing.measurement=train instead"
+        )
+    n = len(domains)
+    if kind == "probe":
+        probe = probe_batches(manifest, domains, "val", cfg.mixing.probe_sequences, cfg.eval.batch_size)
+        return lambda model: measure_losses(model, probe, n, device=device, precision=precision)
+
+    def full_val(model):
+        batches = split_batches(manifest, domains, "val", cfg.eval.batch_size, cfg.eval.max_sequences)
+        return measure_losses(model, batches, n, device=device, precision=precision)
+
+    return full_val
+
+
+def load_reference_model(mixer: Mixer, manifest: Manifest, device: torch.device) -> GPT:
+    """The reference model a mixer compares against (DoReMi), frozen, checked against the corpus."""
+    model, meta = load_checkpoint(mixer.reference_checkpoint, device)
+    if not same_tokenizer(manifest.tokenizer, meta["tokenizer"]):
+        raise ConfigError(
+            f"mixing.reference {mixer.reference_checkpoint} was trained with tokenizer {meta['tokenizer']}, "
+            f"the corpus uses {manifest.tokenizer}"
+        )
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def domain_alignment(
+    model: GPT, out, probe: tuple[torch.Tensor, torch.Tensor], num_domains: int
+) -> torch.Tensor:
+    """[D] alignment of each domain's training gradient (from ``out``) with the probe's gradient."""
+    tokens, domain_ids = probe
+    val = model(tokens[:, :-1], tokens[:, 1:], domain_ids.to(torch.int32), num_domains)
+    val_loss = (val.loss_sum / val.count.clamp_min(1)).sum()
+    train_loss_D = out.loss_sum / out.count.clamp_min(1)
+    return gradient_alignment(list(model.parameters()), train_loss_D, val_loss)
+
+
 def prepare_run_dir(cfg: RunConfig) -> Path:
     """Create the run directory and check that it is writable.
 
@@ -155,7 +224,15 @@ def train(cfg: RunConfig) -> RunResult:
     precision = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, manifest).to(device)
-    mixer = build_mixer(cfg.mixing.method, domains, device=device, proportions=cfg.mixing.proportions)
+    mixer = build_run_mixer(cfg, domains, device)
+    measure = measurement_source(mixer, cfg, manifest, domains, eval_splits, device, precision)
+    reference = load_reference_model(mixer, manifest, device) if mixer.needs_reference_model else None
+    gradient_probe = None
+    if mixer.needs_gradients:
+        probe = probe_batches(manifest, domains, "val", cfg.mixing.probe_sequences, cfg.eval.batch_size)
+        gradient_probe = tuple(
+            torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*probe, strict=True)
+        )
     optimizer = build_optimizer(model, cfg)
     run_dir = prepare_run_dir(cfg)
     atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
@@ -164,8 +241,20 @@ def train(cfg: RunConfig) -> RunResult:
     micro = t.micro_batch_size or t.batch_size
     n_micro = t.batch_size // micro
     num_domains = len(domains)
-    proportions_D = mixer.proportions(0)
-    stream = MixtureStream(manifest, domains, t.batch_size, proportions_D.tolist(), seed=t.seed)
+    host_proportions = mixer.host_proportions(0)
+    proportions_D = None  # set (with the stream's proportions) at the first step, after any measurement
+    measurements, measure_time = 0, 0.0
+    stream = MixtureStream(
+        manifest,
+        domains,
+        t.batch_size,
+        host_proportions,
+        seed=t.seed,
+        assignment=cfg.data.assignment,
+        num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        on_error=cfg.data.on_error,
+    )
 
     bar = progress_bar(t.steps, "train", "step", t.progress)
     _say(
@@ -183,10 +272,16 @@ def train(cfg: RunConfig) -> RunResult:
     model.train()
     with open(metrics_path, "a", encoding="utf-8") as metrics:
         for step in range(t.steps):
+            if mixer.measurement_due(step):
+                measure_start = time.perf_counter()
+                mixer.observe_measurement(step, *measure(model))
+                measurements += 1
+                measure_time += time.perf_counter() - measure_start
             current = mixer.proportions(step)
             if current is not proportions_D:  # a new tensor means new proportions: one small read
                 proportions_D = current
-                stream.set_proportions(proportions_D.tolist())
+                host_proportions = mixer.host_proportions(step)
+                stream.set_proportions(host_proportions, step=step)
             batch = next(stream)
             if device.type == "cuda":
                 batch = batch.pin_memory()
@@ -198,9 +293,17 @@ def train(cfg: RunConfig) -> RunResult:
                 sl = slice(i * micro, (i + 1) * micro)
                 with autocast_context(device, precision):
                     out = model(batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl], num_domains)
+                if i == 0 and mixer.needs_gradients and mixer.alignment_due(step):
+                    mixer.observe_alignment(step, domain_alignment(model, out, gradient_probe, num_domains))
                 (out.loss / n_micro).backward()
                 loss_sum_D, count_D = out.loss_sum.detach(), out.count
                 mixer.observe(step, loss_sum_D, count_D)
+                if reference is not None:
+                    with torch.no_grad(), autocast_context(device, precision):
+                        ref = reference(
+                            batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl], num_domains
+                        )
+                    mixer.observe_reference(step, ref.loss_sum, ref.count)
                 window_sum_D += loss_sum_D
                 window_count_D += count_D
                 window_loss += out.loss.detach() / n_micro
@@ -227,7 +330,8 @@ def train(cfg: RunConfig) -> RunResult:
                     "step": done,
                     "loss": loss,
                     "domain_loss": {d: (s / c if c else None) for d, s, c in zip(domains, sums, counts)},
-                    "proportions": dict(zip(domains, proportions_D.tolist())),
+                    "proportions": dict(zip(domains, host_proportions)),
+                    **{f"mixer_{k}": v.item() for k, v in mixer.metrics().items()},
                     "lr": lr,
                     "tokens": total_tokens,
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
@@ -299,7 +403,14 @@ def train(cfg: RunConfig) -> RunResult:
         "train_time_s": train_time,
         "tokens_per_s": total_tokens / train_time if train_time > 0 else None,
         "domains": domains,
-        "proportions": dict(zip(domains, proportions_D.tolist())),
+        "proportions": dict(zip(domains, host_proportions)),
+        "mixer": {
+            "method": cfg.mixing.method,
+            "measurements": measurements,
+            "measurement_time_s": measure_time,
+            **{k: v.item() for k, v in mixer.metrics().items()},
+            **mixer.summary(),
+        },
         **results,
         "notes": eval_notes,
         "average": {

@@ -1,0 +1,172 @@
+"""The linear mixing optimization (LMO) mathematics as pure tensor functions.
+
+Every online method in the Aioli paper assumes the linear dynamic mixing law
+
+    L_{t+1} = L_t - A_t p_t          (L: [k] per-domain losses, p: [k] proportions, A: [k, k])
+
+and updates the proportions by exponentiated gradient on the average loss. The methods differ only in
+how they set A_t. Aioli fits A_t online from sequential loss drops measured while training on
+*smoothed one-hot* mixtures (LearnParams); this module holds each step of that procedure as a function
+of tensors, so it can be tested alone and run on the training device without host round trips.
+
+Shapes: k domains; ``L_k`` losses, ``p_k`` proportions, ``A_kk``/``G_kk`` matrices whose row i is the
+loss of domain i and column j the domain trained on. Leading batch dimensions are allowed wherever a
+function says so. Nothing here calls ``.item()`` or otherwise reads device values on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ConfigError
+
+
+def check_one_hot_factor(one_hot_factor: float, num_domains: int) -> None:
+    """Reject settings where the smoothed one-hot mixtures are not a usable basis.
+
+    The mixture matrix W is singular exactly when ``f = 1/k`` (every row is uniform); values close to
+    it make the solve for A ill-conditioned by ``1/|kf - 1|``.
+    """
+    k, f = num_domains, one_hot_factor
+    if k < 2:
+        raise ConfigError(f"LearnParams needs at least 2 domains, got {k}")
+    if not (math.isfinite(f) and 0 < f <= 1):
+        raise ConfigError(f"mixing.one_hot_factor must be in (0, 1], got {f}")
+    if abs(k * f - 1) < 1e-3:
+        raise ConfigError(
+            f"mixing.one_hot_factor={f} is (almost) 1/k for k={k} domains: every smoothed one-hot mixture "
+            f"is then uniform and A cannot be solved for; use a value away from {1 / k:.4g}"
+        )
+
+
+def smoothed_one_hot(
+    num_domains: int, one_hot_factor: float, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """W [k, k]: row j is the mixture that puts ``f`` on domain j and ``(1-f)/(k-1)`` on every other one."""
+    check_one_hot_factor(one_hot_factor, num_domains)
+    k, f = num_domains, one_hot_factor
+    off = (1.0 - f) / (k - 1)
+    W = torch.full((k, k), off, device=device, dtype=dtype)
+    W.fill_diagonal_(f)
+    return W
+
+
+def smoothed_one_hot_inverse(
+    num_domains: int, one_hot_factor: float, *, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """W⁻¹ [k, k] in closed form.
+
+    W = a·I + b·11ᵀ with b = (1-f)/(k-1), a = f - b, and a + k·b = 1, so W⁻¹ = (I - b·11ᵀ) / a.
+    """
+    check_one_hot_factor(one_hot_factor, num_domains)
+    k, f = num_domains, one_hot_factor
+    b = (1.0 - f) / (k - 1)
+    a = f - b
+    W_inv = torch.full((k, k), -b / a, device=device, dtype=dtype)
+    W_inv.diagonal().add_(1.0 / a)
+    return W_inv
+
+
+def learn_params_order(
+    num_domains: int, sweeps: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[R·k] int64 (CPU): R random permutations of the k domains, concatenated.
+
+    The order in which LearnParams trains on each domain's smoothed one-hot mixture. It is drawn on the
+    host from ``generator`` (a CPU generator), so the schedule of a round is known without a device read.
+    """
+    if sweeps < 1:
+        raise ConfigError(f"mixing.sweeps must be >= 1, got {sweeps}")
+    perms = [torch.randperm(num_domains, generator=generator) for _ in range(sweeps)]
+    return torch.cat(perms)
+
+
+def learn_params_schedule(order: torch.Tensor, block_steps: int) -> torch.Tensor:
+    """[R·k·S] int64: the domain whose smoothed one-hot mixture is trained on at each LearnParams step."""
+    if block_steps < 1:
+        raise ConfigError(f"mixing.block_steps must be >= 1, got {block_steps}")
+    return order.repeat_interleave(block_steps)
+
+
+def losses_from_sums(loss_sum_k: torch.Tensor, count_k: torch.Tensor) -> torch.Tensor:
+    """Mean loss per domain [..., k] from sums and counts; NaN where a domain has no tokens or a bad sum."""
+    count = count_k.to(loss_sum_k.dtype)
+    loss = loss_sum_k / count.clamp_min(1)
+    return torch.where((count > 0) & torch.isfinite(loss), loss, torch.full_like(loss, float("nan")))
+
+
+def accumulate_loss_drops(L_nk: torch.Tensor, order: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """G [k, k] from the sequential loss measurements of one LearnParams round.
+
+    Args:
+        L_nk: [R·k + 1, k] per-domain losses: row 0 before the first block, row n+1 after block n.
+            NaN marks a domain missing from a measurement.
+        order: [R·k] domain trained on in each block (device or CPU; moved to ``L_nk``'s device).
+
+    Returns:
+        G with G[i, j] = the mean, over the blocks that trained on j, of the drop of domain i's loss across
+        that block (``L_prev - L_new``: the differences are sequential). With every measurement present
+        this is the sum over the R sweeps divided by R. Drops with a missing end are left out of the mean;
+        an entry with no valid drop at all is 0 (no evidence of an effect).
+    """
+    drops_nk = L_nk[:-1] - L_nk[1:]
+    valid_nk = torch.isfinite(drops_nk)
+    drops_nk = torch.where(valid_nk, drops_nk, torch.zeros_like(drops_nk))
+    idx = order.to(L_nk.device)
+    k = num_domains
+    sums_kk = torch.zeros(k, k, device=L_nk.device, dtype=L_nk.dtype).index_add_(1, idx, drops_nk.T)
+    counts_kk = torch.zeros(k, k, device=L_nk.device, dtype=L_nk.dtype).index_add_(
+        1, idx, valid_nk.T.to(L_nk.dtype)
+    )
+    return torch.where(counts_kk > 0, sums_kk / counts_kk.clamp_min(1), torch.zeros_like(sums_kk))
+
+
+def solve_mixing_law(G: torch.Tensor, W_inv: torch.Tensor) -> torch.Tensor:
+    """A = G·W⁻¹ ([..., k, k], batched): the A for which ``A @ W = G``.
+
+    Column j of G is the loss drop from training on mixture W[j]; under the linear law that drop is
+    A·W[j], so G = A·Wᵀ = A·W (W is symmetric). Pass the inverse from :func:`smoothed_one_hot_inverse`.
+    """
+    return G @ W_inv
+
+
+def diagonal_ablation(G: torch.Tensor, one_hot_factor: float) -> torch.Tensor:
+    """The diagonal-only estimate [..., k, k]: diag(G) / f, zero off the diagonal."""
+    return torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1) / one_hot_factor)
+
+
+def normalize_mixing_matrix(A: torch.Tensor) -> torch.Tensor:
+    """Shift A by its minimum when that is negative, then divide by its sum ([..., k, k], batched).
+
+    An all-equal A (sum 0 after the shift) becomes all zeros, which leaves the proportions unchanged.
+    """
+    lo = A.amin(dim=(-2, -1), keepdim=True).clamp(max=0)
+    A = A - lo
+    total = A.sum(dim=(-2, -1), keepdim=True)
+    return torch.where(total > 0, A / total.clamp_min(torch.finfo(A.dtype).tiny), torch.zeros_like(A))
+
+
+def exponentiated_gradient(p_k: torch.Tensor, A_kk: torch.Tensor, eta: float) -> torch.Tensor:
+    """Cumulative update p ∝ p ⊙ exp(η · Σ_i A[i, :]) (batched over leading dims); zeros stay zero."""
+    logits = torch.log(p_k) + eta * A_kk.sum(dim=-2)
+    return torch.softmax(logits, dim=-1)
+
+
+def ema_matrix(A_kk: torch.Tensor, A_prev_kk: torch.Tensor, ema: float) -> torch.Tensor:
+    """Ā = (1 - e)·A + e·Ā_prev."""
+    return (1.0 - ema) * A_kk + ema * A_prev_kk
+
+
+def ema_proportions(A_bar_kk: torch.Tensor, eta: float) -> torch.Tensor:
+    """EMA variant: p ∝ exp(η · Σ_i Ā[i, :]) from uniform (max p_i/p_j <= e^η for a normalised Ā)."""
+    return torch.softmax(eta * A_bar_kk.sum(dim=-2), dim=-1)
+
+
+def apply_floor(p_k: torch.Tensor, min_proportion: float) -> torch.Tensor:
+    """Mix with uniform so that every proportion is at least ``min_proportion`` (needs k·floor <= 1)."""
+    if min_proportion <= 0:
+        return p_k
+    k = p_k.shape[-1]
+    return (1.0 - k * min_proportion) * p_k + min_proportion

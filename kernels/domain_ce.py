@@ -1,0 +1,624 @@
+"""Fused per-domain cross-entropy on [N, V] logits in Triton.
+
+One program per row reads the row twice: pass 1 keeps an online max and sum of exponentials over
+vocabulary blocks (fp32 whatever the input dtype), with the label's column kept out of the sum so that
+``1 - p_label`` is exact even for confident predictions; pass 2 writes the gradient. The row's loss goes
+into a per-row buffer and, in the default mode, straight into the per-domain sums and counts with
+atomics; the deterministic mode reduces the per-row buffer per domain in a second, tiny kernel
+(fixed order). Nothing reads a device value on the host: the number of counted tokens stays a device
+scalar that the kernel loads.
+
+The gradient is computed in the forward pass, for the upstream gradients the caller expects
+(``grad_scale`` for ``loss`` and none for ``loss_sum``: ``loss.backward()``). Every row's gradient is
+``coef * p_j`` off the label (times the soft-cap derivative) and a separately computed value at the
+label, so backward only has to rescale the rows whose coefficient differs from the expected one. A
+small per-row state makes that possible; rows whose coefficient matches are not touched, so
+``loss.backward()`` costs no pass over the logits.
+
+Layers: ``@triton.jit`` kernels, host functions that validate and launch (``domain_ce_forward``,
+``domain_ce_backward``), the private ``_DomainCrossEntropy`` autograd function, and
+``domain_cross_entropy_triton``; the public entry point with backend dispatch is
+``aioli_fast.kernels.domain_cross_entropy``. The pure-PyTorch reference is ``reference.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import DomainLoss, check_inputs, check_options
+
+# Largest vocabulary block one program holds in registers per step (tests lower it to force many blocks).
+MAX_BLOCK_V = 8192
+# Rows of the per-row state kept for backward.
+SAVED_ZFAC, SAVED_REST, SAVED_SCALE, SAVED_LABEL_COEF, SAVED_CAPGRAD = range(5)
+NUM_SAVED = 5
+
+
+@dataclass(frozen=True)
+class CEOptions:
+    """Loss options shared by the logits and fused-linear variants (validated by the public function)."""
+
+    ignore_index: int = -100
+    lse_square_scale: float = 0.0
+    softcap: float | None = None
+    deterministic: bool = False
+    grad_scale: float = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _softcap(x, softcap):
+    # softcap * tanh(x / softcap), with tanh from exp(-2|u|) (no libdevice; never overflows)
+    u = x / softcap
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _row_coefficients(grad_loss_ptr, grad_sum_ptr, w, n_valid, zfac, dom_safe, dom_ok, HAS_GRAD_SUM):
+    # d(objective)/d(logit_j) = coef * p_j - label_coef * [j == label]   (before the soft-cap factor)
+    c_loss = tl.load(grad_loss_ptr).to(tl.float32) * w / n_valid
+    c_sum = 0.0
+    if HAS_GRAD_SUM:
+        c_sum = tl.load(grad_sum_ptr + dom_safe, mask=dom_ok, other=0.0).to(tl.float32)
+    return c_loss * zfac + c_sum, c_loss + c_sum
+
+
+@triton.jit
+def _domain_ce_fwd_kernel(
+    logits_ptr,
+    logits_row_stride,
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    domains_ptr,
+    weights_ptr,
+    n_valid_ptr,
+    grad_loss_ptr,
+    grad_sum_ptr,
+    row_loss_ptr,
+    row_loss_plane,
+    saved_ptr,
+    saved_plane,
+    loss_sum_ptr,
+    count_ptr,
+    V,
+    D,
+    ignore_index,
+    lse_square_scale,
+    softcap,
+    BLOCK_V: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_GRAD_SUM: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    ATOMIC_STATS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SAVE_STATE: tl.constexpr,
+):
+    # 64-bit row offsets: N * V can exceed 2**31
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK_V)  # [BV]
+    label = tl.load(labels_ptr + row).to(tl.int64)
+
+    if label == ignore_index:
+        if WRITE_STATS:
+            tl.store(row_loss_ptr + row, 0.0)
+            tl.store(row_loss_ptr + row_loss_plane + row, 0.0)
+        if SAVE_STATE:
+            tl.store(saved_ptr + SAVED_ZFAC * saved_plane + row, 1.0)
+            tl.store(saved_ptr + SAVED_REST * saved_plane + row, 0.0)
+            tl.store(saved_ptr + SAVED_SCALE * saved_plane + row, 1.0)
+            tl.store(saved_ptr + SAVED_LABEL_COEF * saved_plane + row, 0.0)
+            tl.store(saved_ptr + SAVED_CAPGRAD * saved_plane + row, 1.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+                tl.store(grad_row + offs, zeros, mask=offs < V)
+        return
+
+    dom = tl.load(domains_ptr + row).to(tl.int64)
+    dom_ok = (dom >= 0) & (dom < D)
+    dom_safe = tl.where(dom_ok, dom, 0)
+    label_ok = (label >= 0) & (label < V)
+    # a label outside [0, V) reads nothing and gives an infinite loss
+    x_label = tl.load(logits_row + tl.where(label_ok, label, 0), mask=label_ok, other=float("-inf"))
+    x_label = x_label.to(tl.float32)
+    if SOFTCAP:
+        x_label = _softcap(x_label, softcap)
+
+    # pass 1: online max m and sum s of exp(x - m) over every column except the label's
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_row = offs < V
+        x = tl.load(logits_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)  # [BV]
+        if SOFTCAP:
+            x = tl.where(in_row, _softcap(x, softcap), float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        x_rest = tl.where(offs == label, float("-inf"), x)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x_rest - m_new), axis=0)
+        m = m_new
+
+    log_total = tl.log(s + tl.exp(x_label - m))
+    lse = m + log_total
+    ce = (m - x_label) + log_total
+    rest = s * tl.exp(m - lse)  # 1 - p_label, no cancellation when p_label is close to 1
+    zfac = 1.0 + 2.0 * lse_square_scale * lse
+    w = 1.0
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + dom_safe).to(tl.float32)
+
+    if WRITE_STATS:
+        tl.store(row_loss_ptr + row, ce)
+        tl.store(row_loss_ptr + row_loss_plane + row, w * (ce + lse_square_scale * lse * lse))
+        if ATOMIC_STATS:
+            tl.atomic_add(loss_sum_ptr + dom_safe, ce, mask=dom_ok, sem="relaxed")
+            tl.atomic_add(count_ptr + dom_safe, 1.0, mask=dom_ok, sem="relaxed")
+
+    if COMPUTE_GRAD:
+        n_valid = tl.maximum(tl.load(n_valid_ptr), 1.0)
+        coef, label_coef = _row_coefficients(
+            grad_loss_ptr, grad_sum_ptr, w, n_valid, zfac, dom_safe, dom_ok, HAS_GRAD_SUM
+        )
+        # the stored row is scale * p_j; a zero coefficient stores p_j so that backward can rescale it
+        scale = tl.where(coef != 0.0, coef, 1.0)
+        capgrad_label = 1.0
+        if SOFTCAP:
+            capgrad_label = 1.0 - (x_label / softcap) * (x_label / softcap)
+        # the label's entry is always the true one: coef * p_label - label_coef, with 1 - p_label = rest
+        grad_label = ((coef - label_coef) - coef * rest) * capgrad_label
+
+        # pass 2: the gradient, written where the logits were read (in place when grad_ptr == logits_ptr)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            in_row = offs < V
+            x = tl.load(logits_row + offs, mask=in_row, other=0.0).to(tl.float32)  # [BV]
+            if SOFTCAP:
+                x = _softcap(x, softcap)
+            g = scale * tl.exp(x - lse)
+            if SOFTCAP:
+                g = g * (1.0 - (x / softcap) * (x / softcap))
+            g = tl.where(offs == label, grad_label, g)
+            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+        if SAVE_STATE:
+            tl.store(saved_ptr + SAVED_ZFAC * saved_plane + row, zfac)
+            tl.store(saved_ptr + SAVED_REST * saved_plane + row, rest)
+            tl.store(saved_ptr + SAVED_SCALE * saved_plane + row, scale)
+            tl.store(saved_ptr + SAVED_LABEL_COEF * saved_plane + row, label_coef)
+            tl.store(saved_ptr + SAVED_CAPGRAD * saved_plane + row, capgrad_label)
+
+
+@triton.jit
+def _domain_ce_bwd_kernel(
+    grad_ptr,
+    grad_row_stride,
+    labels_ptr,
+    domains_ptr,
+    weights_ptr,
+    n_valid_ptr,
+    grad_loss_ptr,
+    grad_sum_ptr,
+    saved_ptr,
+    saved_plane,
+    V,
+    D,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_GRAD_SUM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:
+        return
+    grad_row = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK_V)  # [BV]
+    dom = tl.load(domains_ptr + row).to(tl.int64)
+    dom_ok = (dom >= 0) & (dom < D)
+    dom_safe = tl.where(dom_ok, dom, 0)
+    label_ok = (label >= 0) & (label < V)
+    w = 1.0
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + dom_safe).to(tl.float32)
+    n_valid = tl.maximum(tl.load(n_valid_ptr), 1.0)
+    zfac = tl.load(saved_ptr + SAVED_ZFAC * saved_plane + row)
+    rest = tl.load(saved_ptr + SAVED_REST * saved_plane + row)
+    scale = tl.load(saved_ptr + SAVED_SCALE * saved_plane + row)
+    label_coef_fwd = tl.load(saved_ptr + SAVED_LABEL_COEF * saved_plane + row)
+    capgrad_label = tl.load(saved_ptr + SAVED_CAPGRAD * saved_plane + row)
+
+    coef, label_coef = _row_coefficients(
+        grad_loss_ptr, grad_sum_ptr, w, n_valid, zfac, dom_safe, dom_ok, HAS_GRAD_SUM
+    )
+    grad_label = ((coef - label_coef) - coef * rest) * capgrad_label
+    if coef != scale:
+        # the forward assumed another upstream gradient for this row: rescale it, rewrite the label
+        ratio = coef / scale
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            in_row = offs < V
+            g = tl.load(grad_row + offs, mask=in_row, other=0.0).to(tl.float32) * ratio  # [BV]
+            g = tl.where(offs == label, grad_label, g)
+            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+    elif label_coef != label_coef_fwd:
+        tl.store(
+            grad_row + tl.where(label_ok, label, 0), grad_label.to(grad_ptr.dtype.element_ty), mask=label_ok
+        )
+
+
+@triton.jit
+def _domain_reduce_kernel(
+    row_ce_ptr,
+    labels_ptr,
+    domains_ptr,
+    partial_ptr,
+    N,
+    D,
+    ignore_index,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # deterministic mode: per-program partial sums and counts per domain, [P, 2, BD]
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    in_range = rows < N
+    label = tl.load(labels_ptr + rows, mask=in_range, other=ignore_index).to(tl.int64)
+    dom = tl.load(domains_ptr + rows, mask=in_range, other=-1).to(tl.int64)
+    ce = tl.load(row_ce_ptr + rows, mask=in_range, other=0.0)
+    counted = in_range & (label != ignore_index) & (dom >= 0) & (dom < D)
+    domains = tl.arange(0, BLOCK_D)  # [BD]
+    hit = counted[:, None] & (dom[:, None] == domains[None, :])  # [BN, BD]
+    sum_D = tl.sum(tl.where(hit, ce[:, None], 0.0), axis=0)
+    count_D = tl.sum(hit.to(tl.float32), axis=0)
+    out = partial_ptr + pid * 2 * BLOCK_D
+    tl.store(out + domains, sum_D)
+    tl.store(out + BLOCK_D + domains, count_D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host functions: validate, allocate, launch
+
+# The kernels run under Triton's interpreter (on CPU tensors) when TRITON_INTERPRET=1 was set before
+# they were decorated, that is before this module was imported; otherwise they compile for the GPU.
+INTERPRETED = not isinstance(_domain_ce_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel must fully write comes from here (tests fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of V columns."""
+    block_v = min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V)
+    num_warps = 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
+    return block_v, num_warps
+
+
+def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
+
+
+def count_valid(labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """[] fp32 number of counted tokens, kept on the device."""
+    return (labels_N != ignore_index).sum(dtype=torch.float32)
+
+
+def launch_forward(
+    logits_NV: torch.Tensor,
+    grad_NV: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    weights_D: torch.Tensor | None,
+    n_valid: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_sum_D: torch.Tensor | None,
+    row_loss_2N: torch.Tensor | None,
+    saved_5N: torch.Tensor | None,
+    loss_sum_D: torch.Tensor | None,
+    count_D: torch.Tensor | None,
+    num_domains: int,
+    opts: CEOptions,
+) -> None:
+    """One forward launch over the rows of ``logits_NV`` (a chunk of a larger batch is fine).
+
+    Writes, for the rows given: ``row_loss_2N`` (cross-entropy, weighted objective) and, in atomic
+    mode, adds into ``loss_sum_D``/``count_D``; with ``grad_NV`` the gradient for the upstream
+    gradients ``grad_loss`` [] and ``grad_sum_D`` [D]; with ``saved_5N`` the state backward needs.
+    """
+    n_rows, vocab = logits_NV.shape
+    if n_rows == 0:
+        return
+    if logits_NV.stride(1) != 1 or (grad_NV is not None and grad_NV.stride(1) != 1):
+        raise ValueError("logits and their gradient buffer must have unit stride along the vocabulary")
+    block_v, num_warps = launch_config(vocab)
+    write_stats = row_loss_2N is not None
+    dummy = n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
+    _domain_ce_fwd_kernel[(n_rows,)](
+        logits_NV,
+        logits_NV.stride(0),
+        grad_NV if grad_NV is not None else logits_NV,
+        grad_NV.stride(0) if grad_NV is not None else 0,
+        labels_N,
+        domain_ids_N,
+        weights_D if weights_D is not None else dummy,
+        n_valid,
+        grad_loss,
+        grad_sum_D if grad_sum_D is not None else dummy,
+        row_loss_2N if write_stats else dummy,
+        row_loss_2N.stride(0) if write_stats else 0,
+        saved_5N if saved_5N is not None else dummy,
+        saved_5N.stride(0) if saved_5N is not None else 0,
+        loss_sum_D if loss_sum_D is not None else dummy,
+        count_D if count_D is not None else dummy,
+        vocab,
+        num_domains,
+        opts.ignore_index,
+        float(opts.lse_square_scale),
+        float(opts.softcap) if opts.softcap is not None else 1.0,
+        BLOCK_V=block_v,
+        HAS_WEIGHTS=weights_D is not None,
+        HAS_GRAD_SUM=grad_sum_D is not None,
+        SOFTCAP=opts.softcap is not None,
+        WRITE_STATS=write_stats,
+        ATOMIC_STATS=write_stats and not opts.deterministic,
+        COMPUTE_GRAD=grad_NV is not None,
+        SAVE_STATE=saved_5N is not None,
+        num_warps=num_warps,
+    )
+
+
+def reduce_per_domain(
+    row_ce_N: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (loss_sum [D], count [D]) from per-row losses: per-program partials, then a sum."""
+    n_rows = row_ce_N.shape[0]
+    block_d = triton.next_power_of_2(num_domains)
+    block_n = max(16, min(1024, 8192 // block_d))
+    n_programs = max(triton.cdiv(n_rows, block_n), 1)
+    partial_P2D = new_buffer((n_programs, 2, block_d), torch.float32, row_ce_N.device)
+    _domain_reduce_kernel[(n_programs,)](
+        row_ce_N, labels_N, domain_ids_N, partial_P2D, n_rows, num_domains, ignore_index, block_n, block_d
+    )
+    total_2D = partial_P2D.sum(dim=0)
+    return total_2D[0, :num_domains], total_2D[1, :num_domains]
+
+
+def finish_stats(
+    row_loss_2N: torch.Tensor,
+    n_valid: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    loss_sum_D: torch.Tensor,
+    count_D: torch.Tensor,
+    num_domains: int,
+    opts: CEOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [], loss_sum [D], count [D]) once every row is done; mean = sum / max(count, 1) on device."""
+    if opts.deterministic:
+        loss_sum_D, count_D = reduce_per_domain(
+            row_loss_2N[0], labels_N, domain_ids_N, num_domains, opts.ignore_index
+        )
+    loss = row_loss_2N[1].sum() / n_valid.clamp_min(1.0)
+    return loss, loss_sum_D, count_D
+
+
+def domain_ce_forward(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    weights_D: torch.Tensor | None,
+    opts: CEOptions,
+    *,
+    compute_grad: bool,
+    inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Forward (and the gradient for the expected upstream) of the per-domain cross-entropy.
+
+    Returns (loss [], loss_sum [D], count [D], grad [N, V] or None, saved [5, N] or None, n_valid []).
+    With ``inplace`` the gradient overwrites ``logits_NV``.
+    """
+    n_rows, _ = logits_NV.shape
+    device = logits_NV.device
+    if logits_NV.stride(1) != 1:
+        if inplace:
+            raise ValueError("inplace=True needs logits with unit stride along the vocabulary")
+        logits_NV = logits_NV.contiguous()
+    labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
+    n_valid = count_valid(labels_N, opts.ignore_index)
+    row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
+    zeros_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
+    loss_sum_D, count_D = zeros_D, zeros_D.clone()
+    grad_NV = saved_5N = None
+    if compute_grad:
+        grad_NV = logits_NV if inplace else new_buffer(logits_NV.shape, logits_NV.dtype, device)
+        saved_5N = new_buffer((NUM_SAVED, n_rows), torch.float32, device)
+    grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
+    launch_forward(
+        logits_NV,
+        grad_NV,
+        labels_N,
+        domain_ids_N,
+        weights_D,
+        n_valid,
+        grad_loss,
+        None,
+        row_loss_2N,
+        saved_5N,
+        loss_sum_D,
+        count_D,
+        num_domains,
+        opts,
+    )
+    loss, loss_sum_D, count_D = finish_stats(
+        row_loss_2N, n_valid, labels_N, domain_ids_N, loss_sum_D, count_D, num_domains, opts
+    )
+    return loss, loss_sum_D, count_D, grad_NV, saved_5N, n_valid
+
+
+def domain_ce_backward(
+    grad_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    weights_D: torch.Tensor | None,
+    n_valid: torch.Tensor,
+    saved_5N: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_sum_D: torch.Tensor | None,
+    num_domains: int,
+    opts: CEOptions,
+) -> torch.Tensor:
+    """Turn the forward's gradient into the one for these upstream gradients (in place); returns it."""
+    n_rows, vocab = grad_NV.shape
+    if n_rows == 0:
+        return grad_NV
+    block_v, num_warps = launch_config(vocab)
+    _domain_ce_bwd_kernel[(n_rows,)](
+        grad_NV,
+        grad_NV.stride(0),
+        labels_N,
+        domain_ids_N,
+        weights_D if weights_D is not None else n_valid,
+        n_valid,
+        grad_loss,
+        grad_sum_D if grad_sum_D is not None else n_valid,
+        saved_5N,
+        saved_5N.stride(0),
+        vocab,
+        num_domains,
+        opts.ignore_index,
+        BLOCK_V=block_v,
+        HAS_WEIGHTS=weights_D is not None,
+        HAS_GRAD_SUM=grad_sum_D is not None,
+        num_warps=num_warps,
+    )
+    return grad_NV
+
+
+def upstream_gradients(
+    grad_loss: torch.Tensor | None, grad_sum_D: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 contiguous upstream gradients; a missing ``loss`` gradient is 0."""
+    if grad_loss is None:
+        grad_loss = torch.zeros((), dtype=torch.float32, device=device)
+    grad_loss = grad_loss.to(torch.float32).contiguous()
+    if grad_sum_D is not None:
+        grad_sum_D = grad_sum_D.to(torch.float32).contiguous()
+    return grad_loss, grad_sum_D
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _DomainCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace):
+        ctx.set_materialize_grads(False)
+        compute_grad = ctx.needs_input_grad[0]
+        loss, loss_sum_D, count_D, grad_NV, saved_5N, n_valid = domain_ce_forward(
+            logits_NV,
+            labels_N,
+            domain_ids_N,
+            num_domains,
+            weights_D,
+            opts,
+            compute_grad=compute_grad,
+            inplace=inplace and compute_grad,
+        )
+        if inplace and compute_grad:
+            # the logits now hold their gradient: an op that saved them must fail loudly in backward
+            torch.autograd.graph.increment_version(logits_NV)
+        ctx.mark_non_differentiable(count_D)
+        ctx.grad_NV = grad_NV
+        ctx.save_for_backward(labels_N, domain_ids_N, weights_D, n_valid, saved_5N)
+        ctx.num_domains, ctx.opts = num_domains, opts
+        return loss, loss_sum_D, count_D
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sum_D, _grad_count):
+        nones = (None,) * 6
+        if grad_loss is None and grad_sum_D is None:
+            return (None, *nones)
+        if ctx.grad_NV is None:
+            raise RuntimeError(
+                "backward through the Triton domain_cross_entropy runs once per forward: its gradient "
+                "buffer was handed to autograd (use the reference backend for retain_graph=True)"
+            )
+        labels_N, domain_ids_N, weights_D, n_valid, saved_5N = ctx.saved_tensors
+        grad_NV, ctx.grad_NV = ctx.grad_NV, None
+        grad_loss, grad_sum_D = upstream_gradients(grad_loss, grad_sum_D, grad_NV.device)
+        domain_ce_backward(
+            grad_NV,
+            labels_N.contiguous(),
+            domain_ids_N.contiguous(),
+            weights_D,
+            n_valid,
+            saved_5N,
+            grad_loss,
+            grad_sum_D,
+            ctx.num_domains,
+            ctx.opts,
+        )
+        return (grad_NV, *nones)
+
+
+def domain_cross_entropy_triton(
+    logits_NV: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    *,
+    ignore_index: int = -100,
+    domain_weights_D: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    inplace: bool = False,
+    deterministic: bool = False,
+    grad_scale: float = 1.0,
+) -> DomainLoss:
+    """The Triton path of :func:`aioli_fast.kernels.domain_cross_entropy` (same arguments and result)."""
+    check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
+    check_options(
+        num_domains,
+        logits_NV.device,
+        domain_weights_D=domain_weights_D,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
+    check_same_device(logits_NV.device, labels=labels_N, domain_ids=domain_ids_N)
+    if inplace and logits_NV.requires_grad and logits_NV.is_leaf:
+        raise ValueError("inplace=True overwrites the logits with their gradient: they must not be a leaf")
+    weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
+    opts = CEOptions(
+        ignore_index=int(ignore_index),
+        lse_square_scale=float(lse_square_scale),
+        softcap=None if softcap is None else float(softcap),
+        deterministic=bool(deterministic),
+        grad_scale=float(grad_scale),
+    )
+    loss, loss_sum_D, count_D = _DomainCrossEntropy.apply(
+        logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace
+    )
+    return DomainLoss(loss, loss_sum_D, count_D)

@@ -1,0 +1,274 @@
+"""Fused linear + per-domain cross-entropy: hidden [N, H] and weight [V, H] to the per-domain loss.
+
+The [N, V] logits are never materialised: the rows are processed in chunks of C tokens. For each chunk
+one matmul makes the chunk's logits [C, V], the cross-entropy kernel of ``domain_ce.py`` overwrites them
+with their gradient (fp32 math, written in the same pass that reads them), and two more matmuls
+contract that gradient into the hidden and weight gradients; the next chunk reuses nothing of it.
+Peak extra memory is one chunk of logits plus the weight gradient.
+
+The gradients are computed in forward for the upstream gradient the caller expects (``grad_scale`` for
+``loss``, none for ``loss_sum``). Backward multiplies them by ``grad_loss / grad_scale`` on the device
+(a uniform factor, so this is exact). When ``loss_sum`` also receives a gradient, each domain's rows
+need their own factor, which cannot be applied after the contraction: backward then recomputes the
+chunks with the true upstream gradients (one more pass of matmuls; correct for any upstream).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .domain_ce import (
+    CEOptions,
+    check_same_device,
+    count_valid,
+    finish_stats,
+    launch_forward,
+    new_buffer,
+    upstream_gradients,
+)
+from .reference import DomainLoss, check_inputs, check_linear_inputs, check_options
+
+
+def default_chunk_size(n_rows: int, hidden_size: int, vocab: int) -> int:
+    """Rows per chunk so that a chunk of logits is about as large as the hidden states (a power of 2)."""
+    n_chunks = triton.cdiv(vocab, max(hidden_size, 1))
+    return max(1, min(triton.next_power_of_2(triton.cdiv(max(n_rows, 1), n_chunks)), 1 << 16))
+
+
+def linear_pass(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    weights_D: torch.Tensor | None,
+    n_valid: torch.Tensor,
+    grad_loss: torch.Tensor,
+    grad_sum_D: torch.Tensor | None,
+    num_domains: int,
+    opts: CEOptions,
+    *,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    weight_grad_fp32: bool,
+    chunk_size: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One chunked pass over the rows.
+
+    ``stats`` = (row_loss [2, N], loss_sum [D], count [D]) to fill, or None (a gradient-only pass).
+    Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) for the upstream gradients given,
+    each None when not needed; grad_weight is fp32 when ``weight_grad_fp32``, grad_bias always fp32.
+    """
+    n_rows, _ = hidden_NH.shape
+    vocab = weight_VH.shape[0]
+    device = hidden_NH.device
+    compute_grad = need_hidden or need_weight or need_bias
+    grad_hidden_NH = new_buffer(hidden_NH.shape, hidden_NH.dtype, device) if need_hidden else None
+    grad_weight_VH = None
+    if need_weight:
+        accum_dtype = torch.float32 if weight_grad_fp32 else weight_VH.dtype
+        grad_weight_VH = torch.zeros(weight_VH.shape, dtype=accum_dtype, device=device)
+    grad_bias_V = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
+    row_loss_2N, loss_sum_D, count_D = stats if stats is not None else (None, None, None)
+
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        hidden_CH = hidden_NH[start:end]
+        if bias_V is None:
+            logits_CV = hidden_CH @ weight_VH.t()
+        else:
+            logits_CV = torch.addmm(bias_V, hidden_CH, weight_VH.t())
+        launch_forward(
+            logits_CV,
+            logits_CV if compute_grad else None,
+            labels_N[start:end],
+            domain_ids_N[start:end],
+            weights_D,
+            n_valid,
+            grad_loss,
+            grad_sum_D,
+            None if row_loss_2N is None else row_loss_2N[:, start:end],
+            None,
+            loss_sum_D,
+            count_D,
+            num_domains,
+            opts,
+        )
+        if not compute_grad:
+            continue
+        grad_CV = logits_CV  # the kernel wrote the gradient over the chunk's logits
+        if need_hidden:
+            torch.mm(grad_CV, weight_VH, out=grad_hidden_NH[start:end])
+        if need_weight:
+            if weight_grad_fp32 and weight_VH.dtype != torch.float32:
+                grad_weight_VH += grad_CV.t() @ hidden_CH
+            else:
+                grad_weight_VH.addmm_(grad_CV.t(), hidden_CH)
+        if need_bias:
+            grad_bias_V += grad_CV.sum(dim=0, dtype=torch.float32)
+    return grad_hidden_NH, grad_weight_VH, grad_bias_V
+
+
+class _LinearDomainCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden_NH,
+        weight_VH,
+        bias_V,
+        labels_N,
+        domain_ids_N,
+        weights_D,
+        num_domains,
+        opts,
+        weight_grad_fp32,
+        chunk_size,
+    ):
+        ctx.set_materialize_grads(False)
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        device = hidden_NH.device
+        n_rows = hidden_NH.shape[0]
+        labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
+        n_valid = count_valid(labels_N, opts.ignore_index)
+        row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
+        loss_sum_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
+        count_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
+        grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
+        config = dict(weight_grad_fp32=weight_grad_fp32, chunk_size=chunk_size)
+        grads = linear_pass(
+            hidden_NH,
+            weight_VH,
+            bias_V,
+            labels_N,
+            domain_ids_N,
+            weights_D,
+            n_valid,
+            grad_loss,
+            None,
+            num_domains,
+            opts,
+            stats=(row_loss_2N, loss_sum_D, count_D),
+            need_hidden=need_hidden,
+            need_weight=need_weight,
+            need_bias=need_bias,
+            **config,
+        )
+        loss, loss_sum_D, count_D = finish_stats(
+            row_loss_2N, n_valid, labels_N, domain_ids_N, loss_sum_D, count_D, num_domains, opts
+        )
+        ctx.mark_non_differentiable(count_D)
+        ctx.grads = grads
+        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid)
+        ctx.num_domains, ctx.opts, ctx.config = num_domains, opts, config
+        return loss, loss_sum_D, count_D
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sum_D, _grad_count):
+        nones = (None,) * 7
+        if grad_loss is None and grad_sum_D is None:
+            return (None, None, None, *nones)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward through the Triton linear_domain_cross_entropy runs once per forward "
+                "(use the reference backend for retain_graph=True)"
+            )
+        hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid = ctx.saved_tensors
+        dtypes = (hidden_NH.dtype, weight_VH.dtype, None if bias_V is None else bias_V.dtype)
+        if grad_sum_D is None:
+            # only `loss` has a gradient: a uniform factor on what forward computed
+            factor = grad_loss.to(torch.float32) / ctx.opts.grad_scale
+            grads = [None if g is None else g * factor for g in ctx.grads]
+        else:
+            need = ctx.needs_input_grad[:3]
+            grad_loss, grad_sum_D = upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device)
+            grads = linear_pass(
+                hidden_NH,
+                weight_VH,
+                bias_V,
+                labels_N,
+                domain_ids_N,
+                weights_D,
+                n_valid,
+                grad_loss,
+                grad_sum_D,
+                ctx.num_domains,
+                ctx.opts,
+                stats=None,
+                need_hidden=need[0],
+                need_weight=need[1],
+                need_bias=need[2],
+                **ctx.config,
+            )
+        ctx.grads = None
+        out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
+        return (*out, *nones)
+
+
+def linear_domain_cross_entropy_triton(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    num_domains: int,
+    *,
+    bias_V: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    domain_weights_D: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    softcap: float | None = None,
+    deterministic: bool = False,
+    grad_scale: float = 1.0,
+    weight_grad_fp32: bool = False,
+    chunk_size: int | None = None,
+) -> DomainLoss:
+    """The Triton path of :func:`aioli_fast.kernels.linear_domain_cross_entropy` (same arguments)."""
+    check_inputs(hidden_NH, labels_N, domain_ids_N, num_domains, name="hidden")
+    check_linear_inputs(hidden_NH, weight_VH, bias_V)
+    check_options(
+        num_domains,
+        hidden_NH.device,
+        domain_weights_D=domain_weights_D,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
+    device = hidden_NH.device
+    check_same_device(device, weight=weight_VH, bias=bias_V, labels=labels_N, domain_ids=domain_ids_N)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if torch.is_autocast_enabled(device.type):
+        # what F.linear would do under autocast: the projection runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(device.type)
+        hidden_NH, weight_VH = hidden_NH.to(dtype), weight_VH.to(dtype)
+        bias_V = None if bias_V is None else bias_V.to(dtype)
+    for name, t in (("weight", weight_VH), ("bias", bias_V)):
+        if t is not None and t.dtype != hidden_NH.dtype:
+            raise ValueError(f"{name} must have the dtype of hidden ({hidden_NH.dtype}), got {t.dtype}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden_NH.shape[0], hidden_NH.shape[1], weight_VH.shape[0])
+    weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
+    opts = CEOptions(
+        ignore_index=int(ignore_index),
+        lse_square_scale=float(lse_square_scale),
+        softcap=None if softcap is None else float(softcap),
+        deterministic=bool(deterministic),
+        grad_scale=float(grad_scale),
+    )
+    with torch.autocast(device.type, enabled=False):
+        loss, loss_sum_D, count_D = _LinearDomainCrossEntropy.apply(
+            hidden_NH,
+            weight_VH,
+            bias_V,
+            labels_N,
+            domain_ids_N,
+            weights_D,
+            num_domains,
+            opts,
+            bool(weight_grad_fp32),
+            chunk_size,
+        )
+    return DomainLoss(loss, loss_sum_D, count_D)
