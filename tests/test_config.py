@@ -176,3 +176,23 @@ def test_dump_round_trips(tmp_path):
         **cfg.to_dict(),
         "train": {**cfg.to_dict()["train"], "name": "resolved"},
     }
+
+
+@pytest.mark.parametrize(
+    "k, eta, U, R, S, f, ema, steps",
+    [
+        (2, 0.2, 250, 4, 4, 0.625, 0.1, 5000),
+        (3, 0.1, 250, 4, 6, 0.5, 0.5, 5000),
+        (7, 1.0, 200, 2, 10, 0.75, 0.1, 40000),
+    ],
+    ids=["2-domains", "3-domains", "7-domains"],
+)
+def test_aioli_paper_presets_build_their_mixer(k, eta, U, R, S, f, ema, steps):
+    from aioli_fast.mixing import build_mixer
+
+    cfg = load_config(CONFIGS / f"paper_{k}domains.yaml")
+    assert cfg.train.steps == steps and cfg.model.preset == "pythia-160m"
+    mixer = build_mixer("aioli", [f"d{i}" for i in range(k)], **cfg.mixing.options())
+    assert (mixer.eta, mixer.U, mixer.R, mixer.S, mixer.f, mixer.ema) == (eta, U, R, S, f, ema)
+    assert mixer.use_ema and mixer.measurement == "full_val"
+    assert mixer.learn_steps == R * k * S < U

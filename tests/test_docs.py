@@ -1,6 +1,9 @@
 """Every config key is documented, and the README's commands are the ones CI runs."""
 
+import ast
+import contextlib
 import dataclasses
+import io
 import re
 from pathlib import Path
 
@@ -23,3 +26,19 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     command = "python3 install.py --dev && python3 -m pytest"
     assert command in readme and command in ci
+
+
+def test_the_own_loop_example_in_the_mixing_docs_runs():
+    text = (ROOT / "docs" / "mixing.md").read_text()
+    code = (
+        text.split("## A mixer inside your own training loop", 1)[1]
+        .split("```python\n", 1)[1]
+        .split("```", 1)[0]
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/mixing.md", "exec"), {"__name__": "docs_example"})
+    proportions = ast.literal_eval(out.getvalue().strip())
+    assert set(proportions) == {"code", "law", "web"}
+    assert abs(sum(proportions.values()) - 1) < 1e-5
+    assert proportions != {d: 1 / 3 for d in proportions}  # two rounds moved them away from uniform

@@ -241,8 +241,8 @@ class AioliMixer(Mixer):
             if self.diagonal
             else lmo.solve_mixing_law(G_kk, self.W_inv_kk)
         )
+        ok = torch.isfinite(A_kk).all()  # before normalising, which would map a non-finite A to zeros
         A_kk = lmo.normalize_mixing_matrix(A_kk)
-        ok = torch.isfinite(A_kk).all()
         if self.use_ema:
             A_bar = torch.where(self._has_A_bar, lmo.ema_matrix(A_kk, self._A_bar_kk, self.ema), A_kk)
             p_new = lmo.ema_proportions(A_bar, self.eta)
