@@ -43,7 +43,7 @@ def load_reference_losses(path: str | Path, domains: list[str]) -> list[float]:
     if missing:
         raise ConfigError(f"mixing.reference: {path} has no loss for domain(s) {missing}")
     values = [data[d] for d in domains]
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise ConfigError(f"mixing.reference: {path} must give a finite number per domain, got {values}")
     return [float(v) for v in values]
 
@@ -58,6 +58,7 @@ class DoReMiMixer(OnlineMixer):
         "log_weights": "log_alpha_D",
         "reference_window": "_ref_window_2D",
         "proportions_sum": "proportions_sum_D",
+        "averaged_updates": "averaged_updates",
     }
 
     def __init__(self, domains, device="cpu", proportions=None, **options):
@@ -87,6 +88,7 @@ class DoReMiMixer(OnlineMixer):
         self.log_alpha_D = torch.log(self._proportions_D)
         self._ref_window_2D = torch.zeros(2, self.num_domains, device=self.device)
         self.proportions_sum_D = torch.zeros(self.num_domains, device=self.device)
+        self.averaged_updates = torch.zeros((), dtype=torch.int64, device=self.device)
 
     @property
     def needs_reference_model(self) -> bool:
@@ -107,16 +109,18 @@ class DoReMiMixer(OnlineMixer):
             reference_D = torch.where(counts > 0, reference_D, torch.full_like(reference_D, float("nan")))
         lam_D = excess_loss(loss_D, reference_D)
         log_alpha = self.log_alpha_D + self.eta * lam_D
-        self.log_alpha_D = log_alpha - torch.logsumexp(log_alpha, dim=-1)  # normalised, stays bounded
-        p_D = (1 - self.c) * torch.exp(self.log_alpha_D) + self.c / self.num_domains
-        self.proportions_sum_D = self.proportions_sum_D + p_D
+        log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=-1)  # normalised, stays bounded
+        p_D = (1 - self.c) * torch.exp(log_alpha) + self.c / self.num_domains
+        ok = torch.isfinite(p_D).all()  # an overflowing window leaves no trace (and is counted by the caller)
+        self.log_alpha_D = torch.where(ok, log_alpha, self.log_alpha_D)
+        self.proportions_sum_D = torch.where(ok, self.proportions_sum_D + p_D, self.proportions_sum_D)
+        self.averaged_updates = self.averaged_updates + ok.to(torch.int64)
         return p_D
 
     def average_proportions(self) -> torch.Tensor:
-        """DoReMi's output: the mean of the proportions over the updates so far (the start if none)."""
-        if self.num_updates == 0:
-            return self._proportions_D
-        return self.proportions_sum_D / self.num_updates
+        """DoReMi's output: the mean of the proportions over the applied updates (the start if none)."""
+        n = self.averaged_updates
+        return torch.where(n > 0, self.proportions_sum_D / n.clamp_min(1), self._proportions_D)
 
     def summary(self) -> dict:
         return {"average_proportions": dict(zip(self.domains, self.average_proportions().tolist()))}

@@ -141,6 +141,7 @@ def normalize_mixing_matrix(A: torch.Tensor) -> torch.Tensor:
     """Shift A by its minimum when that is negative, then divide by its sum ([..., k, k], batched).
 
     An all-equal A (sum 0 after the shift) becomes all zeros, which leaves the proportions unchanged.
+    A non-finite A also becomes zeros: check ``torch.isfinite(A)`` *before* normalising to skip it.
     """
     lo = A.amin(dim=(-2, -1), keepdim=True).clamp(max=0)
     A = A - lo

@@ -50,6 +50,9 @@ class ODMMixer(OnlineMixer):
         seen = torch.isfinite(loss_D)
         estimate = torch.where(seen, loss_D / self._proportions_D.clamp_min(1e-12), self.reward_D)
         smoothed = self.alpha * self.reward_D + (1 - self.alpha) * estimate
-        self.reward_D = torch.where(seen, smoothed, self.reward_D)
+        reward_D = torch.where(seen, smoothed, self.reward_D)
         t, k = self.num_updates, self.num_domains  # updates before this one
-        return exp3_policy(self.reward_D, exploration_rate(k, t), exploration_rate(k, t + 1))
+        policy_D = exp3_policy(reward_D, exploration_rate(k, t), exploration_rate(k, t + 1))
+        ok = torch.isfinite(reward_D).all() & torch.isfinite(policy_D).all()
+        self.reward_D = torch.where(ok, reward_D, self.reward_D)  # an overflowing window leaves no trace
+        return policy_D  # the caller skips (and counts) a non-finite policy

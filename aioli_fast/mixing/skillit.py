@@ -62,7 +62,9 @@ def load_skills_graph(path: str | Path, domains: list[str]) -> list[list[float]]
             f"mixing.skills_graph: {path} must be a {k}x{k} list of lists or a mapping of mappings"
         )
     flat = [v for row in rows for v in row]
-    if not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in flat):
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in flat
+    ):
         raise ConfigError(f"mixing.skills_graph: {path} must hold finite non-negative numbers")
     return [[float(v) for v in row] for row in rows]
 
