@@ -1,4 +1,4 @@
-"""The ``aioli-fast`` command: prepare, train, eval, demo.
+"""The ``aioli-fast`` command: prepare, verify, train, eval, skills-graph, demo.
 
 Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
 and exit status 2; nothing half-written is left looking complete.
@@ -110,6 +110,21 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(Path(args.out), results)
 
 
+def _cmd_skills_graph(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train.skills import learn_skills_graph
+
+    cfg = load_config(args.config, args.overrides)
+    details = learn_skills_graph(cfg, args.steps, args.out)
+    names = list(details["graph"])
+    width = max(10, *(len(n) for n in names))
+    print("skills graph S[i, j] (row i: how much training on column j lowers domain i's val loss)")
+    print(f"{'':<{width}}" + "".join(f"  {n:>{width}}" for n in names))
+    for i in names:
+        print(f"{i:<{width}}" + "".join(f"  {details['graph'][i][j]:>{width}.4f}" for j in names))
+    print(f"wrote {args.out}; use it with mixing.method=skillit mixing.skills_graph={args.out}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -179,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "skills-graph", help="learn Skill-it's skills graph from short single-domain runs of a config"
+    )
+    p.add_argument("--config", help="YAML config of the run (model, data, optimizer)")
+    p.add_argument(
+        "--steps", type=_positive_int, required=True, help="training steps of each single-domain run"
+    )
+    p.add_argument("--out", required=True, help="JSON file for the graph (details beside it)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.batch_size=8")
+    p.set_defaults(func=_cmd_skills_graph)
 
     p = sub.add_parser(
         "demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)"

@@ -228,3 +228,42 @@ def test_the_loop_reads_the_learned_proportions_once_per_round(corpus, monkeypat
     _train(corpus, "aioli-reads", mixing, steps=20)
     # steps 0-5 and 10-15 are LearnParams (host-known rows); 6-9 and 16-19 use the p learned in each round
     assert len(reads) == 2
+
+
+def test_skills_graph_from_single_domain_runs_feeds_skillit(corpus, capsys):
+    from aioli_fast.cli import main
+
+    out = corpus / "graph.json"
+    code = main(
+        [
+            "skills-graph",
+            "--steps",
+            "6",
+            "--out",
+            str(out),
+            f"data.path={corpus / 'corpus'}",
+            "model.preset=tiny",
+            "optim.lr=3e-3",
+            "train.batch_size=6",
+            "train.device=cpu",
+            "train.progress=false",
+            f"train.out_dir={corpus / 'runs'}",
+            "eval.max_sequences=8",
+        ]
+    )
+    assert code == 0
+    graph = json.loads(out.read_text())
+    assert list(graph) == DOMAINS and all(list(row) == DOMAINS for row in graph.values())
+    values = [v for row in graph.values() for v in row.values()]
+    assert all(v >= 0 for v in values) and max(values) > 0
+    details = json.loads((corpus / "graph.details.json").read_text())
+    for j in DOMAINS:  # training on a domain alone lowers its own validation loss
+        assert details["after"][j][j] < details["before"][j]
+        assert graph[j][j] > 0
+    # the column sums are scaled so that the largest is 1
+    assert max(sum(graph[i][j] for i in DOMAINS) for j in DOMAINS) == pytest.approx(1.0)
+    assert "wrote" in capsys.readouterr().out
+    final, _ = _train(
+        corpus, "skillit-learned", {"method": "skillit", "skills_graph": str(out), "update_every": 4}
+    )
+    assert final["mixer"]["skipped_updates"] == 0
