@@ -181,6 +181,14 @@ class AioliMixer(Mixer):
         j = self._block_mixture(step)
         return list(self._host_rows[j]) if j is not None else None
 
+    def schedule(self, step: int) -> list[list[float]] | None:
+        """At the first step of a round's LearnParams: the smoothed one-hot mixture of each of its steps."""
+        where = self.locate(step)
+        if where is None or where[1] != 0:
+            return None
+        order = self.order(where[0])
+        return [list(self._host_rows[order[n // self.S]]) for n in range(self.learn_steps)]
+
     def measurement_due(self, step: int) -> bool:
         return self.measurement != "train" and self._boundary(step) is not None
 

@@ -110,6 +110,14 @@ class Mixer:
         """The proportions of ``step`` when the host knows them without reading the device, else None."""
         return None
 
+    def schedule(self, step: int) -> list[list[float]] | None:
+        """Host-known proportions of steps ``step, step + 1, ...`` when a block of them starts here.
+
+        The loop hands such a block to the data stream in one call (``MixtureStream.set_schedule``), so
+        prefetching workers can read ahead across its changes of proportions. None: no such block.
+        """
+        return None
+
     def host_proportions(self, step: int) -> list[float]:
         """The proportions of ``step`` as Python floats, for the data stream.
 

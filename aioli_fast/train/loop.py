@@ -243,7 +243,7 @@ def train(cfg: RunConfig) -> RunResult:
     num_domains = len(domains)
     host_proportions = mixer.host_proportions(0)
     proportions_D = None  # set (with the stream's proportions) at the first step, after any measurement
-    measurements, measure_time = 0, 0.0
+    measurements, measure_time, scheduled_until = 0, 0.0, 0
     stream = MixtureStream(
         manifest,
         domains,
@@ -277,11 +277,16 @@ def train(cfg: RunConfig) -> RunResult:
                 mixer.observe_measurement(step, *measure(model))
                 measurements += 1
                 measure_time += time.perf_counter() - measure_start
+            schedule = mixer.schedule(step)
+            if schedule:  # host-known proportions of the coming steps: the stream can read ahead
+                stream.set_schedule(schedule, start=step)
+                scheduled_until = step + len(schedule)
             current = mixer.proportions(step)
             if current is not proportions_D:  # a new tensor means new proportions: one small read
                 proportions_D = current
                 host_proportions = mixer.host_proportions(step)
-                stream.set_proportions(host_proportions, step=step)
+                if step >= scheduled_until:
+                    stream.set_proportions(host_proportions, step=step)
             batch = next(stream)
             if device.type == "cuda":
                 batch = batch.pin_memory()
@@ -332,6 +337,7 @@ def train(cfg: RunConfig) -> RunResult:
                     "domain_loss": {d: (s / c if c else None) for d, s, c in zip(domains, sums, counts)},
                     "proportions": dict(zip(domains, host_proportions)),
                     **{f"mixer_{k}": v.item() for k, v in mixer.metrics().items()},
+                    **{f"data_{k}": v for k, v in stream.metrics().items()},
                     "lr": lr,
                     "tokens": total_tokens,
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
