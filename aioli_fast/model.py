@@ -238,6 +238,7 @@ class GPT(nn.Module):
         num_domains: int,
         *,
         ignore_index: int = -100,
+        loss_backend: str | None = None,
     ) -> ModelOutput:
         """Loss of next-token prediction, with per-domain statistics.
 
@@ -246,6 +247,9 @@ class GPT(nn.Module):
             labels: [B, T] target ids, ``ignore_index`` where no loss is taken.
             domain_ids: [B] domain of each sequence (every token of a sequence shares it) or [B, T].
             num_domains: D.
+            loss_backend: the kernel backend of the loss (``"triton"``, ``"reference"``; default: the
+                dispatch of :func:`aioli_fast.kernels.linear_domain_cross_entropy`). The reference allows
+                several backward passes through one forward (``retain_graph``), as per-domain gradients need.
 
         Returns:
             ModelOutput(loss [], loss_sum [D], count [D]), fp32.
@@ -265,5 +269,6 @@ class GPT(nn.Module):
             domain_ids.reshape(B * T),
             num_domains,
             ignore_index=ignore_index,
+            backend=loss_backend,
         )
         return out

@@ -165,12 +165,22 @@ def load_reference_model(mixer: Mixer, manifest: Manifest, device: torch.device)
 
 
 def domain_alignment(
-    model: GPT, out, probe: tuple[torch.Tensor, torch.Tensor], num_domains: int
+    model: GPT,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    num_domains: int,
 ) -> torch.Tensor:
-    """[D] alignment of each domain's training gradient (from ``out``) with the probe's gradient."""
-    tokens, domain_ids = probe
-    val = model(tokens[:, :-1], tokens[:, 1:], domain_ids.to(torch.int32), num_domains)
+    """[D] alignment of each domain's training gradient on a micro-batch with the probe's gradient.
+
+    Its own forward of the micro-batch through the reference loss, which allows the D backward passes
+    through one graph (the Triton loss frees its saved state after one backward).
+    """
+    tokens, probe_ids = probe
+    val = model(tokens[:, :-1], tokens[:, 1:], probe_ids.to(torch.int32), num_domains)
     val_loss = (val.loss_sum / val.count.clamp_min(1)).sum()
+    out = model(input_ids, labels, domain_ids, num_domains, loss_backend="reference")
     train_loss_D = out.loss_sum / out.count.clamp_min(1)
     return gradient_alignment(list(model.parameters()), train_loss_D, val_loss)
 
@@ -299,7 +309,16 @@ def train(cfg: RunConfig) -> RunResult:
                 with autocast_context(device, precision):
                     out = model(batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl], num_domains)
                 if i == 0 and mixer.needs_gradients and mixer.alignment_due(step):
-                    mixer.observe_alignment(step, domain_alignment(model, out, gradient_probe, num_domains))
+                    with autocast_context(device, precision):
+                        scores_D = domain_alignment(
+                            model,
+                            batch.input_ids[sl],
+                            batch.labels[sl],
+                            batch.domain_ids[sl],
+                            gradient_probe,
+                            num_domains,
+                        )
+                    mixer.observe_alignment(step, scores_D)
                 (out.loss / n_micro).backward()
                 loss_sum_D, count_D = out.loss_sum.detach(), out.count
                 mixer.observe(step, loss_sum_D, count_D)
