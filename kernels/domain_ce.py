@@ -33,8 +33,9 @@ from .reference import DomainLoss, check_inputs, check_options
 
 # Largest vocabulary block one program holds in registers per step (tests lower it to force many blocks).
 MAX_BLOCK_V = 8192
-# Rows of the per-row state kept for backward.
-SAVED_ZFAC, SAVED_REST, SAVED_SCALE, SAVED_LABEL_COEF, SAVED_CAPGRAD = range(5)
+# Rows of the per-row state kept for backward. The kernels read them as globals, which the compiler
+# (unlike the interpreter) accepts only for tl.constexpr values.
+SAVED_ZFAC, SAVED_REST, SAVED_SCALE, SAVED_LABEL_COEF, SAVED_CAPGRAD = (tl.constexpr(i) for i in range(5))
 NUM_SAVED = 5
 
 
