@@ -217,6 +217,17 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / ms / 1e6
 
 
+def warm_peak_gb(run) -> float:
+    """Calls ``run`` twice (the first warms up); peak GB allocated by the second beyond what was held."""
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
 def time_fwd_bwd(impl, logits, labels, domains, d, *, inplace=False) -> tuple[float, float]:
     """(median ms, peak extra GB) of forward + backward of the mean loss."""
     from triton.testing import do_bench
@@ -228,13 +239,7 @@ def time_fwd_bwd(impl, logits, labels, domains, d, *, inplace=False) -> tuple[fl
         x = base.view_as(base) if inplace else base  # in place needs a non-leaf
         impl(x, labels, domains, d)[0].backward()
 
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 1e9
+    peak = warm_peak_gb(run)
     ms = do_bench(run, warmup=25, rep=200, return_mode="median")
     return ms, peak
 
@@ -253,13 +258,7 @@ def time_linear(impl_name, hidden, weight, labels, domains, d) -> tuple[float, f
             loss = linear_domain_cross_entropy(h, w, labels, domains, d).loss
         loss.backward()
 
-    run()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 1e9
+    peak = warm_peak_gb(run)
     return do_bench(run, warmup=5, rep=100, return_mode="median"), peak
 
 

@@ -90,6 +90,24 @@ def _check_common(ignore_index: object, grad_scale: object, deterministic: objec
     _check_flag("deterministic", deterministic)
 
 
+def _checked_options(
+    ignore_index: object,
+    grad_scale: object,
+    deterministic: object,
+    domain_weights: torch.Tensor | None,
+    lse_square_scale: float,
+    softcap: float | None,
+) -> dict:
+    """Check the options both public functions share; the keyword arguments both backends take."""
+    _check_common(ignore_index, grad_scale, deterministic)
+    return dict(
+        ignore_index=ignore_index,
+        domain_weights_D=domain_weights,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
+
+
 def domain_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -129,14 +147,10 @@ def domain_cross_entropy(
         ignored); ``loss_sum`` is the plain cross-entropy sum per domain. ``loss`` and ``loss_sum`` are
         differentiable in ``logits``. No host synchronisation.
     """
-    _check_common(ignore_index, grad_scale, deterministic)
-    _check_flag("inplace", inplace)
-    options = dict(
-        ignore_index=ignore_index,
-        domain_weights_D=domain_weights,
-        lse_square_scale=lse_square_scale,
-        softcap=softcap,
+    options = _checked_options(
+        ignore_index, grad_scale, deterministic, domain_weights, lse_square_scale, softcap
     )
+    _check_flag("inplace", inplace)
     if resolve_backend(logits.device, backend) == "reference":
         return domain_cross_entropy_reference(logits, labels, domain_ids, num_domains, **options)
     from .domain_ce import domain_cross_entropy_triton
@@ -186,15 +200,11 @@ def linear_domain_cross_entropy(
     Returns:
         DomainLoss as in :func:`domain_cross_entropy`; differentiable in hidden, weight and bias.
     """
-    _check_common(ignore_index, grad_scale, deterministic)
-    _check_flag("weight_grad_fp32", weight_grad_fp32)
-    options = dict(
-        bias_V=bias,
-        ignore_index=ignore_index,
-        domain_weights_D=domain_weights,
-        lse_square_scale=lse_square_scale,
-        softcap=softcap,
+    options = _checked_options(
+        ignore_index, grad_scale, deterministic, domain_weights, lse_square_scale, softcap
     )
+    _check_flag("weight_grad_fp32", weight_grad_fp32)
+    options = dict(bias_V=bias, **options)
     if resolve_backend(hidden.device, backend) == "reference":
         return linear_domain_cross_entropy_reference(
             hidden, weight, labels, domain_ids, num_domains, **options

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import DomainLoss, check_inputs, check_options
+from .reference import DomainLoss, check_call
 
 # Largest vocabulary block one program holds in registers per step (tests lower it to force many blocks).
 MAX_BLOCK_V = 8192
@@ -321,6 +321,49 @@ def count_valid(labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels_N != ignore_index).sum(dtype=torch.float32)
 
 
+def kernel_options(
+    domain_weights_D: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    lse_square_scale: float,
+    softcap: float | None,
+    deterministic: bool,
+    grad_scale: float,
+) -> tuple[torch.Tensor | None, CEOptions]:
+    """(fp32 contiguous domain weights or None, CEOptions) from the validated public arguments."""
+    weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
+    opts = CEOptions(
+        ignore_index=int(ignore_index),
+        lse_square_scale=float(lse_square_scale),
+        softcap=None if softcap is None else float(softcap),
+        deterministic=bool(deterministic),
+        grad_scale=float(grad_scale),
+    )
+    return weights_D, opts
+
+
+def forward_state(
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    n_rows: int,
+    num_domains: int,
+    opts: CEOptions,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a forward pass over N rows starts from.
+
+    Returns (labels [N] and domain_ids [N] made contiguous, n_valid [], row_loss [2, N] to be fully
+    written, loss_sum [D] and count [D] zeroed, grad_loss [] = ``opts.grad_scale``).
+    """
+    labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
+    n_valid = count_valid(labels_N, opts.ignore_index)
+    row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
+    loss_sum_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
+    count_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
+    grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
+    return labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss
+
+
 def launch_forward(
     logits_NV: torch.Tensor,
     grad_NV: torch.Tensor | None,
@@ -446,16 +489,13 @@ def domain_ce_forward(
         if inplace:
             raise ValueError("inplace=True needs logits with unit stride along the vocabulary")
         logits_NV = logits_NV.contiguous()
-    labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
-    n_valid = count_valid(labels_N, opts.ignore_index)
-    row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
-    zeros_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
-    loss_sum_D, count_D = zeros_D, zeros_D.clone()
+    labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss = forward_state(
+        labels_N, domain_ids_N, n_rows, num_domains, opts, device
+    )
     grad_NV = saved_5N = None
     if compute_grad:
         grad_NV = logits_NV if inplace else new_buffer(logits_NV.shape, logits_NV.dtype, device)
         saved_5N = new_buffer((NUM_SAVED, n_rows), torch.float32, device)
-    grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
     launch_forward(
         logits_NV,
         grad_NV,
@@ -600,10 +640,11 @@ def domain_cross_entropy_triton(
     grad_scale: float = 1.0,
 ) -> DomainLoss:
     """The Triton path of :func:`aioli_fast.kernels.domain_cross_entropy` (same arguments and result)."""
-    check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
-    check_options(
+    check_call(
+        logits_NV,
+        labels_N,
+        domain_ids_N,
         num_domains,
-        logits_NV.device,
         domain_weights_D=domain_weights_D,
         lse_square_scale=lse_square_scale,
         softcap=softcap,
@@ -611,13 +652,13 @@ def domain_cross_entropy_triton(
     check_same_device(logits_NV.device, labels=labels_N, domain_ids=domain_ids_N)
     if inplace and logits_NV.requires_grad and logits_NV.is_leaf:
         raise ValueError("inplace=True overwrites the logits with their gradient: they must not be a leaf")
-    weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
-    opts = CEOptions(
-        ignore_index=int(ignore_index),
-        lse_square_scale=float(lse_square_scale),
-        softcap=None if softcap is None else float(softcap),
-        deterministic=bool(deterministic),
-        grad_scale=float(grad_scale),
+    weights_D, opts = kernel_options(
+        domain_weights_D,
+        ignore_index=ignore_index,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+        deterministic=deterministic,
+        grad_scale=grad_scale,
     )
     loss, loss_sum_D, count_D = _DomainCrossEntropy.apply(
         logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace

@@ -21,13 +21,14 @@ import triton
 from .domain_ce import (
     CEOptions,
     check_same_device,
-    count_valid,
     finish_stats,
+    forward_state,
+    kernel_options,
     launch_forward,
     new_buffer,
     upstream_gradients,
 )
-from .reference import DomainLoss, check_inputs, check_linear_inputs, check_options
+from .reference import DomainLoss, check_call
 
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab: int) -> int:
@@ -129,23 +130,13 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
     ):
         ctx.set_materialize_grads(False)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        device = hidden_NH.device
-        n_rows = hidden_NH.shape[0]
-        labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
-        n_valid = count_valid(labels_N, opts.ignore_index)
-        row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
-        loss_sum_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
-        count_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
-        grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
+        labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss = forward_state(
+            labels_N, domain_ids_N, hidden_NH.shape[0], num_domains, opts, hidden_NH.device
+        )
         config = dict(weight_grad_fp32=weight_grad_fp32, chunk_size=chunk_size)
+        inputs = (hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid)
         grads = linear_pass(
-            hidden_NH,
-            weight_VH,
-            bias_V,
-            labels_N,
-            domain_ids_N,
-            weights_D,
-            n_valid,
+            *inputs,
             grad_loss,
             None,
             num_domains,
@@ -161,7 +152,7 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(count_D)
         ctx.grads = grads
-        ctx.save_for_backward(hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid)
+        ctx.save_for_backward(*inputs)
         ctx.num_domains, ctx.opts, ctx.config = num_domains, opts, config
         return loss, loss_sum_D, count_D
 
@@ -175,7 +166,8 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
                 "backward through the Triton linear_domain_cross_entropy runs once per forward "
                 "(use the reference backend for retain_graph=True)"
             )
-        hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid = ctx.saved_tensors
+        inputs = ctx.saved_tensors  # hidden, weight, bias, labels, domain_ids, weights_D, n_valid
+        hidden_NH, weight_VH, bias_V = inputs[:3]
         dtypes = (hidden_NH.dtype, weight_VH.dtype, None if bias_V is None else bias_V.dtype)
         if grad_sum_D is None:
             # only `loss` has a gradient: a uniform factor on what forward computed
@@ -185,13 +177,7 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
             need = ctx.needs_input_grad[:3]
             grad_loss, grad_sum_D = upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device)
             grads = linear_pass(
-                hidden_NH,
-                weight_VH,
-                bias_V,
-                labels_N,
-                domain_ids_N,
-                weights_D,
-                n_valid,
+                *inputs,
                 grad_loss,
                 grad_sum_D,
                 ctx.num_domains,
@@ -225,14 +211,15 @@ def linear_domain_cross_entropy_triton(
     chunk_size: int | None = None,
 ) -> DomainLoss:
     """The Triton path of :func:`aioli_fast.kernels.linear_domain_cross_entropy` (same arguments)."""
-    check_inputs(hidden_NH, labels_N, domain_ids_N, num_domains, name="hidden")
-    check_linear_inputs(hidden_NH, weight_VH, bias_V)
-    check_options(
+    check_call(
+        hidden_NH,
+        labels_N,
+        domain_ids_N,
         num_domains,
-        hidden_NH.device,
         domain_weights_D=domain_weights_D,
         lse_square_scale=lse_square_scale,
         softcap=softcap,
+        projection=(weight_VH, bias_V),
     )
     device = hidden_NH.device
     check_same_device(device, weight=weight_VH, bias=bias_V, labels=labels_N, domain_ids=domain_ids_N)
@@ -250,13 +237,13 @@ def linear_domain_cross_entropy_triton(
             raise ValueError(f"{name} must have the dtype of hidden ({hidden_NH.dtype}), got {t.dtype}")
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_NH.shape[0], hidden_NH.shape[1], weight_VH.shape[0])
-    weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
-    opts = CEOptions(
-        ignore_index=int(ignore_index),
-        lse_square_scale=float(lse_square_scale),
-        softcap=None if softcap is None else float(softcap),
-        deterministic=bool(deterministic),
-        grad_scale=float(grad_scale),
+    weights_D, opts = kernel_options(
+        domain_weights_D,
+        ignore_index=ignore_index,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+        deterministic=deterministic,
+        grad_scale=grad_scale,
     )
     with torch.autocast(device.type, enabled=False):
         loss, loss_sum_D, count_D = _LinearDomainCrossEntropy.apply(

@@ -108,6 +108,33 @@ def check_options(
             raise ValueError(f"domain_weights must be on {device}, got {domain_weights_D.device}")
 
 
+def check_call(
+    logits_or_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    *,
+    domain_weights_D: torch.Tensor | None,
+    lse_square_scale: float,
+    softcap: float | None,
+    projection: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> None:
+    """:func:`check_inputs`, :func:`check_linear_inputs` for a ``projection`` (weight [V, H], bias [V]
+    or None) of hidden states, then :func:`check_options` (metadata only, no host sync)."""
+    if projection is None:
+        check_inputs(logits_or_hidden, labels, domain_ids, num_domains)
+    else:
+        check_inputs(logits_or_hidden, labels, domain_ids, num_domains, name="hidden")
+        check_linear_inputs(logits_or_hidden, *projection)
+    check_options(
+        num_domains,
+        logits_or_hidden.device,
+        domain_weights_D=domain_weights_D,
+        lse_square_scale=lse_square_scale,
+        softcap=softcap,
+    )
+
+
 def domain_cross_entropy_reference(
     logits_NV: torch.Tensor,
     labels_N: torch.Tensor,
@@ -133,10 +160,11 @@ def domain_cross_entropy_reference(
     Returns:
         DomainLoss(loss [], loss_sum [D], count [D]), all fp32 on the logits' device.
     """
-    check_inputs(logits_NV, labels_N, domain_ids_N, num_domains)
-    check_options(
+    check_call(
+        logits_NV,
+        labels_N,
+        domain_ids_N,
         num_domains,
-        logits_NV.device,
         domain_weights_D=domain_weights_D,
         lse_square_scale=lse_square_scale,
         softcap=softcap,

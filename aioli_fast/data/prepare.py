@@ -29,6 +29,7 @@ import shutil
 import sys
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -394,91 +395,92 @@ def _complete(out: Path, record: dict | None) -> bool:
         return False
 
 
-def _prepare_domain(
-    out,
-    name,
-    files,
-    skipped,
-    tok,
-    tok_args,
-    seq_len,
-    fractions,
-    shard_sequences,
-    text_field,
-    seed,
-    progress,
-    dtype,
-    settings,
-    state,
-    pool,
-) -> dict:
+@dataclass(frozen=True)
+class _PrepareRun:
+    """What every domain of one prepare run shares (``state`` is the staging state, updated in place)."""
+
+    out: Path
+    tok_args: tuple
+    seq_len: int
+    fractions: dict
+    shard_sequences: int
+    text_field: str
+    seed: int
+    progress: bool
+    dtype: object
+    settings: dict
+    state: dict
+    pool: object
+
+
+def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: list[Path]) -> dict:
     """Tokenize, split, pack and write one domain (or reuse it from an earlier, interrupted run)."""
-    fingerprint = _fingerprint(settings, name, files)
-    done = state["domains"].get(name)
+    fingerprint = _fingerprint(run.settings, name, files)
+    done = run.state["domains"].get(name)
     if done is not None and done["fingerprint"] == fingerprint:
         shards = [sh for sp in done["entry"]["splits"].values() for sh in sp["shards"]]
-        if all(_complete(out, sh) for sh in shards):
-            if progress:
+        if all(_complete(run.out, sh) for sh in shards):
+            if run.progress:
                 print(f"prepared {name}: reused from the interrupted run", file=sys.stderr)
             return done["entry"]
-    folder = out / name
+    folder = run.out / name
     for tmp in folder.glob(".*") if folder.exists() else []:
         tmp.unlink()  # a shard whose write was interrupted
     if folder.exists() and any(
-        state["shards"].get(f"{name}/{p.name}", {}).get("fingerprint") != fingerprint
+        run.state["shards"].get(f"{name}/{p.name}", {}).get("fingerprint") != fingerprint
         for p in folder.iterdir()
     ):
         shutil.rmtree(folder)  # shards of other settings or inputs
     folder.mkdir(exist_ok=True)
 
-    bar = progress_bar(len(files), f"tokenize {name}", "file", progress)
+    bar = progress_bar(len(files), f"tokenize {name}", "file", run.progress)
     try:
-        hashes, docs_ids = _tokenize(files, text_field, seed, tok_args, pool, bar)
+        hashes, docs_ids = _tokenize(files, run.text_field, run.seed, run.tok_args, run.pool, bar)
     finally:
         if bar is not None:
             bar.close()
     if not docs_ids:
         raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
-    assigned = assign_splits(hashes, [len(d) for d in docs_ids], seq_len, fractions)
+    assigned = assign_splits(hashes, [len(d) for d in docs_ids], run.seq_len, run.fractions)
     order = sorted(range(len(docs_ids)), key=lambda i: hashes[i])
     splits = {}
     for split in SPLITS:
-        if split != "train" and fractions[split] == 0:
+        if split != "train" and run.fractions[split] == 0:
             continue
         # Documents of a split are packed in the order of their hashes: the shards depend on the
         # documents' content only, not on file names or read order.
         members = [docs_ids[i] for i in order if assigned[i] == split]
         tokens = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
-        samples = pack(tokens, seq_len)
+        samples = pack(tokens, run.seq_len)
         if len(samples) == 0:
-            need = f"more than {seq_len} tokens"
+            need = f"more than {run.seq_len} tokens"
             raise AioliError(
                 f"domain {name!r}: the {split} split has {len(tokens)} tokens from {len(members)} "
                 f"document(s), {need} are needed for one sequence; add text, lower --seq-len"
                 + ("" if split == "train" else f" or change --{split}-fraction")
             )
-        samples = samples.astype(dtype)
+        samples = samples.astype(run.dtype)
         shards = []
-        for i, start in enumerate(range(0, len(samples), shard_sequences)):
-            chunk = samples[start : start + shard_sequences]
+        for i, start in enumerate(range(0, len(samples), run.shard_sequences)):
+            chunk = samples[start : start + run.shard_sequences]
             rel = f"{name}/{split}-{i:05d}.tar"
-            record = state["shards"].get(rel)
+            record = run.state["shards"].get(rel)
             if not (
-                _complete(out, record)
+                _complete(run.out, record)
                 and record["fingerprint"] == fingerprint
                 and record["sequences"] == len(chunk)
             ):
                 keys = [f"{name}-{split}-{start + j:09d}" for j in range(len(chunk))]
-                sha, size = write_shard(out / rel, keys, chunk)
+                sha, size = write_shard(run.out / rel, keys, chunk)
                 record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
-                state["shards"][rel] = {**record, "fingerprint": fingerprint}
-                atomic_write_json(out / STATE_NAME, state)
+                run.state["shards"][rel] = {**record, "fingerprint": fingerprint}
+                atomic_write_json(run.out / STATE_NAME, run.state)
             shards.append({k: record[k] for k in ("path", "sequences", "sha256", "bytes")})
         splits[split] = {
             "documents": len(members),
             "tokens": int(len(tokens)),
             "sequences": int(len(samples)),
-            "dropped_tokens": int(len(tokens) - (len(samples) * seq_len + 1)),
+            "dropped_tokens": int(len(tokens) - (len(samples) * run.seq_len + 1)),
             "shards": shards,
         }
     entry = {
@@ -489,9 +491,9 @@ def _prepare_domain(
         "documents": len(docs_ids),
         "splits": splits,
     }
-    state["domains"][name] = {"fingerprint": fingerprint, "entry": entry}
-    atomic_write_json(out / STATE_NAME, state)
-    if progress:
+    run.state["domains"][name] = {"fingerprint": fingerprint, "entry": entry}
+    atomic_write_json(run.out / STATE_NAME, run.state)
+    if run.progress:
         summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
         print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
     return entry
@@ -525,26 +527,22 @@ def _prepare_into(
     if pool is None:
         _init_worker(*tok_args)
     try:
+        run = _PrepareRun(
+            out=out,
+            tok_args=tok_args,
+            seq_len=seq_len,
+            fractions=fractions,
+            shard_sequences=shard_sequences,
+            text_field=text_field,
+            seed=seed,
+            progress=progress,
+            dtype=dtype,
+            settings=settings,
+            state=state,
+            pool=pool,
+        )
         domain_entries = [
-            _prepare_domain(
-                out,
-                name,
-                files,
-                skipped,
-                tok,
-                tok_args,
-                seq_len,
-                fractions,
-                shard_sequences,
-                text_field,
-                seed,
-                progress,
-                dtype,
-                settings,
-                state,
-                pool,
-            )
-            for name, (files, skipped) in inputs.items()
+            _prepare_domain(run, name, files, skipped) for name, (files, skipped) in inputs.items()
         ]
     finally:
         if pool is not None:
