@@ -281,3 +281,12 @@ def test_aioli_batches_do_not_depend_on_the_loader_workers(corpus):
     # old proportions, the learned proportions, the next round's schedule), not at every block change:
     # measured 10 here, 18 without the schedule
     assert workers[-1]["data_discarded_batches"] <= 2 * 3 * 2  # rounds x points x prefetch_factor
+
+
+def test_progress_lines_show_the_current_proportions(corpus, capsys):
+    mixing = {**AIOLI, "measurement": "train"}
+    _train(corpus, "aioli-progress", mixing, steps=8, progress=True, log_every=4)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2  # stderr is not a terminal here: plain lines, one per log step
+    # step 4 is in block 1 of round 0: a smoothed one-hot mixture with 0.80 on one domain
+    assert "p [" in lines[0] and "0.80" in lines[0] and "0.10" in lines[0]

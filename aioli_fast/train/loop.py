@@ -364,12 +364,16 @@ def train(cfg: RunConfig) -> RunResult:
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                shown_p = " ".join(f"{v:.2f}" for v in host_proportions)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}")
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}", p=shown_p
+                    )
                 elif t.progress:
                     _say(
                         f"step {done}/{t.steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                        f"{record['tokens_per_s'] or 0:,.0f} tokens/s  {record['elapsed_s']:.0f} s",
+                        f"{record['tokens_per_s'] or 0:,.0f} tokens/s  p [{shown_p}]  "
+                        f"{record['elapsed_s']:.0f} s",
                         None,
                     )
                 window_sum_D.zero_()
