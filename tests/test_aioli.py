@@ -337,8 +337,8 @@ def test_restricted_mode_trains_on_the_prior_first(update):
     assert not mixer.measurement_due(P - 1) and mixer.measurement_due(P)
     torch.testing.assert_close(record[P], torch.tensor(W_row(mixer.order(0)[0])))
     A = mixer.last_A_kk
-    if update == "cumulative":
-        expected = lmo.exponentiated_gradient(torch.tensor([0.6, 0.3, 0.1]), A, 1.0)
+    if update == "cumulative":  # the first round starts from uniform, as the reference implementation
+        expected = lmo.exponentiated_gradient(torch.full((3,), 1 / 3), A, 1.0)
     else:  # EMA restarts from uniform: the prior does not carry over
         expected = lmo.ema_proportions(A, 1.0)
     torch.testing.assert_close(record[P + LEARN], expected)
@@ -376,8 +376,8 @@ def test_min_proportion_floor_applies_to_prior_and_updates():
         (dict(round_steps=18), "mixing.round_steps=18 leaves no steps to train on the learned proportions"),
         (dict(round_steps=18), "2 x 3 x 3 = 18 steps; use round_steps >= 19"),
         (
-            dict(round_steps=19, measurement="train", measure_steps=2),
-            "plus measure_steps=2; use round_steps >= 20",
+            dict(round_steps=20, measurement="train", measure_steps=2),
+            "plus measure_steps=2; use round_steps >= 21",
         ),
         (dict(update="EMA"), "mixing.update must be 'ema' or 'cumulative', got 'EMA'"),
         (dict(measurement="val"), "mixing.measurement must be one of train, probe, full_val; got 'val'"),
@@ -420,7 +420,7 @@ def test_bad_options_raise_config_error(options, message):
 
 def test_shortest_round_is_accepted():
     make(round_steps=19)  # probe: LearnParams + 1 exploit step
-    make(round_steps=20, measurement="train", measure_steps=2)
+    make(round_steps=21, measurement="train", measure_steps=2)  # + the closing window + 1 step on the new p
     make(min_proportion=1 / 3)
 
 
@@ -638,3 +638,32 @@ def test_an_overflow_to_plus_and_minus_inf_is_skipped_and_counted(update):
     torch.testing.assert_close(mixer.last_A_kk, before["last_A"])
     torch.testing.assert_close(mixer.state_dict()["A_bar"], before["A_bar"])
     torch.testing.assert_close(mixer.state_dict()["proportions"], before["proportions"])
+
+
+def test_train_measurements_warn_when_domains_will_be_missing():
+    seven = build_mixer("aioli", [f"d{i}" for i in range(7)], measurement="train", one_hot_factor=0.75)
+    message = seven.train_measurement_warning(8)  # the paper's 7-domain setting: 0.33 sequences each
+    assert message is not None and "about 0.33 sequences" in message and "measurement=probe" in message
+    assert seven.train_measurement_warning(512) is None
+    two = build_mixer("aioli", ["a", "b"], measurement="train", one_hot_factor=0.625)
+    assert two.train_measurement_warning(8) is None  # 3 sequences of the other domain
+    assert build_mixer("aioli", ["a", "b"], measurement="probe").train_measurement_warning(1) is None
+
+
+def test_cumulative_restricted_mode_recovers_a_domain_the_prior_left_out():
+    mixer = build_mixer(
+        "aioli",
+        ["a", "b"],
+        measurement="probe",
+        update="cumulative",
+        proportions={"a": 1.0, "b": 0.0},
+        prior_steps=2,
+        sweeps=1,
+        block_steps=1,
+        round_steps=4,
+        eta=1.0,
+    )
+    sim = planted_sim(2)
+    record = drive(mixer, sim, 0, 2 + 4 + 4)
+    assert record[0].tolist() == [1.0, 0.0]  # the prior phase
+    assert record[2 + 4 + 3][1] > 0.05  # the learned proportions start from uniform, not the prior

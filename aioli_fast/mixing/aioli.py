@@ -122,7 +122,8 @@ class AioliMixer(Mixer):
                 f"mixing.measurement must be one of {', '.join(MEASUREMENTS)}; got {self.measurement!r}"
             )
         learn = self.R * k * self.S
-        need = learn + (self.m if self.measurement == "train" else 1)
+        # train mode: the closing window (measure_steps) trains on the old p; the new p needs one step more
+        need = learn + (self.m + 1 if self.measurement == "train" else 1)
         if self.U < need:
             raise ConfigError(
                 f"mixing.round_steps={self.U} leaves no steps to train on the learned proportions: "
@@ -241,8 +242,30 @@ class AioliMixer(Mixer):
         if n == self.R * self.num_domains:
             self._update(round_index)
 
+    def _order_tensor(self, round_index: int) -> torch.Tensor:
+        """The round's block order on the device; a pinned, non-blocking copy (no host wait on CUDA)."""
+        order = torch.tensor(self.order(round_index))
+        if self.device.type == "cuda":
+            return order.pin_memory().to(self.device, non_blocking=True)
+        return order.to(self.device)
+
+    def train_measurement_warning(self, batch_size: int) -> str | None:
+        """A message when ``train`` measurements will often miss domains at this global batch size."""
+        if self.measurement != "train":
+            return None
+        k = self.num_domains
+        expected = batch_size * self.m * (1 - self.f) / (k - 1)
+        if expected >= 2:
+            return None
+        return (
+            f"mixing.measurement=train: a measurement sees about {expected:.2f} sequences of each "
+            f"domain other than the block's (batch {batch_size} x measure_steps {self.m} x "
+            f"(1 - one_hot_factor) / (k - 1)); many measurements will miss domains. Raise "
+            "mixing.measure_steps or the batch size, or use mixing.measurement=probe"
+        )
+
     def _update(self, round_index: int) -> None:
-        order = torch.tensor(self.order(round_index), device=self.device)
+        order = self._order_tensor(round_index)
         G_kk = lmo.accumulate_loss_drops(self._L_nk, order, self.num_domains)
         A_kk = (
             lmo.diagonal_ablation(G_kk, self.f)
@@ -257,7 +280,10 @@ class AioliMixer(Mixer):
             self._A_bar_kk = torch.where(ok, A_bar, self._A_bar_kk)
             self._has_A_bar = self._has_A_bar | ok
         else:
-            p_new = lmo.exponentiated_gradient(self._p_D, A_kk, self.eta)
+            # the first round starts from uniform, not from the prior (as the reference implementation):
+            # a prior of 0 for a domain would otherwise keep it at 0 for the whole run
+            base_D = self.uniform() if round_index == 0 else self._p_D
+            p_new = lmo.exponentiated_gradient(base_D, A_kk, self.eta)
         p_new = lmo.apply_floor(p_new, self.floor)
         self._p_D = torch.where(ok, p_new, self._p_D)  # a new tensor: the loop sees the change
         self.last_A_kk = torch.where(ok, A_kk, self.last_A_kk)
