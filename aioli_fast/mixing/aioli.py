@@ -32,7 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from . import lmo
-from .base import MEASUREMENTS, Mixer, register_mixer
+from .base import Mixer, accumulate, check_measurement, register_mixer
 from .static import proportions_tensor
 
 
@@ -117,10 +117,7 @@ class AioliMixer(Mixer):
                 raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
         if self.options["update"] not in ("ema", "cumulative"):
             raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {self.options['update']!r}")
-        if self.measurement not in MEASUREMENTS:
-            raise ConfigError(
-                f"mixing.measurement must be one of {', '.join(MEASUREMENTS)}; got {self.measurement!r}"
-            )
+        check_measurement(self.measurement)
         learn = self.R * k * self.S
         # train mode: the closing window (measure_steps) trains on the old p; the new p needs one step more
         need = learn + (self.m + 1 if self.measurement == "train" else 1)
@@ -212,8 +209,7 @@ class AioliMixer(Mixer):
         n, into = divmod(offset, self.S)
         if n > self.R * self.num_domains or into >= self.m:
             return
-        self._acc_2D[0] += loss_sum_D.detach().to(self._acc_2D.dtype)
-        self._acc_2D[1] += count_D.to(self._acc_2D.dtype)
+        accumulate(self._acc_2D, loss_sum_D, count_D)
         self._pending = step - into + self.m
 
     # ---- internals ----------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ measurement, so every rank holds identical proportions.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +31,28 @@ from ..errors import ConfigError
 from .distributed import all_reduce_sum
 
 MEASUREMENTS = ("train", "probe", "full_val")
+
+
+def check_measurement(measurement: str) -> str:
+    """``mixing.measurement`` validated against :data:`MEASUREMENTS`."""
+    if measurement not in MEASUREMENTS:
+        raise ConfigError(f"mixing.measurement must be one of {', '.join(MEASUREMENTS)}; got {measurement!r}")
+    return measurement
+
+
+def read_json_option(key: str, path: str | Path):
+    """The parsed JSON file that option ``mixing.<key>`` names; a ConfigError naming it if unreadable."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"mixing.{key}: cannot read {path}: {exc}") from exc
+
+
+def accumulate(window_2D: torch.Tensor, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+    """Add one micro-batch's sums and counts to a [2, D] window on the device (in place, no host read)."""
+    window_2D[0] += loss_sum_D.detach().to(window_2D.dtype)
+    window_2D[1] += count_D.to(window_2D.dtype)
 
 
 class Mixer:
@@ -128,6 +152,10 @@ class Mixer:
             known = self.host_values(step)
             self._host_cache = (p_D, known if known is not None else p_D.tolist())
         return list(self._host_cache[1])
+
+    def train_measurement_warning(self, batch_size: int) -> str | None:
+        """A message for the user when this mixer's measurements will be poor at ``batch_size``."""
+        return None
 
     def measurement_due(self, step: int) -> bool:
         """Whether the loop must measure per-domain losses (probe or full validation) before ``step``."""

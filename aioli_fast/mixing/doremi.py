@@ -13,14 +13,13 @@ Reference losses come from ``mixing.reference``:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
-from .base import register_mixer
+from .base import accumulate, read_json_option, register_mixer
 from .online import OnlineMixer
 
 
@@ -33,10 +32,7 @@ def excess_loss(loss_D: torch.Tensor, reference_D: torch.Tensor) -> torch.Tensor
 def load_reference_losses(path: str | Path, domains: list[str]) -> list[float]:
     """Per-domain reference losses from a JSON mapping domain -> loss (every domain, finite values)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"mixing.reference: cannot read {path}: {exc}") from exc
+    data = read_json_option("reference", path)
     if not isinstance(data, dict):
         raise ConfigError(f"mixing.reference: {path} must hold a mapping domain -> loss")
     missing = [d for d in domains if d not in data]
@@ -96,8 +92,7 @@ class DoReMiMixer(OnlineMixer):
 
     def observe_reference(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         """The reference model's per-domain sums and counts on the same micro-batch as :meth:`observe`."""
-        self._ref_window_2D[0] += loss_sum_D.detach().to(self._ref_window_2D.dtype)
-        self._ref_window_2D[1] += count_D.to(self._ref_window_2D.dtype)
+        accumulate(self._ref_window_2D, loss_sum_D, count_D)
 
     def update(self, step: int, loss_D: torch.Tensor) -> torch.Tensor:
         if self.reference_D is not None:

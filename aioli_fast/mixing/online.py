@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigError
 from . import lmo
-from .base import Mixer
+from .base import Mixer, accumulate
 
 
 class OnlineMixer(Mixer):
@@ -50,8 +50,7 @@ class OnlineMixer(Mixer):
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        self._window_2D[0] += loss_sum_D.detach().to(self._window_2D.dtype)
-        self._window_2D[1] += count_D.to(self._window_2D.dtype)
+        accumulate(self._window_2D, loss_sum_D, count_D)
         self._window_open = True
 
     def update_due(self, step: int) -> bool:

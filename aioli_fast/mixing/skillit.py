@@ -12,7 +12,6 @@ with :func:`skills_graph_from_losses`.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 from ..errors import ConfigError
 from . import lmo
-from .base import MEASUREMENTS, register_mixer
+from .base import check_measurement, read_json_option, register_mixer
 from .online import OnlineMixer
 
 
@@ -43,10 +42,7 @@ def skills_graph_from_losses(before_D: torch.Tensor, after_jD: torch.Tensor) -> 
 def load_skills_graph(path: str | Path, domains: list[str]) -> list[list[float]]:
     """The k×k graph from a JSON file (see the module docstring), validated."""
     path, k = Path(path), len(domains)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"mixing.skills_graph: cannot read {path}: {exc}") from exc
+    data = read_json_option("skills_graph", path)
     if isinstance(data, dict):
         unknown = sorted(set(data) | {j for row in data.values() if isinstance(row, dict) for j in row})
         unknown = [d for d in unknown if d not in domains]
@@ -91,11 +87,7 @@ class SkillItMixer(OnlineMixer):
         self.S_kk = torch.tensor(
             load_skills_graph(self.options["skills_graph"], self.domains), device=self.device
         )
-        self.measurement = self.options["measurement"]
-        if self.measurement not in MEASUREMENTS:
-            raise ConfigError(
-                f"mixing.measurement must be one of {', '.join(MEASUREMENTS)}; got {self.measurement!r}"
-            )
+        self.measurement = check_measurement(self.options["measurement"])
         self._measured_2D = torch.zeros(2, self.num_domains, device=self.device)
         self._has_measured = False
 

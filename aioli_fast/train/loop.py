@@ -236,7 +236,7 @@ def train(cfg: RunConfig) -> RunResult:
     model = build_model(cfg, manifest).to(device)
     mixer = build_run_mixer(cfg, domains, device)
     measure = measurement_source(mixer, cfg, manifest, domains, eval_splits, device, precision)
-    warning = getattr(mixer, "train_measurement_warning", lambda _: None)(cfg.train.batch_size)
+    warning = mixer.train_measurement_warning(cfg.train.batch_size)
     if warning:
         _say(f"warning: {warning}", None)
     reference = load_reference_model(mixer, manifest, device) if mixer.needs_reference_model else None
