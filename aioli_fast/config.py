@@ -116,11 +116,12 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    """The loop. ``batch_size`` sequences per optimizer step, split into micro-batches."""
+    """The loop. ``batch_size`` sequences per optimizer step over all ranks (the global batch); each rank
+    takes ``batch_size / world_size`` of them in micro-batches of ``micro_batch_size``."""
 
     steps: int = 1000
     batch_size: int = 8
-    micro_batch_size: int | None = None  # default: batch_size (no gradient accumulation)
+    micro_batch_size: int | None = None  # per rank; default: batch_size / world_size (no accumulation)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
@@ -129,6 +130,59 @@ class TrainSection:
     name: str | None = None  # default: the config file's stem
     overwrite: bool = False
     progress: bool = True
+    on_nan: str = "stop"  # stop | skip (a step whose loss or gradients are not finite is not applied)
+    tensorboard: str = "auto"  # auto (when the tensorboard package is installed) | on | off
+
+
+@dataclass
+class EngineSection:
+    """What runs the model and optimizer: plain PyTorch (one process) or DeepSpeed (ZeRO, many processes).
+
+    ``auto`` picks DeepSpeed when the run was launched with more than one process (``torchrun``, the
+    ``deepspeed`` launcher) or ``zero_stage`` is at least 1, and plain PyTorch otherwise.
+    """
+
+    backend: str = "auto"  # auto | torch | deepspeed
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    torch_adam: bool = True  # DeepSpeed: torch's AdamW (False: DeepSpeed's compiled FusedAdam, CUDA)
+    offload_optimizer: bool = False  # DeepSpeed ZeRO >= 1: optimizer state in host memory
+    deepspeed_config: str | None = None  # a JSON file of DeepSpeed keys merged over the generated ones
+
+    def check(self) -> None:
+        if self.backend not in ("auto", "torch", "deepspeed"):
+            raise ConfigError(f"engine.backend must be one of auto, torch, deepspeed; got {self.backend!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"engine.zero_stage must be 0, 1, 2 or 3; got {self.zero_stage}")
+        if self.backend == "torch" and self.zero_stage:
+            raise ConfigError(
+                f"engine.zero_stage={self.zero_stage} needs engine.backend=deepspeed (or auto), not torch"
+            )
+        if self.dist_backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(
+                f"engine.dist_backend must be one of auto, nccl, gloo; got {self.dist_backend!r}"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("engine.offload_optimizer needs engine.zero_stage >= 1")
+
+
+@dataclass
+class CheckpointSection:
+    """Checkpoints of the whole run (model, optimizer, mixer, data stream, RNG, step) for resume."""
+
+    every: int = 0  # steps between checkpoints; 0: none during training (SIGTERM still writes one)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # auto (the run directory's latest checkpoint, if any) | never | PATH
+    on_sigterm: bool = True  # SIGTERM: finish the step, write a checkpoint, exit with status 143
+    dir: str | None = None  # default: RUN_DIR/checkpoints (must be shared by all nodes)
+
+    def check(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0, got {self.every}")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+        if not self.resume:
+            raise ConfigError("checkpoint.resume must be auto, never or a checkpoint directory")
 
 
 @dataclass
@@ -150,6 +204,8 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -197,6 +253,10 @@ class RunConfig:
             raise ConfigError(
                 f"train.micro_batch_size ({mb}) must be positive and divide train.batch_size ({t.batch_size})"
             )
+        if t.on_nan not in ("stop", "skip"):
+            raise ConfigError(f"train.on_nan must be stop or skip; got {t.on_nan!r}")
+        if t.tensorboard not in ("auto", "on", "off"):
+            raise ConfigError(f"train.tensorboard must be one of auto, on, off; got {t.tensorboard!r}")
         if t.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be one of auto, bf16, fp32; got {t.precision!r}")
         if not _DEVICE_RE.fullmatch(t.device):
@@ -208,6 +268,8 @@ class RunConfig:
         if not self.data.path:
             raise ConfigError("data.path is not set: point it at a corpus made by `aioli-fast prepare`")
         self.data.check()
+        self.engine.check()
+        self.checkpoint.check()
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")

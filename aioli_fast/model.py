@@ -4,11 +4,12 @@ Pre-norm transformer blocks (LayerNorm, as GPT-NeoX/Pythia), rotary position emb
 attention through ``torch.nn.functional.scaled_dot_product_attention`` (flash-attn's kernel when it is
 installed and the tensors are on CUDA in half precision), a GELU MLP, and an untied lm_head.
 
-The training loss is computed inside :meth:`GPT.forward` from the final hidden states and the lm_head
-weight by :func:`aioli_fast.kernels.linear_domain_cross_entropy`. Keeping the loss in the module that
-owns the weight is what lets DeepSpeed ZeRO-3 gather that weight for the loss (the fused kernel never
-materialises the [N, V] logits), and gives the per-domain loss sums and token counts that the mixers
-consume on every step at no extra cost.
+The training loss is computed inside the forward of the lm_head module (:class:`DomainLossHead`) from
+the final hidden states and its weight by :func:`aioli_fast.kernels.linear_domain_cross_entropy`.
+Keeping the loss in the forward of the module that owns the weight is what lets DeepSpeed ZeRO-3 gather
+that weight for the loss (ZeRO-3 gathers a module's own parameters around that module's forward; the
+fused kernel never materialises the [N, V] logits), and gives the per-domain loss sums and token counts
+that the mixers consume on every step at no extra cost.
 """
 
 from __future__ import annotations
@@ -179,6 +180,44 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
+class DomainLossHead(nn.Module):
+    """The output projection (``weight`` [V, C], no bias) with the per-domain loss in its forward.
+
+    ``forward(hidden [N, C], labels [N], domain_ids [N], num_domains)`` returns the
+    :class:`~aioli_fast.kernels.DomainLoss` of the projected hidden states without building the
+    [N, V] logits; ``forward(hidden)`` alone returns the logits (inference). Both go through this
+    module's forward, so DeepSpeed ZeRO-3 has the weight gathered whenever it is used.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def forward(
+        self,
+        hidden_NC: torch.Tensor,
+        labels_N: torch.Tensor | None = None,
+        domain_ids_N: torch.Tensor | None = None,
+        num_domains: int = 1,
+        *,
+        ignore_index: int = -100,
+        loss_backend: str | None = None,
+    ):
+        if labels_N is None:
+            return F.linear(hidden_NC, self.weight)
+        if domain_ids_N is None:
+            raise ValueError("DomainLossHead needs domain_ids with labels")
+        return linear_domain_cross_entropy(
+            hidden_NC,
+            self.weight,
+            labels_N,
+            domain_ids_N,
+            num_domains,
+            ignore_index=ignore_index,
+            backend=loss_backend,
+        )
+
+
 class GPT(nn.Module):
     """Decoder-only language model with a per-domain loss in ``forward``."""
 
@@ -188,7 +227,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = DomainLossHead(cfg.d_model, cfg.vocab_size)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -262,13 +301,11 @@ class GPT(nn.Module):
             domain_ids = domain_ids[:, None].expand(B, T)
         elif domain_ids.shape != (B, T):
             raise ValueError(f"domain_ids must have shape ({B},) or {(B, T)}, got {tuple(domain_ids.shape)}")
-        out = linear_domain_cross_entropy(
+        return self.lm_head(
             hidden_BTC.reshape(B * T, C),
-            self.lm_head.weight,
             labels.reshape(B * T),
             domain_ids.reshape(B * T),
             num_domains,
             ignore_index=ignore_index,
-            backend=loss_backend,
+            loss_backend=loss_backend,
         )
-        return out

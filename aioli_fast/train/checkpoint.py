@@ -1,26 +1,56 @@
-"""Model checkpoints: written atomically, loaded with a clear error when damaged."""
+"""Checkpoints: the final model (``model.pt``) and the run checkpoints that resume a whole run.
+
+``model.pt`` holds the weights, the model shape, the domains, the config and the tokenizer: what
+evaluation needs. A *run checkpoint* (``RUN_DIR/checkpoints/step_00000100/``) holds everything a run
+needs to continue as if it had never stopped: the engine's model and optimizer state (DeepSpeed's own
+files under ZeRO), and ``trainer.pt`` with the step, the mixer, the data stream, every rank's RNG
+state and the loop's counters.
+
+A run checkpoint is written into a hidden ``.step_N.partial`` folder and renamed into place only when
+every rank has finished writing; then ``latest`` is replaced atomically and checkpoints beyond the
+last ``keep_last`` are deleted. A crash while saving therefore never damages the last good
+checkpoint. All ranks must see the same checkpoint folder (a shared file system on multi-node runs).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import random
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import AioliError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_bytes
 from ..model import GPT, GPTConfig
+from .engine import barrier, gather_objects
 
 CHECKPOINT_FORMAT = 1
+RUN_CHECKPOINT_FORMAT = 1
+_STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def save_checkpoint(
-    path: Path, model: GPT, *, step: int, domains: list[str], config: dict, tokenizer: dict
+    path: Path,
+    model: GPT,
+    *,
+    step: int,
+    domains: list[str],
+    config: dict,
+    tokenizer: dict,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save weights, model shape, domains, step, run config and tokenizer spec to ``path`` atomically."""
+    """Save weights, model shape, domains, step, run config and tokenizer spec to ``path`` atomically.
+
+    ``state`` replaces ``model.state_dict()`` (the gathered weights of a ZeRO-3 run).
+    """
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
+        "model": model.state_dict() if state is None else state,
         "model_config": dataclasses.asdict(model.cfg),
         "step": step,
         "domains": list(domains),
@@ -58,3 +88,114 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise AioliError(f"checkpoint {path} does not hold a valid model: {first_line}") from exc
     return model.to(device), payload
+
+
+# --------------------------------------------------------------------------------------------------
+# run checkpoints
+
+
+def rng_state() -> dict:
+    """This process' torch, CUDA, numpy and Python RNG states (tensors and plain values only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RunCheckpoints:
+    """The run checkpoints of one run: save (every rank calls it), find the latest, prune, load."""
+
+    def __init__(self, folder: str | Path, keep_last: int, rank: int):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.rank = rank
+
+    def step_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for child in self.folder.iterdir():
+            match = _STEP_DIR.fullmatch(child.name)
+            if match and (child / "trainer.pt").is_file():
+                found.append((int(match.group(1)), child))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, or the newest complete one; None when there is none."""
+        pointer = self.folder / "latest"
+        if pointer.is_file():
+            named = self.folder / pointer.read_text(encoding="utf-8").strip()
+            if (named / "trainer.pt").is_file():
+                return named
+        dirs = self.step_dirs()
+        return dirs[-1] if dirs else None
+
+    def save(self, step: int, engine, trainer_state: dict) -> Path:
+        """Write the checkpoint of ``step``: the engine's state from every rank, ``trainer.pt`` from rank 0.
+
+        ``trainer_state`` must be the same on every rank, except for the RNG states, which are gathered.
+        """
+        final = self.folder / f"step_{step:08d}"
+        partial = self.folder / f".step_{step:08d}.partial"
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".step_*.partial"):  # left by a crash while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir()
+        barrier()
+        engine.save(partial)
+        rngs = gather_objects(rng_state())
+        if self.rank == 0:
+            payload = {"format": RUN_CHECKPOINT_FORMAT, **trainer_state, "rng": rngs}
+            atomic_write(partial / "trainer.pt", lambda tmp: torch.save(payload, tmp))
+        barrier()
+        if self.rank == 0:
+            _fsync_tree(partial)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            atomic_write_bytes(self.folder / "latest", (final.name + "\n").encode("utf-8"))
+            for old in self.step_dirs()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    @staticmethod
+    def load_trainer_state(path: str | Path) -> dict:
+        """``trainer.pt`` of the checkpoint at ``path``, checked."""
+        file = Path(path) / "trainer.pt"
+        if not file.is_file():
+            raise AioliError(f"{path} is not a run checkpoint (it has no trainer.pt)")
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+            raise AioliError(
+                f"cannot read {file}: damaged, or not a run checkpoint ({type(exc).__name__})"
+            ) from exc
+        if not isinstance(state, dict) or state.get("format") != RUN_CHECKPOINT_FORMAT:
+            raise AioliError(f"{file} is not an aioli_fast run checkpoint (format {RUN_CHECKPOINT_FORMAT})")
+        return state
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` to disk before it is renamed into place."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..data import Manifest, load_manifest, sequential_batches
 from ..errors import AioliError
@@ -31,27 +32,50 @@ def measure_losses(
     *,
     device: torch.device,
     precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+    lockstep: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-domain token-loss sums [D] and token counts [D] (fp32, on ``device``) over ``batches``.
 
     ``batches`` yields ``(samples [b, T+1], domain_ids [b])`` arrays. One no-grad forward per batch
     through the per-domain loss; nothing is read back to the host.
+
+    With ``world_size > 1`` every rank runs the same ``batches`` iterator but forwards only every
+    ``world_size``-th batch (from ``rank``), and the sums are all-reduced: every rank returns the totals.
+    ``lockstep`` (DeepSpeed ZeRO-3, whose forward is a collective) makes every rank run the same number
+    of forwards: a rank with one batch fewer repeats one and discards the result.
     """
     was_training = model.training
     model.eval()
-    loss_sum_D = torch.zeros(num_domains, device=device)
-    count_D = torch.zeros(num_domains, device=device)
+    both_2D = torch.zeros(2, num_domains, device=device)
+    done, seen, spare = 0, 0, None
+
+    def forward(samples, domain_ids):
+        tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
+        ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
+        with autocast_context(device, precision):
+            return model(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
+
     try:
-        for samples, domain_ids in batches:
-            tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
-            ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
-            with autocast_context(device, precision):
-                out = model(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
-            loss_sum_D += out.loss_sum.float()
-            count_D += out.count.float()
+        for index, (samples, domain_ids) in enumerate(batches):
+            seen = index + 1
+            if spare is None:
+                spare = (samples, domain_ids)
+            if index % world_size != rank:
+                continue
+            out = forward(samples, domain_ids)
+            both_2D[0] += out.loss_sum.float()
+            both_2D[1] += out.count.float()
+            done += 1
+        if lockstep and spare is not None:
+            for _ in range(-(-seen // world_size) - done):
+                forward(*spare)  # keeps the collective forwards of ZeRO-3 in step; result unused
     finally:
         model.train(was_training)
-    return loss_sum_D, count_D
+    if world_size > 1:
+        dist.all_reduce(both_2D, op=dist.ReduceOp.SUM)
+    return both_2D[0], both_2D[1]
 
 
 def split_batches(
@@ -97,6 +121,9 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     max_sequences: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    lockstep: bool = False,
 ) -> dict:
     """Loss and perplexity of every domain on ``split``.
 
@@ -104,7 +131,16 @@ def evaluate(
         ``{"domains": {name: {"loss", "ppl", "tokens"}}, "average": {"loss", "ppl"}}``.
     """
     batches = split_batches(manifest, domains, split, batch_size, max_sequences)
-    loss_sum_D, count_D = measure_losses(model, batches, len(domains), device=device, precision=precision)
+    loss_sum_D, count_D = measure_losses(
+        model,
+        batches,
+        len(domains),
+        device=device,
+        precision=precision,
+        rank=rank,
+        world_size=world_size,
+        lockstep=lockstep,
+    )
     results = {}
     for name, total, n in zip(domains, loss_sum_D.tolist(), count_D.tolist()):
         loss = total / n if n else float("nan")

@@ -1,0 +1,368 @@
+"""What runs the model and the optimizer: plain PyTorch in one process, or DeepSpeed ZeRO over many.
+
+Both engines have the same small interface, so the training loop does not know which one it drives:
+
+    out = engine.forward(input_ids, labels, domain_ids, num_domains)   # one micro-batch
+    engine.backward(out.loss)      # scaled by 1 / micro-batches per step
+    engine.step()                  # after every micro-batch; the optimizer steps on the last one
+    engine.set_lr(lr)              # the LR of the coming optimizer step (a pure function of the step)
+    engine.save(folder) / engine.load(folder)   # model and optimizer state; every rank calls them
+    engine.full_state_dict()       # the whole model's weights on rank 0 (gathered under ZeRO-3)
+
+The learning-rate schedule is not an object with state: the loop sets the LR of every step from the step
+number (:func:`aioli_fast.train.loop.lr_at`), so a checkpoint's step restores it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..model import GPT, ModelOutput
+from .device import autocast_context
+
+# --------------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process' place in the job (rank 0 of 1 when not launched by torchrun or deepspeed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_info() -> DistInfo:
+    """Rank, world size and local rank from the launcher's environment variables (torchrun, deepspeed)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return DistInfo(rank, world, local)
+
+
+def resolve_backend(cfg: RunConfig, world_size: int) -> str:
+    """``torch`` or ``deepspeed`` for ``engine.backend`` (auto: DeepSpeed for >1 process or ZeRO >= 1)."""
+    e = cfg.engine
+    if e.backend == "auto":
+        return "deepspeed" if world_size > 1 or e.zero_stage > 0 else "torch"
+    if e.backend == "torch" and world_size > 1:
+        raise ConfigError(
+            f"engine.backend=torch trains in one process, but this run was launched with {world_size}; "
+            "use engine.backend=deepspeed (or auto)"
+        )
+    return e.backend
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig, info: DistInfo, device: torch.device) -> bool:
+    """Start the process group for a DeepSpeed run (a group of one for a single process).
+
+    Returns whether this call created the group (and so must destroy it at the end).
+    """
+    if dist.is_initialized():
+        return False
+    if info.world_size == 1:  # a single process: DeepSpeed still wants a process group
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    backend = cfg.engine.dist_backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("engine.dist_backend=nccl needs CUDA devices; use gloo on the CPU")
+    import_deepspeed(device)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return True
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed with the accelerator that matches ``device`` (CPU runs set DS_ACCELERATOR=cpu)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
+        raise ConfigError(f"engine.backend=deepspeed needs the deepspeed package ({exc})") from exc
+    return deepspeed
+
+
+def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place sum (or ``op``) over ranks; nothing when running alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` alone)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+# --------------------------------------------------------------------------------------------------
+# parameter groups
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (not on biases and norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """torch AdamW with the groups of :func:`param_groups`."""
+    o = cfg.optim
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# engines
+
+
+class TorchEngine:
+    """One process, torch AdamW, autocast for bf16, gradient accumulation over ``micro_steps``."""
+
+    kind = "torch"
+
+    def __init__(self, model: GPT, cfg: RunConfig, device: torch.device, precision: str, micro_steps: int):
+        self.module = model.to(device)
+        self.device, self.precision = device, precision
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.grad_clip = cfg.optim.grad_clip
+        self.skip_nonfinite = cfg.train.on_nan == "skip"
+        self.micro_steps = micro_steps
+        self._micro = 0
+        self.skipped_steps = 0
+
+    def forward(self, *args, **kwargs) -> ModelOutput:
+        with autocast_context(self.device, self.precision):
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.micro_steps).backward()
+
+    def step(self) -> None:
+        self._micro += 1
+        if self._micro < self.micro_steps:
+            return
+        self._micro = 0
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        elif self.skip_nonfinite:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.skip_nonfinite and not bool(torch.isfinite(norm)):  # one host read per step, on request
+            self.skipped_steps += 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, folder: Path) -> None:
+        torch.save(
+            {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            folder / "engine.pt",
+        )
+
+    def load(self, folder: Path) -> None:
+        state = torch.load(folder / "engine.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, micro: int, micro_steps: int, precision: str) -> dict:
+    """The DeepSpeed config of a run: batch sizes, ZeRO stage, AdamW, clipping, bf16; plus the user's file."""
+    o, e = cfg.optim, cfg.engine
+    zero: dict = {"stage": e.zero_stage}
+    if e.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_batch_size": micro * micro_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": micro_steps,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": e.torch_adam,
+            },
+        },
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if e.deepspeed_config:
+        path = Path(e.deepspeed_config)
+        try:
+            extra = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"engine.deepspeed_config {path}: cannot read it as JSON ({exc})") from exc
+        if not isinstance(extra, dict):
+            raise ConfigError(f"engine.deepspeed_config {path}: expected a JSON object")
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in extra and extra[key] != config[key]:
+                raise ConfigError(
+                    f"engine.deepspeed_config sets {key}={extra[key]}, but train.batch_size / "
+                    f"micro_batch_size give {config[key]}; set the batch in the run config only"
+                )
+        _merge(config, extra)
+    return config
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` with the config of :func:`deepspeed_config`; ZeRO stages 0-3."""
+
+    kind = "deepspeed"
+    TAG = "engine"
+
+    def __init__(
+        self,
+        model: GPT,
+        cfg: RunConfig,
+        device: torch.device,
+        precision: str,
+        micro: int,
+        micro_steps: int,
+        world_size: int,
+    ):
+        deepspeed = import_deepspeed(device)
+        if cfg.train.on_nan == "skip" and cfg.engine.zero_stage == 0:
+            raise ConfigError(
+                "train.on_nan=skip under DeepSpeed needs engine.zero_stage >= 1 (the ZeRO optimizers skip a "
+                "step whose gradient norm is not finite); use train.on_nan=stop or a ZeRO stage"
+            )
+        if cfg.train.on_nan == "skip" and cfg.optim.grad_clip <= 0:
+            raise ConfigError(
+                "train.on_nan=skip under DeepSpeed needs optim.grad_clip > 0 (the gradient norm is what "
+                "detects a non-finite step)"
+            )
+        self.config = deepspeed_config(cfg, world_size, micro, micro_steps, precision)
+        self.device, self.precision = device, precision
+        model = model.to(device)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=self.config,
+        )
+        self.module = self.engine.module
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+    def forward(self, *args, **kwargs) -> ModelOutput:
+        # bf16 runs hold bf16 weights (DeepSpeed's bf16 mode); the loss kernels compute in fp32
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+
+    def step(self) -> None:
+        self.engine.step()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise ConfigError(f"no DeepSpeed checkpoint under {folder / self.TAG}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in full on rank 0 (other ranks get an empty dict); gathered under ZeRO-3."""
+        deepspeed = import_deepspeed(self.device)
+        if self.engine.zero_optimization_stage() == 3:
+            params = list(self.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        else:
+            state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return state if dist.get_rank() == 0 else {}
+
+
+def build_engine(
+    backend: str,
+    model: GPT,
+    cfg: RunConfig,
+    device: torch.device,
+    precision: str,
+    micro: int,
+    micro_steps: int,
+    world_size: int,
+):
+    """The engine of ``backend`` (``torch`` or ``deepspeed``) around ``model``."""
+    if backend == "torch":
+        return TorchEngine(model, cfg, device, precision, micro_steps)
+    return DeepSpeedEngine(model, cfg, device, precision, micro, micro_steps, world_size)

@@ -1,0 +1,627 @@
+"""The training run: one loop for a single process and for DeepSpeed ZeRO over many.
+
+Per optimizer step (every rank does the same, in the same order):
+
+    mixer.measurement_due(step) -> probe / full-validation measurement, sharded over ranks, all-reduced
+    mixer.schedule / mixer.proportions -> stream.set_schedule / set_proportions (only when they change)
+    batch = next(stream)            this rank's share of the global batch, in micro-batches
+    for each micro-batch: engine.forward -> engine.backward -> engine.step; mixer.observe(...)
+    the optimizer steps on the last micro-batch (the accumulation boundary); the mixer updates at its
+    own step boundaries from statistics all-reduced over ranks, so every rank holds the same proportions
+
+Host reads happen at log steps (metrics), at checkpoints, when the proportions change (one small read),
+and once per step when asked to (``train.on_nan=skip`` in one process; a SIGTERM check over several).
+
+A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (run checkpoints, the last
+``checkpoint.keep_last``), ``model.pt`` and ``final.json``. Only rank 0 writes files, except the
+engine's own checkpoint shards, which every rank writes.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, dump_config
+from ..data import MixtureStream, load_manifest
+from ..errors import AioliError, ConfigError
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, progress_bar
+from .checkpoint import RunCheckpoints, save_checkpoint, set_rng_state
+from .device import resolve_device, resolve_precision
+from .engine import all_reduce_, barrier, build_engine, init_distributed, launch_info, resolve_backend
+from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
+from .logger import MetricsLog
+from .loop import (
+    RunResult,
+    TrainingError,
+    build_model,
+    build_run_mixer,
+    domain_alignment,
+    held_out_splits,
+    load_reference_model,
+    lr_at,
+    select_domains,
+)
+
+
+class TrainingInterrupted(AioliError):
+    """The run stopped on SIGTERM after writing a checkpoint; running it again resumes it."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by the signal
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by SIGTERM after step {step}; checkpoint {checkpoint} written. "
+            "Run the same command again to resume."
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+# Config keys that may differ between a checkpoint and the run resuming it; every other key must match.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.progress",
+    "train.overwrite",
+    "train.out_dir",
+    "train.name",
+    "train.tensorboard",
+    "train.on_nan",
+    "train.device",
+    "data.path",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.on_error",
+    "engine.dist_backend",
+    "engine.deepspeed_config",
+    "eval.",
+    "checkpoint.",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("proportions",):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every key that may not change on resume."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+class _SigtermFlag:
+    """Set by SIGTERM; the loop reads it between steps (all ranks agree before stopping)."""
+
+    def __init__(self, enabled: bool):
+        self.raised = False
+        self._previous = None
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _say(message: str, bar=None, main: bool = True) -> None:
+    if not main:
+        return
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _batch_layout(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(sequences per rank per step, micro-batch size, micro-batches per step), checked."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (the global batch) must be divisible by the number of "
+            f"processes, {world_size}"
+        )
+    per_rank = t.batch_size // world_size
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} must divide the batch of each process, train.batch_size / "
+            f"processes = {t.batch_size} / {world_size} = {per_rank}"
+        )
+    return per_rank, micro, per_rank // micro
+
+
+def _device_for(cfg: RunConfig, local_rank: int, world_size: int) -> torch.device:
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world_size > 1 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def train(cfg: RunConfig) -> RunResult:
+    """Run training and the final evaluation; returns the run directory and the final results.
+
+    Launched by ``torchrun`` or ``deepspeed`` every process calls this with the same config. Raises
+    :class:`TrainingInterrupted` after a SIGTERM (a checkpoint has been written).
+    """
+    cfg.validate()
+    info = launch_info()
+    backend = resolve_backend(cfg, info.world_size)
+    device = _device_for(cfg, info.local_rank, info.world_size)
+    precision = resolve_precision(cfg.train.precision, device)
+    own_group = False
+    if backend == "deepspeed":
+        if cfg.mixing.method == "doge":
+            raise ConfigError(
+                "mixing.method=doge takes per-domain gradients, which the DeepSpeed engine does not expose; "
+                "run it with engine.backend=torch (one process)"
+            )
+        own_group = init_distributed(cfg, info, device)
+    try:
+        return _Run(cfg, info, backend, device, precision).run()
+    finally:
+        if own_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _Run:
+    """One run's state; :meth:`run` is the loop."""
+
+    def __init__(self, cfg: RunConfig, info, backend: str, device: torch.device, precision: str):
+        self.cfg, self.info, self.device, self.precision = cfg, info, device, precision
+        self.main = info.is_main
+        t = cfg.train
+        self.manifest = load_manifest(cfg.data.path)
+        self.domains = select_domains(cfg, self.manifest)
+        self.eval_splits, self.eval_notes = held_out_splits(self.manifest, self.domains)
+        if cfg.eval.every and "val" not in self.eval_splits:
+            raise ConfigError(f"eval.every={cfg.eval.every} needs a val split: {self.eval_notes[0]}")
+        self.manifest.check_files(self.domains, ["train", *self.eval_splits])
+        self.per_rank, self.micro, self.micro_steps = _batch_layout(cfg, info.world_size)
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        model = build_model(cfg, self.manifest)
+        self.engine = build_engine(
+            backend, model, cfg, device, precision, self.micro, self.micro_steps, info.world_size
+        )
+        self.model = self.engine.module
+        self.lockstep = backend == "deepspeed" and cfg.engine.zero_stage == 3
+        self.mixer = build_run_mixer(cfg, self.domains, device)
+        self.measure = self._measurement_source()
+        warning = self.mixer.train_measurement_warning(t.batch_size)
+        if warning:
+            _say(f"warning: {warning}", main=self.main)
+        self.reference = (
+            load_reference_model(self.mixer, self.manifest, device)
+            if self.mixer.needs_reference_model
+            else None
+        )
+        self.gradient_probe = None
+        if self.mixer.needs_gradients:
+            probe = probe_batches(
+                self.manifest, self.domains, "val", cfg.mixing.probe_sequences, cfg.eval.batch_size
+            )
+            self.gradient_probe = tuple(
+                torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*probe, strict=True)
+            )
+        self.stream = MixtureStream(
+            self.manifest,
+            self.domains,
+            self.per_rank,
+            self.mixer.host_proportions(0),
+            seed=t.seed,
+            assignment=cfg.data.assignment,
+            num_workers=cfg.data.num_workers,
+            prefetch_factor=cfg.data.prefetch_factor,
+            on_error=cfg.data.on_error,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        self.run_dir = Path(t.out_dir) / (t.name or "run")
+        ck_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.checkpoints = RunCheckpoints(ck_dir, cfg.checkpoint.keep_last, info.rank)
+        D = len(self.domains)
+        # loop state (saved in checkpoints)
+        self.step = 0
+        self.total_tokens = 0
+        self.measurements, self.measure_time = 0, 0.0
+        self.scheduled_until = 0
+        self.window_3D = torch.zeros(3, D, device=device)  # loss sums, token counts, (loss, finite, steps)
+        self.window_tokens = 0
+        self.skipped_before = 0
+        self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
+        self.resumed_from = None
+
+    # ---------------------------------------------------------------------------------------- setup
+
+    def _measurement_source(self):
+        """``model -> (loss_sum_D, count_D)`` for probe / full_val measurements (sharded), or None."""
+        kind, cfg = self.mixer.measurement, self.cfg
+        if kind not in ("probe", "full_val"):
+            return None
+        if "val" not in self.eval_splits:
+            raise ConfigError(
+                f"mixing.measurement={kind} needs a val split in the corpus; use mixing.measurement=train"
+            )
+        shard = {
+            "device": self.device,
+            "precision": self.precision,
+            "rank": self.info.rank,
+            "world_size": self.info.world_size,
+            "lockstep": self.lockstep,
+        }
+        D = len(self.domains)
+        if kind == "probe":
+            probe = probe_batches(
+                self.manifest, self.domains, "val", cfg.mixing.probe_sequences, cfg.eval.batch_size
+            )
+            return lambda model: measure_losses(model, probe, D, **shard)
+
+        def full_val(model):
+            batches = split_batches(
+                self.manifest, self.domains, "val", cfg.eval.batch_size, cfg.eval.max_sequences
+            )
+            return measure_losses(model, batches, D, **shard)
+
+        return full_val
+
+    def _prepare_run_dir(self) -> Path | None:
+        """Create the run directory; returns the checkpoint to resume from, if any."""
+        cfg, run_dir = self.cfg, self.run_dir
+        finished = (run_dir / "final.json").exists()
+        if finished and not cfg.train.overwrite:
+            raise AioliError(
+                f"{run_dir} already holds a finished run; "
+                "choose another train.name or pass train.overwrite=true"
+            )
+        resume = cfg.checkpoint.resume
+        if resume == "never" or finished:
+            checkpoint = None
+        elif resume == "auto":
+            checkpoint = self.checkpoints.latest()
+        else:
+            checkpoint = Path(resume)
+            if not (checkpoint / "trainer.pt").is_file():
+                raise ConfigError(f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)")
+        if self.main:
+            ensure_writable_dir(run_dir, "run directory")
+            stale = ["final.json", "model.pt", "config.yaml"]
+            if checkpoint is None:
+                stale.append("metrics.jsonl")
+                if finished and self.checkpoints.folder.is_dir():  # overwrite: the old run's checkpoints go
+                    shutil.rmtree(self.checkpoints.folder)
+            for name in stale:
+                (run_dir / name).unlink(missing_ok=True)
+            atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
+        barrier()
+        return checkpoint
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world_size,
+            "engine": self.engine.kind,
+            "domains": list(self.domains),
+            "mixer": self.mixer.state_dict(),
+            "stream": self.stream.state_dict(),
+            "loop": {
+                "total_tokens": self.total_tokens,
+                "measurements": self.measurements,
+                "measure_time": self.measure_time,
+                "scheduled_until": self.scheduled_until,
+                "window_3D": self.window_3D.detach().cpu().clone(),
+                "window_tokens": self.window_tokens,
+                "skipped_steps": self.engine.skipped_steps + self.skipped_before,
+            },
+        }
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = RunCheckpoints.load_trainer_state(checkpoint)
+        diffs = config_differences(state["config"], self.cfg.to_dict())
+        if diffs:
+            raise ConfigError(
+                f"cannot resume from {checkpoint}: the config differs in keys that must not change: "
+                + "; ".join(diffs)
+                + " (set checkpoint.resume=never to start afresh)"
+            )
+        if state["world_size"] != self.info.world_size or state["engine"] != self.engine.kind:
+            raise ConfigError(
+                f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es) with "
+                f"the {state['engine']} engine, this run has {self.info.world_size} with {self.engine.kind}"
+            )
+        self.engine.load(checkpoint)
+        self.mixer.load_state_dict(state["mixer"])
+        self.stream.load_state_dict(state["stream"])
+        loop = state["loop"]
+        self.step = self.resumed_from = state["step"]
+        self.total_tokens = loop["total_tokens"]
+        self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
+        self.scheduled_until = loop["scheduled_until"]
+        self.window_3D.copy_(loop["window_3D"].to(self.device))
+        self.window_tokens = loop["window_tokens"]
+        self.skipped_before = loop["skipped_steps"] - self.engine.skipped_steps
+        set_rng_state(state["rng"][self.info.rank])
+        if state["config"]["train"]["steps"] != self.cfg.train.steps:
+            _say(
+                f"note: the checkpoint's run had train.steps={state['config']['train']['steps']}, this one "
+                f"{self.cfg.train.steps}; the learning-rate schedule follows the new length",
+                main=self.main,
+            )
+
+    def _save(self, bar) -> Path:
+        path = self.checkpoints.save(self.step, self.engine, self._trainer_state())
+        _say(f"step {self.step}: checkpoint {path}", bar, self.main)
+        return path
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    def run(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        checkpoint = self._prepare_run_dir()
+        log = MetricsLog(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
+        if checkpoint is not None:
+            self._resume(checkpoint)
+            log.truncate_after(self.step)
+            _say(f"resuming from {checkpoint} at step {self.step}", main=self.main)
+        bar = progress_bar(t.steps, "train", "step", t.progress and self.main)
+        if bar is not None:
+            bar.update(self.step)
+        _say(
+            f"training {self.model.num_parameters() / 1e6:.2f}M parameters "
+            f"on {self.device} ({self.precision}), "
+            f"engine {self.engine.kind}"
+            + (f" ZeRO-{cfg.engine.zero_stage}" if self.engine.kind == "deepspeed" else "")
+            + f", {self.info.world_size} process(es), {len(self.domains)} domains, {t.steps} steps x "
+            f"{t.batch_size} x {self.manifest.seq_len} tokens ({self.micro_steps} micro-batch(es) of "
+            f"{self.micro} per process), mixing={cfg.mixing.method}; run directory {self.run_dir}",
+            bar,
+            self.main,
+        )
+        start = time.perf_counter()
+        try:
+            with log, _SigtermFlag(cfg.checkpoint.on_sigterm) as sigterm:
+                self._loop(log, bar, sigterm)
+        finally:
+            self.stream.close()
+            if bar is not None:
+                bar.close()
+        return self._finish(time.perf_counter() - start)
+
+    def _loop(self, log: MetricsLog, bar, sigterm: _SigtermFlag) -> None:
+        cfg, t, mixer, stream, engine = self.cfg, self.cfg.train, self.mixer, self.stream, self.engine
+        D, device = len(self.domains), self.device
+        proportions_D = None
+        host_p = self.mixer.host_proportions(self.step)
+        window_start = time.perf_counter()
+        self.train_start = time.perf_counter()
+        engine.train()
+        last_saved = self.step if self.step else None
+        stop_flag = torch.zeros(1, device=device)
+        while self.step < t.steps:
+            step = self.step
+            if mixer.measurement_due(step):
+                measure_start = time.perf_counter()
+                mixer.observe_measurement(step, *self.measure(self.model))
+                self.measurements += 1
+                self.measure_time += time.perf_counter() - measure_start
+            schedule = mixer.schedule(step)
+            if schedule:
+                stream.set_schedule(schedule, start=step)
+                self.scheduled_until = step + len(schedule)
+            current = mixer.proportions(step)
+            if current is not proportions_D:
+                proportions_D = current
+                host_p = mixer.host_proportions(step)
+                if step >= self.scheduled_until:
+                    stream.set_proportions(host_p, step=step)
+            batch = next(stream)
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(device)
+            lr = lr_at(step, cfg)
+            engine.set_lr(lr)
+            step_loss = torch.zeros((), device=device)
+            for i in range(self.micro_steps):
+                sl = slice(i * self.micro, (i + 1) * self.micro)
+                ids, labels, doms = batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl]
+                out = engine.forward(ids, labels, doms, D)
+                if i == 0 and mixer.needs_gradients and mixer.alignment_due(step):
+                    scores_D = domain_alignment(self.model, ids, labels, doms, self.gradient_probe, D)
+                    mixer.observe_alignment(step, scores_D)
+                engine.backward(out.loss)
+                engine.step()
+                loss_sum_D, count_D = out.loss_sum.detach(), out.count
+                mixer.observe(step, loss_sum_D, count_D)
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = self.reference(ids, labels, doms, D)
+                    mixer.observe_reference(step, ref.loss_sum, ref.count)
+                self.window_3D[0] += loss_sum_D
+                self.window_3D[1] += count_D
+                step_loss += out.loss.detach().float() / self.micro_steps
+            finite = torch.isfinite(step_loss)
+            self.window_3D[2, 0] += torch.where(finite, step_loss, 0.0)
+            self.window_3D[2, 1] += finite.float()
+            self.window_3D[2, 2] += 1
+            self.window_tokens += batch.num_tokens * self.info.world_size
+            self.total_tokens += batch.num_tokens * self.info.world_size
+            self.launch_tokens += batch.num_tokens * self.info.world_size
+            self.step = done = step + 1
+            if bar is not None:
+                bar.update(1)
+
+            if done % t.log_every == 0 or done == t.steps:
+                self._log(log, bar, host_p, lr, window_start)
+                window_start = time.perf_counter()
+                self.window_tokens = 0
+            if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+                val = self._evaluate("val")
+                log.write({"step": done, "eval": {"val": val}})
+                _say(
+                    f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}",
+                    bar,
+                    self.main,
+                )
+            stop = sigterm.raised
+            if self.info.world_size > 1 and cfg.checkpoint.on_sigterm:
+                stop_flag.fill_(
+                    float(stop)
+                )  # one tiny collective per step: every rank stops at the same step
+                stop = bool(all_reduce_(stop_flag).item() > 0)
+            if stop:
+                self._check_finite(done)
+                path = self._save(bar) if last_saved != done else self.checkpoints.latest()
+                raise TrainingInterrupted(done, path)
+            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
+                self._check_finite(done)
+                self._save(bar)
+                last_saved = done
+
+    def _check_finite(self, done: int, window: torch.Tensor | None = None) -> None:
+        """Under ``train.on_nan=stop``: a step whose loss was not finite stops the run (before a save).
+
+        ``window`` is the window all-reduced over ranks (reduced here when not given), so that every rank
+        decides alike.
+        """
+        if window is None:
+            window = all_reduce_(self.window_3D.clone())
+        if self.cfg.train.on_nan == "stop":
+            steps, finite = window[2, 2].item(), window[2, 1].item()
+            if finite < steps:
+                raise TrainingError(
+                    f"the training loss was not finite (NaN or inf) on {int(steps - finite)} step(s) up to "
+                    f"step {done}; lower optim.lr, check the data, or set train.on_nan=skip"
+                )
+
+    def _log(self, log: MetricsLog, bar, host_p: list[float], lr: float, window_start: float) -> None:
+        t, done = self.cfg.train, self.step
+        window = all_reduce_(self.window_3D.clone())  # one collective per log step
+        self._check_finite(done, window)
+        sums, counts = window[0].tolist(), window[1].tolist()
+        loss_sum, finite_steps = window[2, 0].item(), window[2, 1].item()
+        loss = loss_sum / finite_steps if finite_steps else float("nan")
+        elapsed = time.perf_counter() - window_start
+        record = {
+            "step": done,
+            "loss": loss if math.isfinite(loss) else None,
+            "domain_loss": {d: (s / c if c else None) for d, s, c in zip(self.domains, sums, counts)},
+            "proportions": dict(zip(self.domains, host_p)),
+            **{f"mixer_{k}": v.item() for k, v in self.mixer.metrics().items()},
+            **{f"data_{k}": v for k, v in self.stream.metrics().items()},
+            "skipped_steps": self.engine.skipped_steps + self.skipped_before,
+            "lr": lr,
+            "tokens": self.total_tokens,
+            "tokens_per_s": self.window_tokens / elapsed if elapsed > 0 else None,
+            "elapsed_s": time.perf_counter() - self.train_start,
+        }
+        log.write(record)
+        shown_p = " ".join(f"{v:.2f}" for v in host_p)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}", p=shown_p)
+        elif t.progress:
+            _say(
+                f"step {done}/{t.steps}  loss {loss:.4f}  lr {lr:.2e}  "
+                f"{record['tokens_per_s'] or 0:,.0f} tokens/s  p [{shown_p}]  {record['elapsed_s']:.0f} s",
+                None,
+                self.main,
+            )
+        self.window_3D.zero_()
+
+    def _evaluate(self, split: str) -> dict:
+        return evaluate(
+            self.model,
+            self.manifest,
+            self.domains,
+            split,
+            batch_size=self.cfg.eval.batch_size,
+            device=self.device,
+            precision=self.precision,
+            max_sequences=self.cfg.eval.max_sequences,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            lockstep=self.lockstep,
+        )
+
+    def _finish(self, train_time: float) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        state = self.engine.full_state_dict()
+        if self.main:
+            save_checkpoint(
+                self.run_dir / "model.pt",
+                self.model,
+                step=t.steps,
+                domains=self.domains,
+                config=cfg.to_dict(),
+                tokenizer=self.manifest.tokenizer,
+                state=state,
+            )
+        for note in self.eval_notes:
+            _say(note, main=self.main)
+        results = {}
+        for split in self.eval_splits:
+            if t.progress:
+                _say(f"evaluating on {split} ...", main=self.main)
+            results[split] = self._evaluate(split)
+        host_p = self.mixer.host_proportions(t.steps)
+        final = {
+            "steps": t.steps,
+            "tokens": self.total_tokens,
+            "train_time_s": train_time,
+            "tokens_per_s": self.launch_tokens / train_time if train_time > 0 else None,
+            "resumed_from_step": self.resumed_from,
+            "world_size": self.info.world_size,
+            "engine": self.engine.kind
+            + (f" ZeRO-{cfg.engine.zero_stage}" if self.engine.kind == "deepspeed" else ""),
+            "skipped_steps": self.engine.skipped_steps + self.skipped_before,
+            "domains": self.domains,
+            "proportions": dict(zip(self.domains, host_p)),
+            "mixer": {
+                "method": cfg.mixing.method,
+                "measurements": self.measurements,
+                "measurement_time_s": self.measure_time,
+                **{k: v.item() for k, v in self.mixer.metrics().items()},
+                **self.mixer.summary(),
+            },
+            **results,
+            "notes": self.eval_notes,
+            "average": {
+                f"{split}_{k}": res["average"][k] for split, res in results.items() for k in ("loss", "ppl")
+            },
+        }
+        if self.main:
+            atomic_write_json(self.run_dir / "final.json", final)
+            if results:
+                print(format_table(results.get("val"), results.get("test")), flush=True)
+        barrier()
+        return RunResult(self.run_dir, final)
