@@ -1,4 +1,4 @@
-"""The ``aioli-fast`` command: prepare, verify, train, eval, skills-graph, demo.
+"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, demo.
 
 Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
 and exit status 2; nothing half-written is left looking complete.
@@ -110,6 +110,16 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(Path(args.out), results)
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    report = write_report(args.run_dirs, args.out)
+    unfinished = [run.label for run in report.runs if not run.finished]
+    if unfinished:
+        print(f"unfinished (no final.json): {', '.join(unfinished)}")
+    print(f"wrote {report.path} and {', '.join(f.name for f in report.figures)}")
+
+
 def _cmd_skills_graph(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train.skills import learn_skills_graph
@@ -128,12 +138,15 @@ def _cmd_skills_graph(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, scale=args.scale, overrides=args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    run_demo(args.out, steps=args.steps, scale=args.scale, overrides=args.overrides, methods=methods)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aioli-fast", description="Online data mixing for LLM pretraining.")
     parser.add_argument("--version", action="version", version=f"aioli_fast {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the command; the rank comes from LOCAL_RANK
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="tokenize and pack per-domain text into WebDataset shards")
@@ -195,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("report", help="compare runs: a Markdown table and loss / proportion figures")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.out_dir/name)")
+    p.add_argument("--out", default="report", help="folder for report.md and the PNGs (default ./report)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser(
         "skills-graph", help="learn Skill-it's skills graph from short single-domain runs of a config"
     )
@@ -207,11 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_skills_graph)
 
     p = sub.add_parser(
-        "demo", help="build a corpus from this Python installation, train, evaluate (< 5 min CPU)"
+        "demo",
+        help="build a corpus from this Python installation, train stratified and Aioli, compare (< 5 min)",
     )
-    p.add_argument("--out", default="runs/demo", help="folder for the corpus and the run (runs/demo)")
+    p.add_argument("--out", default="runs/demo", help="folder for the corpus and the runs (runs/demo)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 300)")
     p.add_argument("--scale", type=_positive_float, default=1.0, help="corpus size factor (default 1.0)")
+    p.add_argument(
+        "--methods",
+        default="stratified,aioli",
+        help="comma-separated runs to train and compare: stratified, aioli (default both)",
+    )
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8"
     )
@@ -225,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except AioliError as exc:
-        print(f"aioli-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = getattr(exc, "exit_code", 2)  # TrainingInterrupted (SIGTERM, checkpoint written): 143
+        print(f"aioli-fast {args.command}: {'error: ' if code == 2 else ''}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(f"aioli-fast {args.command}: interrupted", file=sys.stderr)
         return 130

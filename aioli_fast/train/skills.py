@@ -22,7 +22,8 @@ from ..fileio import atomic_write_json, ensure_writable_dir
 from ..mixing.skillit import skills_graph_from_losses
 from .device import resolve_device, resolve_precision
 from .evaluate import evaluate
-from .loop import build_model, held_out_splits, select_domains, train
+from .loop import build_model, held_out_splits, select_domains
+from .trainer import train
 
 
 def learn_skills_graph(cfg: RunConfig, steps: int, out: str | Path) -> dict:

@@ -256,7 +256,8 @@ class _Run:
         self.total_tokens = 0
         self.measurements, self.measure_time = 0, 0.0
         self.scheduled_until = 0
-        self.window_3D = torch.zeros(3, D, device=device)  # loss sums, token counts, (loss, finite, steps)
+        # per-domain loss sums [D], token counts [D], then loss sum, finite steps, steps: one all-reduce
+        self.window = torch.zeros(2 * D + 3, device=device)
         self.window_tokens = 0
         self.skipped_before = 0
         self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
@@ -340,7 +341,7 @@ class _Run:
                 "measurements": self.measurements,
                 "measure_time": self.measure_time,
                 "scheduled_until": self.scheduled_until,
-                "window_3D": self.window_3D.detach().cpu().clone(),
+                "window": self.window.detach().cpu().clone(),
                 "window_tokens": self.window_tokens,
                 "skipped_steps": self.engine.skipped_steps + self.skipped_before,
             },
@@ -368,7 +369,7 @@ class _Run:
         self.total_tokens = loop["total_tokens"]
         self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
         self.scheduled_until = loop["scheduled_until"]
-        self.window_3D.copy_(loop["window_3D"].to(self.device))
+        self.window.copy_(loop["window"].to(self.device))
         self.window_tokens = loop["window_tokens"]
         self.skipped_before = loop["skipped_steps"] - self.engine.skipped_steps
         set_rng_state(state["rng"][self.info.rank])
@@ -467,13 +468,13 @@ class _Run:
                     with torch.no_grad():
                         ref = self.reference(ids, labels, doms, D)
                     mixer.observe_reference(step, ref.loss_sum, ref.count)
-                self.window_3D[0] += loss_sum_D
-                self.window_3D[1] += count_D
+                self.window[:D] += loss_sum_D
+                self.window[D : 2 * D] += count_D
                 step_loss += out.loss.detach().float() / self.micro_steps
             finite = torch.isfinite(step_loss)
-            self.window_3D[2, 0] += torch.where(finite, step_loss, 0.0)
-            self.window_3D[2, 1] += finite.float()
-            self.window_3D[2, 2] += 1
+            self.window[2 * D] += torch.where(finite, step_loss, 0.0)
+            self.window[2 * D + 1] += finite.float()
+            self.window[2 * D + 2] += 1
             self.window_tokens += batch.num_tokens * self.info.world_size
             self.total_tokens += batch.num_tokens * self.info.world_size
             self.launch_tokens += batch.num_tokens * self.info.world_size
@@ -515,21 +516,38 @@ class _Run:
         decides alike.
         """
         if window is None:
-            window = all_reduce_(self.window_3D.clone())
+            window = all_reduce_(self.window.clone())
         if self.cfg.train.on_nan == "stop":
-            steps, finite = window[2, 2].item(), window[2, 1].item()
+            finite, steps = window[-2:].tolist()
             if finite < steps:
                 raise TrainingError(
                     f"the training loss was not finite (NaN or inf) on {int(steps - finite)} step(s) up to "
                     f"step {done}; lower optim.lr, check the data, or set train.on_nan=skip"
                 )
 
+    def _check_ranks_agree(self, host_p: list[float]) -> None:
+        """Every rank must hold the same proportions (the stream of each rank assumes it); checked at log
+        steps with one small collective when there are several ranks."""
+        W = self.info.world_size
+        if W == 1:
+            return
+        p_D = torch.tensor(host_p, dtype=torch.float64, device=self.device)
+        moments = all_reduce_(torch.stack([p_D, p_D * p_D])) / W
+        spread = (moments[1] - moments[0] ** 2).clamp_min(0).sqrt().max().item()
+        if spread > 1e-6:
+            raise TrainingError(
+                f"the ranks hold different mixture proportions at step {self.step} (spread {spread:.2e}); "
+                "every rank must run the same config and code"
+            )
+
     def _log(self, log: MetricsLog, bar, host_p: list[float], lr: float, window_start: float) -> None:
         t, done = self.cfg.train, self.step
-        window = all_reduce_(self.window_3D.clone())  # one collective per log step
+        window = all_reduce_(self.window.clone())  # one collective per log step
         self._check_finite(done, window)
-        sums, counts = window[0].tolist(), window[1].tolist()
-        loss_sum, finite_steps = window[2, 0].item(), window[2, 1].item()
+        self._check_ranks_agree(host_p)
+        D = len(self.domains)
+        sums, counts = window[:D].tolist(), window[D : 2 * D].tolist()
+        loss_sum, finite_steps = window[2 * D : 2 * D + 2].tolist()
         loss = loss_sum / finite_steps if finite_steps else float("nan")
         elapsed = time.perf_counter() - window_start
         record = {
@@ -556,7 +574,7 @@ class _Run:
                 None,
                 self.main,
             )
-        self.window_3D.zero_()
+        self.window.zero_()
 
     def _evaluate(self, split: str) -> dict:
         return evaluate(
@@ -593,7 +611,7 @@ class _Run:
             if t.progress:
                 _say(f"evaluating on {split} ...", main=self.main)
             results[split] = self._evaluate(split)
-        host_p = self.mixer.host_proportions(t.steps)
+        host_p = self.mixer.host_proportions(t.steps - 1)  # those of the last step trained
         final = {
             "steps": t.steps,
             "tokens": self.total_tokens,
