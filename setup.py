@@ -37,6 +37,7 @@ setup(
         "deepspeed>=0.15",
         "pyyaml>=6.0",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # aioli-fast report
     ],
     extras_require={
         # flash-attn compiles against CUDA: it cannot be installed on a CPU-only machine.

@@ -78,13 +78,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(cfg: RunConfig, info: DistInfo, device: torch.device) -> bool:
-    """Start the process group for a DeepSpeed run (a group of one for a single process).
-
-    Returns whether this call created the group (and so must destroy it at the end).
-    """
+def init_distributed(cfg: RunConfig, info: DistInfo, device: torch.device) -> None:
+    """Start the process group for a DeepSpeed run (a group of one for a single process), once per
+    process: later runs in the same process reuse it."""
     if dist.is_initialized():
-        return False
+        return
     if info.world_size == 1:  # a single process: DeepSpeed still wants a process group
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -100,7 +98,6 @@ def init_distributed(cfg: RunConfig, info: DistInfo, device: torch.device) -> bo
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    return True
 
 
 def import_deepspeed(device: torch.device):

@@ -178,21 +178,16 @@ def train(cfg: RunConfig) -> RunResult:
     backend = resolve_backend(cfg, info.world_size)
     device = _device_for(cfg, info.local_rank, info.world_size)
     precision = resolve_precision(cfg.train.precision, device)
-    own_group = False
     if backend == "deepspeed":
         if cfg.mixing.method == "doge":
             raise ConfigError(
                 "mixing.method=doge takes per-domain gradients, which the DeepSpeed engine does not expose; "
                 "run it with engine.backend=torch (one process)"
             )
-        own_group = init_distributed(cfg, info, device)
-    try:
-        return _Run(cfg, info, backend, device, precision).run()
-    finally:
-        if own_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        # the process group lives as long as the process: DeepSpeed caches its groups, so a group that
+        # was destroyed and made again would leave it holding stale ones
+        init_distributed(cfg, info, device)
+    return _Run(cfg, info, backend, device, precision).run()
 
 
 class _Run:
