@@ -10,13 +10,17 @@ downloaded:
 - ``noise``: synthetic, uniformly random printable ASCII. Its loss cannot drop below ln(95) = 4.55 nats
   per byte whatever the model learns, so training on it is wasted: a good mixer should down-weight it.
 
-It then prepares the corpus (byte-level tokenizer), trains a tiny model with stratified proportions on
-the CPU and prints per-domain validation and test loss and perplexity.
+It then prepares the corpus (byte-level tokenizer), trains the same tiny model on the CPU twice, with the
+same seed and steps: with stratified proportions and with Aioli learning them online from the training
+batches (``mixing.measurement=train``: no extra forward passes), and prints the two side by side:
+per-domain validation and test loss and perplexity, the difference, the proportions Aioli learned over
+the run, and the time each run took.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +39,7 @@ from .fileio import atomic_write_bytes, ensure_writable_dir
 DEMO_SEQ_LEN = 128
 NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
 
-# The run the demo trains; configs/demo.yaml holds the same settings for `aioli-fast train`.
+# The stratified run the demo trains; configs/demo.yaml holds the same settings for `aioli-fast train`.
 DEMO_CONFIG = {
     "model": {"preset": "mini"},
     "data": {"path": "runs/demo/corpus"},
@@ -51,6 +55,37 @@ DEMO_CONFIG = {
     },
     "eval": {"batch_size": 32, "max_sequences": 256},
 }
+
+# The Aioli run: DEMO_CONFIG with this mixing section and train.name "aioli" (configs/demo-aioli.yaml).
+# Train-mode measurements see a few sequences of each domain per step, so the settings trade the paper's
+# many short blocks for long ones: one sweep of 4 blocks per round, each measured over its first
+# measure_steps batches, and a cumulative exponentiated-gradient update with a large eta, so that a
+# consistent signal (noise stops improving early) adds up over the rounds. The first prior_steps train on
+# uniform proportions, past the first steps in which every domain, noise included, drops fast.
+DEMO_AIOLI_MIXING = {
+    "method": "aioli",
+    "measurement": "train",
+    "update": "cumulative",
+    "eta": 3.0,
+    "round_steps": 100,
+    "sweeps": 1,
+    "block_steps": 10,
+    "measure_steps": 5,
+    "prior_steps": 20,
+}
+
+DEMO_METHODS = ("stratified", "aioli")
+
+
+def demo_config(method: str = "stratified") -> dict:
+    """The config dict of the demo's run of ``method`` (a fresh copy)."""
+    if method not in DEMO_METHODS:
+        raise AioliError(f"demo method must be one of {', '.join(DEMO_METHODS)}, got {method!r}")
+    cfg = json.loads(json.dumps(DEMO_CONFIG))
+    if method == "aioli":
+        cfg["mixing"] = dict(DEMO_AIOLI_MIXING)
+    cfg["train"]["name"] = method
+    return cfg
 
 
 def _stdlib_dir() -> Path:
@@ -171,22 +206,36 @@ def run_demo(
     steps: int | None = None,
     scale: float = 1.0,
     overrides: list[str] | None = None,
-) -> dict:
-    """Build, prepare, train and evaluate; prints the table and returns ``final.json``'s content."""
+    methods: list[str] | tuple[str, ...] = DEMO_METHODS,
+) -> dict[str, dict]:
+    """Build, prepare, train each method and evaluate; prints the comparison, returns method -> final.json.
+
+    Every run has the same model, seed, batch and steps; ``overrides`` apply to every run.
+    """
     from .train import train  # the demo sits above the training package
 
     if not scale > 0:
         raise AioliError(f"demo scale must be > 0, got {scale}")
+    unknown = [m for m in methods if m not in DEMO_METHODS]
+    if unknown or not methods:
+        raise AioliError(f"demo methods must be some of {', '.join(DEMO_METHODS)}, got {list(methods)}")
+    methods = [m for m in DEMO_METHODS if m in methods]  # stratified first: the baseline of the Δ
+    configs = {}
+    for method in methods:  # every config is checked before the corpus is built
+        cfg_dict = demo_config(method)
+        cfg_dict["data"]["path"] = str(Path(out_dir) / "corpus")
+        cfg_dict["train"]["out_dir"] = str(out_dir)
+        cfg_dict["train"]["overwrite"] = True
+        if steps is not None:
+            cfg_dict["train"]["steps"] = steps
+        configs[method] = config_from_dict(cfg_dict, overrides)
 
     start = time.perf_counter()
+    total = 2 + len(methods)
     out = ensure_writable_dir(Path(out_dir), "demo output directory")
-    print(f"[1/3] collecting the demo corpus under {out / 'raw'} ...", file=sys.stderr, flush=True)
+    _say(f"[1/{total}] collecting the demo corpus under {out / 'raw'} ...")
     sources = build_demo_sources(out / "raw", scale=scale)
-    print(
-        f"[2/3] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    _say(f"[2/{total}] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...")
     prepare(
         sources,
         out / "corpus",
@@ -196,15 +245,149 @@ def run_demo(
         test_fraction=0.1,
         overwrite=True,
     )
-    cfg_dict = json.loads(json.dumps(DEMO_CONFIG))
-    cfg_dict["data"]["path"] = str(out / "corpus")
-    cfg_dict["train"]["out_dir"] = str(out)
-    cfg_dict["train"]["overwrite"] = True
-    if steps is not None:
-        cfg_dict["train"]["steps"] = steps
-    cfg = config_from_dict(cfg_dict, overrides)
-    print("[3/3] training with stratified proportions ...", file=sys.stderr, flush=True)
-    result = train(cfg)
+    finals, histories, run_dirs = {}, {}, {}
+    for n, (method, cfg) in enumerate(configs.items(), start=3):
+        t = cfg.train
+        how = {
+            "stratified": "stratified proportions",
+            "aioli": f"Aioli (mixing.measurement={cfg.mixing.measurement or 'probe'})",
+        }[method]
+        size = f"{t.steps} steps x {t.batch_size} x {DEMO_SEQ_LEN} tokens"
+        _say(f"[{n}/{total}] training with {how}: {size} ...")
+        with contextlib.redirect_stdout(sys.stderr):  # the run's own table: the comparison is printed below
+            result = train(cfg)
+        finals[method], run_dirs[method] = result.final, result.run_dir
+        histories[method] = read_metrics(result.run_dir / "metrics.jsonl")
+    print(format_comparison(finals))
+    if "aioli" in finals:
+        rounds = proportion_steps(configs["aioli"], len(finals["aioli"]["domains"]))
+        print()
+        print(format_proportions(finals["aioli"], histories["aioli"], rounds))
+    print()
+    print(format_timing(finals, run_dirs))
     elapsed = time.perf_counter() - start
-    print(f"demo finished in {elapsed:.0f} s; results in {result.run_dir / 'final.json'}", flush=True)
-    return result.final
+    where = ", ".join(str(run_dirs[m] / "final.json") for m in finals)
+    print(f"demo finished in {elapsed:.0f} s; results in {where}", flush=True)
+    return finals
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (an incomplete last line is skipped)."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def proportion_steps(cfg, num_domains: int) -> list[tuple[int, int]]:
+    """(first, last) step of the exploit phase of each Aioli round of ``cfg``'s run that reaches it.
+
+    The proportions Aioli learned in a round apply from the first step after its closing measurement to
+    the end of the round; the record logged at the end of the round shows them.
+    """
+    from .mixing.aioli import AioliMixer
+
+    opts = {**AioliMixer.OPTIONS, **{k: v for k, v in cfg.mixing.options().items() if v is not None}}
+    k = num_domains
+    prior, span = int(opts["prior_steps"]), int(opts["round_steps"])
+    learn = int(opts["sweeps"]) * k * int(opts["block_steps"])
+    closing = int(opts["measure_steps"]) if opts["measurement"] == "train" else 0
+    rounds, begin = [], prior
+    while begin + learn + closing + 1 < cfg.train.steps:
+        rounds.append((begin + learn + closing + 1, min(begin + span, cfg.train.steps) - 1))
+        begin += span
+    return rounds
+
+
+def _delta() -> str:
+    """The Greek capital delta where stdout can print it, else 'd'."""
+    try:
+        "\u0394".encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "d"
+    return "\u0394"
+
+
+def format_comparison(finals: dict[str, dict]) -> str:
+    """Per-domain val/test loss and perplexity of each run side by side; the Δ of each against the first."""
+    methods = list(finals)
+    first = finals[methods[0]]
+    domains = list(first["domains"])
+    splits = [s for s in ("val", "test") if s in first]
+    width = max(12, *(len(d) for d in domains))
+    deltas, delta = methods[1:], _delta()
+    groups = [(m, m) for m in methods] + [(f"{delta} {m}", m) for m in deltas]
+    head1 = (f"{'':<{width}}  {'':<5}" + "".join(f"  {title:^17}" for title, _ in groups)).rstrip()
+    head2 = f"{'domain':<{width}}  {'split':<5}" + "".join(f"  {'loss':>8} {'ppl':>8}" for _ in groups)
+    rule = "-" * len(head2)
+    lines = [head1, head2, rule]
+
+    def row(final: dict, split: str, name: str) -> dict:
+        res = final[split]
+        return res["average"] if name == "average" else res["domains"][name]
+
+    for name in [*domains, "average"]:
+        if name == "average":
+            lines.append(rule)
+        for i, split in enumerate(splits):
+            line = f"{(name if i == 0 else ''):<{width}}  {split:<5}"
+            for m in methods:
+                r = row(finals[m], split, name)
+                line += f"  {r['loss']:>8.4f} {r['ppl']:>8.3f}"
+            for m in deltas:
+                r, b = row(finals[m], split, name), row(first, split, name)
+                line += f"  {r['loss'] - b['loss']:>+8.4f} {r['ppl'] - b['ppl']:>+8.3f}"
+            lines.append(line)
+    lines.append("loss: mean nats per token; ppl: exp(loss); average: over the domains")
+    for m in deltas:
+        lines.append(f"{delta} {m} = {m} - {methods[0]} (negative: {m} is better)")
+    return "\n".join(lines)
+
+
+def format_proportions(final: dict, history: list[dict], rounds: list[tuple[int, int]]) -> str:
+    """The proportions Aioli trained on at the end of each round (from metrics.jsonl) and at the end."""
+    domains = list(final["domains"])
+    widths = [max(6, len(d)) for d in domains]
+
+    def row(label: str, p: dict) -> str:
+        return f"{label:<11}" + "".join(f"  {p[d]:>{w}.3f}" for d, w in zip(domains, widths))
+
+    lines = [
+        f"proportions Aioli learned (stratified: {1 / len(domains):.3g} each)",
+        f"{'steps':<11}" + "".join(f"  {d:>{w}}" for d, w in zip(domains, widths)),
+    ]
+    by_step = {r["step"]: r["proportions"] for r in history if "step" in r and "proportions" in r}
+    for first, last in rounds:
+        # a record at step s shows the proportions of step s - 1, the last it trained
+        logged = [s for s in by_step if first <= s - 1 <= last]
+        if not logged:
+            continue
+        lines.append(row(f"{first}-{last}", by_step[max(logged)]))
+    lines.append(row("final", final["proportions"]))
+    mixer = final.get("mixer", {})
+    if "missing_measurements" in mixer:
+        lines.append(
+            f"(exploit phase of each round; {mixer.get('measurements', 0)} extra evaluations, "
+            f"{mixer['missing_measurements']:.0f} domain measurements missing, "
+            f"{mixer.get('skipped_updates', 0):.0f} updates skipped)"
+        )
+    return "\n".join(lines)
+
+
+def format_timing(finals: dict[str, dict], run_dirs: dict[str, Path]) -> str:
+    """Training time and throughput of each run."""
+    lines = [f"{'method':<12}  {'train time':>10}  {'tokens/s':>10}  {'tokens':>10}  run directory"]
+    for m, final in finals.items():
+        rate = final.get("tokens_per_s") or 0
+        lines.append(
+            f"{m:<12}  {final['train_time_s']:>8.0f} s  {rate:>10,.0f}  {final['tokens']:>10,}  {run_dirs[m]}"
+        )
+    return "\n".join(lines)

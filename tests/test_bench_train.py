@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import write_alphabet_domain
 
 from aioli_fast.data import prepare
@@ -69,7 +70,11 @@ TINY = [
 def test_every_method_runs_and_is_reported(bench, corpus, tmp_path, capsys):
     out = tmp_path / "result.json"
     argv = ["--corpus", str(corpus), "--dir", str(tmp_path / "work"), "--json", str(out), *TINY]
-    result = bench.main([*argv, "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        result = bench.main([*argv, "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the rest of the test session keeps its thread count
     stdout = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))

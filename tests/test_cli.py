@@ -252,7 +252,7 @@ def test_module_entry_point_and_exit_status(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "aioli-fast train: error: unknown config key 'train.stpes'; did you mean 'train.steps'? "
         "(valid keys here: steps, batch_size, micro_batch_size, seed, device, precision, log_every, out_dir, "
-        "name, overwrite, progress)"
+        "name, overwrite, progress, on_nan, tensorboard)"
     ]
 
 
@@ -273,13 +273,50 @@ def test_demo_small_scale(tmp_path, capsys):
         )
         == 0
     )
-    out = capsys.readouterr().out
-    final = json.loads((tmp_path / "demo" / "stratified" / "final.json").read_text())
+    captured = capsys.readouterr()
+    out = captured.out
     domains = ["python_code", "language_reference", "licenses", "noise"]
-    assert final["domains"] == domains
-    assert final["proportions"] == pytest.approx(dict.fromkeys(domains, 0.25))
+    runs = {m: tmp_path / "demo" / m for m in ("stratified", "aioli")}
+    finals = {m: json.loads((run / "final.json").read_text()) for m, run in runs.items()}
+    for method, final in finals.items():
+        assert final["domains"] == domains
+        assert final["mixer"]["method"] == method
+        assert final["steps"] == 4
+    assert finals["stratified"]["proportions"] == pytest.approx(dict.fromkeys(domains, 0.25))
+    assert finals["aioli"]["mixer"]["measurements"] == 0  # train mode: no extra forward passes
+    assert [f"[{n}/4]" in captured.err for n in range(1, 5)] == [True] * 4
     lines = out.splitlines()
+    # side by side: both methods and the delta in the header, then a val and a test row per domain
     header = next(i for i, line in enumerate(lines) if line.startswith("domain"))
-    rows = [line.split()[0] for line in lines[header + 2 :] if line and not line.startswith("-")]
-    assert rows[: len(domains) + 1] == [*domains, "average"]
-    assert "demo finished in" in out
+    assert lines[header - 1].split()[:2] == ["stratified", "aioli"]
+    assert lines[header - 1].split()[2] in ("\u0394", "d") and lines[header - 1].split()[3] == "aioli"
+    body = lines[header + 2 :]
+    rows = [line.split()[0] for line in body[: 2 * len(domains)] if not line.startswith(" ")]
+    assert rows == domains
+    average = next(line for line in body if line.startswith("average")).split()
+    s_loss, s_ppl, a_loss, a_ppl, d_loss, d_ppl = map(float, average[2:8])
+    assert average[1] == "val"
+    assert d_loss == pytest.approx(a_loss - s_loss, abs=2e-4)
+    assert d_ppl == pytest.approx(a_ppl - s_ppl, abs=2e-3)
+    assert s_ppl == pytest.approx(finals["stratified"]["average"]["val_ppl"], abs=1e-3)
+    assert a_ppl == pytest.approx(finals["aioli"]["average"]["val_ppl"], abs=1e-3)
+    # the learned proportions (4 steps end inside the prior phase: still uniform) and the timing
+    start = next(i for i, line in enumerate(lines) if line.startswith("proportions Aioli learned"))
+    assert lines[start + 1].split() == ["steps", *domains]
+    final_row = next(line for line in lines[start:] if line.startswith("final")).split()
+    learned = finals["aioli"]["proportions"]
+    assert [float(v) for v in final_row[1:]] == pytest.approx([learned[d] for d in domains], abs=1e-3)
+    timing = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    assert [line.split()[0] for line in lines[timing + 1 : timing + 3]] == ["stratified", "aioli"]
+    assert "demo finished in" in out and str(tmp_path / "demo" / "aioli" / "final.json") in out
+
+
+def test_demo_methods_flag(tmp_path, capsys):
+    args = ["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--scale", "0.05"]
+    assert main([*args, "--methods", "aioli", "eval.max_sequences=4", "train.progress=false"]) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "demo" / "aioli" / "final.json").is_file()
+    assert not (tmp_path / "demo" / "stratified").exists()
+    assert "[3/3] training with Aioli" in captured.err and "proportions Aioli learned" in captured.out
+    assert main([*args, "--methods", "stratified,doremi"]) == 2
+    assert "demo methods must be some of stratified, aioli" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from aioli_fast.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
-from aioli_fast.demo import DEMO_CONFIG
+from aioli_fast.demo import DEMO_CONFIG, demo_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIN = {"data": {"path": "corpus"}}
@@ -23,6 +23,19 @@ def test_demo_yaml_matches_embedded_demo_config():
     from_file = load_config(CONFIGS / "demo.yaml").to_dict()
     embedded = config_from_dict(DEMO_CONFIG).to_dict()
     assert from_file == embedded
+    assert config_from_dict(demo_config("stratified")).to_dict() == embedded
+
+
+def test_demo_aioli_yaml_matches_embedded_demo_config():
+    from_file = load_config(CONFIGS / "demo-aioli.yaml").to_dict()
+    embedded = config_from_dict(demo_config("aioli")).to_dict()
+    assert from_file == embedded
+    stratified = config_from_dict(DEMO_CONFIG).to_dict()
+    # the same run as the stratified one but for the mixing and the run's name
+    for section in ("model", "data", "optim", "eval"):
+        assert from_file[section] == stratified[section], section
+    assert {**from_file["train"], "name": "stratified"} == stratified["train"]
+    assert from_file["mixing"]["method"] == "aioli" and from_file["mixing"]["measurement"] == "train"
 
 
 def test_paper_preset_has_the_paper_settings():
