@@ -3,7 +3,8 @@
 - ZeRO-1 through the ``deepspeed`` launcher, ZeRO-2 and ZeRO-3 through ``torchrun``, all from
   ``configs/zero-cpu.yaml``; ZeRO-2 and ZeRO-3 train the same model on the same data, so their per-step
   losses and proportions agree;
-- a run resumed from a checkpoint reproduces the uninterrupted run's per-step losses and proportions;
+- a run resumed from a checkpoint reproduces the uninterrupted run's per-step losses and proportions,
+  also from inside a window of per-rank statistics (train-mode Aioli, ODM);
 - SIGTERM writes a checkpoint and stops every process; running the command again finishes the run as if
   it had never stopped;
 - a global batch that the processes cannot share is refused before training.
@@ -155,6 +156,35 @@ def test_resume_reproduces_the_uninterrupted_run(root, zero_runs, stage):
     assert final_resumed["average"]["test_loss"] == pytest.approx(expected, rel=1e-5)
 
 
+ODM = ("mixing.method=odm", "mixing.measurement=null", "mixing.round_steps=null", "mixing.sweeps=null")
+ODM += ("mixing.block_steps=null", "mixing.probe_sequences=3")
+
+
+@pytest.mark.parametrize(
+    "name, mixing",
+    [("train-mode", ("mixing.measurement=train", "mixing.block_steps=2")), ("odm", ODM)],
+)
+def test_resume_inside_a_window_of_per_rank_statistics(root, name, mixing):
+    """A checkpoint between the mixer's all-reduces (train-mode Aioli inside a round, ODM after every
+    step's observation) and between log steps: each rank must get its own window back."""
+    extra = (
+        "engine.zero_stage=2",
+        "train.log_every=5",
+        "checkpoint.every=7",
+        "checkpoint.keep_last=4",
+        *mixing,
+    )
+    _ok(torchrun(root, f"{name}-full", *extra), "uninterrupted run")
+    checkpoint = root / "runs" / f"{name}-full" / "checkpoints" / "step_00000014"
+    _ok(torchrun(root, f"{name}-resumed", *extra, f"checkpoint.resume={checkpoint}"), "resumed run")
+    full, resumed = records(root / "runs" / f"{name}-full"), records(root / "runs" / f"{name}-resumed")
+    assert sorted(resumed) == [15, 20, 24]
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert resumed[step]["domain_loss"] == pytest.approx(full[step]["domain_loss"], rel=1e-6), step
+        assert resumed[step]["proportions"] == full[step]["proportions"], step
+
+
 def test_deepspeed_launcher_trains_aioli_with_zero1(root):
     result = deepspeed_launcher(root, "zero1", "engine.zero_stage=1", "mixing.measurement=train")
     _ok(result, "deepspeed launcher")
@@ -166,7 +196,7 @@ def test_deepspeed_launcher_trains_aioli_with_zero1(root):
 
 def test_sigterm_checkpoints_and_the_same_command_resumes(root, zero_runs):
     name = "zero2-sigterm"
-    extra = ("engine.zero_stage=2",)
+    extra = ("engine.zero_stage=2", "data.num_workers=1")  # workers see the signal too; they ignore it
     proc = torchrun(root, name, *extra, wait=False)
     metrics = root / "runs" / name / "metrics.jsonl"
     deadline = time.time() + 300

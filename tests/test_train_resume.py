@@ -102,8 +102,9 @@ def test_checkpoints_keep_the_last_k_and_latest(full_run):
     assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000012", "step_00000018"]
     state = RunCheckpoints.load_trainer_state(ck / "step_00000018")
     assert state["step"] == 18 and state["engine"] == "torch" and state["world_size"] == 1
-    assert state["mixer"]["method"] == "aioli" and state["stream"]["step"] == 18
-    assert len(state["rng"]) == 1 and isinstance(state["rng"][0]["torch"], torch.Tensor)
+    assert state["stream"]["step"] == 18 and len(state["ranks"]) == 1
+    own = state["ranks"][0]
+    assert own["mixer"]["method"] == "aioli" and isinstance(own["rng"]["torch"], torch.Tensor)
 
 
 def test_resume_refuses_a_changed_config(corpus, full_run):
@@ -118,6 +119,34 @@ def test_resume_refuses_a_changed_config(corpus, full_run):
 def test_a_finished_run_directory_is_not_resumed_or_overwritten_silently(corpus, full_run):
     with pytest.raises(AioliError, match="already holds a finished run"):
         train(config_from_dict(_config(corpus, "full")))
+
+
+def test_a_fresh_start_removes_old_checkpoints_and_an_explicit_resume_is_honoured(corpus, full_run):
+    import shutil
+
+    run = corpus / "runs" / "restart"
+    shutil.copytree(full_run, run)
+    (run / "final.json").unlink()  # as if the run had crashed after its last checkpoint
+    # a fresh start (resume: never) with fewer steps: the old step_12 / step_18 must not survive it,
+    # and pruning must never delete what this run just wrote
+    cfg = _config(corpus, "restart", checkpoint={"resume": "never", "every": 3}, train={"steps": 6})
+    train(config_from_dict(cfg))
+    ck = run / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    assert (ck / "latest").read_text().strip() == "step_00000006"
+    assert sorted(records(run)) == list(range(1, 7))
+    # overwrite=true with an explicit checkpoint: resumes from it (not afresh), drops newer checkpoints
+    checkpoint = full_run / "checkpoints" / "step_00000012"
+    cfg = _config(corpus, "restart", checkpoint={"resume": str(checkpoint)}, train={"overwrite": True})
+    result = train(config_from_dict(cfg))
+    assert result.final["resumed_from_step"] == 12
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step_00000018"]
+    with pytest.raises(ConfigError, match=r"it is at step 12, beyond train.steps=6"):
+        train(
+            config_from_dict(
+                _config(corpus, "short", checkpoint={"resume": str(checkpoint)}, train={"steps": 6})
+            )
+        )
 
 
 class _FailingEngine(TorchEngine):
@@ -138,16 +167,17 @@ def _tiny_engine(cls=TorchEngine, **train):
 def test_a_crash_while_saving_never_damages_the_last_good_checkpoint(tmp_path):
     checkpoints = RunCheckpoints(tmp_path / "ck", keep_last=2, rank=0)
     engine = _tiny_engine()
+    cpu = torch.device("cpu")
     for step in (1, 2, 3):
-        checkpoints.save(step, engine, {"step": step})
+        checkpoints.save(step, engine, {"step": step}, {}, cpu)
     assert [p.name for p in checkpoints.step_dirs()] == ["step_00000002", "step_00000003"]
     failing = _tiny_engine(_FailingEngine)
     with pytest.raises(OSError, match="No space left"):
-        checkpoints.save(4, failing, {"step": 4})
+        checkpoints.save(4, failing, {"step": 4}, {}, cpu)
     assert checkpoints.latest().name == "step_00000003"  # untouched
     assert RunCheckpoints.load_trainer_state(checkpoints.latest())["step"] == 3
     assert not (tmp_path / "ck" / "step_00000004").exists()
-    checkpoints.save(5, engine, {"step": 5})  # the next save clears the partial folder
+    checkpoints.save(5, engine, {"step": 5}, {}, cpu)  # the next save clears the partial folder
     assert not list((tmp_path / "ck").glob(".step_*"))
     assert checkpoints.latest().name == "step_00000005"
     (tmp_path / "ck" / "step_00000005" / "trainer.pt").write_bytes(b"damaged")

@@ -33,6 +33,7 @@ sample is repeated or skipped within the pass under way; the new lanes then star
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -392,6 +393,14 @@ class _PlanSampler(torch.utils.data.Sampler):
 # the stream
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: launchers and schedulers signal a whole process
+    group, and the training process, which handles them (a checkpoint, then a clean exit), still needs
+    its workers until it stops them itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -590,6 +599,7 @@ class MixtureStream:
                 sampler=_PlanSampler(self),
                 num_workers=self.num_workers,
                 prefetch_factor=self.prefetch_factor,
+                worker_init_fn=_ignore_stop_signals if self.num_workers else None,
             )
             self._loader_iter = iter(loader)
         return self._loader_iter

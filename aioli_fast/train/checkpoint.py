@@ -3,13 +3,15 @@
 ``model.pt`` holds the weights, the model shape, the domains, the config and the tokenizer: what
 evaluation needs. A *run checkpoint* (``RUN_DIR/checkpoints/step_00000100/``) holds everything a run
 needs to continue as if it had never stopped: the engine's model and optimizer state (DeepSpeed's own
-files under ZeRO), and ``trainer.pt`` with the step, the mixer, the data stream, every rank's RNG
-state and the loop's counters.
+files under ZeRO), and ``trainer.pt`` with the step, the data stream, the loop's counters, and for
+every rank its mixer state, its loss window and its RNG state (the windows hold each rank's own
+statistics until the next all-reduce, so every rank's copy is kept and restored).
 
 A run checkpoint is written into a hidden ``.step_N.partial`` folder and renamed into place only when
 every rank has finished writing; then ``latest`` is replaced atomically and checkpoints beyond the
-last ``keep_last`` are deleted. A crash while saving therefore never damages the last good
-checkpoint. All ranks must see the same checkpoint folder (a shared file system on multi-node runs).
+last ``keep_last`` are deleted (never the one just written). A crash while saving therefore never
+damages the last good checkpoint. All ranks must see the same checkpoint folder (a shared file system
+on multi-node runs).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from ..errors import AioliError
 from ..fileio import atomic_write, atomic_write_bytes
 from ..model import GPT, GPTConfig
-from .engine import barrier, gather_objects
+from .engine import all_ok, gather_objects, on_rank0, to_cpu
 
 CHECKPOINT_FORMAT = 1
 RUN_CHECKPOINT_FORMAT = 1
@@ -146,34 +148,60 @@ class RunCheckpoints:
         dirs = self.step_dirs()
         return dirs[-1] if dirs else None
 
-    def save(self, step: int, engine, trainer_state: dict) -> Path:
-        """Write the checkpoint of ``step``: the engine's state from every rank, ``trainer.pt`` from rank 0.
+    def clear(self) -> None:
+        """Delete every checkpoint, partial folder and ``latest`` (a run that starts afresh)."""
+        if not self.folder.is_dir():
+            return
+        for child in self.folder.iterdir():
+            if _STEP_DIR.fullmatch(child.name) or child.name.startswith(".step_"):
+                shutil.rmtree(child, ignore_errors=True)
+        (self.folder / "latest").unlink(missing_ok=True)
 
-        ``trainer_state`` must be the same on every rank, except for the RNG states, which are gathered.
+    def discard_after(self, step: int) -> None:
+        """Delete the checkpoints of steps after ``step`` (a run resumed from an earlier checkpoint)."""
+        for path in self.step_dirs():
+            if int(_STEP_DIR.fullmatch(path.name).group(1)) > step:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def save(self, step: int, engine, shared: dict, own: dict, device: torch.device) -> Path:
+        """Write the checkpoint of ``step``; every rank calls it.
+
+        ``shared`` (the same on every rank: step, config, stream) is written once; ``own`` (this rank's
+        mixer and loop state) and the RNG state of every rank are gathered into ``trainer.pt``.
         """
         final = self.folder / f"step_{step:08d}"
         partial = self.folder / f".step_{step:08d}.partial"
-        if self.rank == 0:
+
+        def start() -> None:
             self.folder.mkdir(parents=True, exist_ok=True)
             for stale in self.folder.glob(".step_*.partial"):  # left by a crash while saving
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir()
-        barrier()
-        engine.save(partial)
-        rngs = gather_objects(rng_state())
-        if self.rank == 0:
-            payload = {"format": RUN_CHECKPOINT_FORMAT, **trainer_state, "rng": rngs}
+
+        on_rank0(start, self.rank)
+        error = None
+        try:
+            engine.save(partial)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = exc
+        if not all_ok(error is None, device):
+            raise error or AioliError(f"another rank failed to write its part of checkpoint {final}")
+        ranks = gather_objects(to_cpu({**own, "rng": rng_state()}))
+
+        def finish() -> None:
+            payload = {"format": RUN_CHECKPOINT_FORMAT, **shared, "ranks": ranks}
             atomic_write(partial / "trainer.pt", lambda tmp: torch.save(payload, tmp))
-        barrier()
-        if self.rank == 0:
             _fsync_tree(partial)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
             atomic_write_bytes(self.folder / "latest", (final.name + "\n").encode("utf-8"))
-            for old in self.step_dirs()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
+            keep = set(self.step_dirs()[-self.keep_last :]) | {final}
+            for old in self.step_dirs():
+                if old not in keep:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        on_rank0(finish, self.rank)
         return final
 
     @staticmethod

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..errors import ConfigError
+from ..errors import AioliError, ConfigError
 from ..model import GPT, ModelOutput
 from .device import autocast_context
 
@@ -121,6 +121,47 @@ def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def on_rank0(fn, rank: int):
+    """Run ``fn`` on rank 0 only; every rank returns its result, or raises if it failed.
+
+    Keeps the other ranks from waiting forever in the next collective when rank 0 fails (a full disk,
+    a finished run directory, a bad checkpoint path).
+    """
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
+            error = exc
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        box = [(result, message)]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if message is not None and rank != 0:
+            raise AioliError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce when there are several)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    return bool(all_reduce_(flag, op=dist.ReduceOp.MIN).item() > 0)
+
+
+def to_cpu(obj):
+    """``obj`` with every tensor (in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def gather_objects(obj) -> list:

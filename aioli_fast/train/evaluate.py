@@ -35,6 +35,7 @@ def measure_losses(
     rank: int = 0,
     world_size: int = 1,
     lockstep: bool = False,
+    all_reduce: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-domain token-loss sums [D] and token counts [D] (fp32, on ``device``) over ``batches``.
 
@@ -42,7 +43,8 @@ def measure_losses(
     through the per-domain loss; nothing is read back to the host.
 
     With ``world_size > 1`` every rank runs the same ``batches`` iterator but forwards only every
-    ``world_size``-th batch (from ``rank``), and the sums are all-reduced: every rank returns the totals.
+    ``world_size``-th batch (from ``rank``), and the sums are all-reduced: every rank returns the totals
+    (``all_reduce=False``: this rank's share, for a mixer, which reduces its measurements itself).
     ``lockstep`` (DeepSpeed ZeRO-3, whose forward is a collective) makes every rank run the same number
     of forwards: a rank with one batch fewer repeats one and discards the result.
     """
@@ -73,7 +75,7 @@ def measure_losses(
                 forward(*spare)  # keeps the collective forwards of ZeRO-3 in step; result unused
     finally:
         model.train(was_training)
-    if world_size > 1:
+    if world_size > 1 and all_reduce:
         dist.all_reduce(both_2D, op=dist.ReduceOp.SUM)
     return both_2D[0], both_2D[1]
 

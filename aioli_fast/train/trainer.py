@@ -20,7 +20,6 @@ engine's own checkpoint shards, which every rank writes.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -36,7 +35,15 @@ from ..errors import AioliError, ConfigError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, progress_bar
 from .checkpoint import RunCheckpoints, save_checkpoint, set_rng_state
 from .device import resolve_device, resolve_precision
-from .engine import all_reduce_, barrier, build_engine, init_distributed, launch_info, resolve_backend
+from .engine import (
+    all_reduce_,
+    barrier,
+    build_engine,
+    init_distributed,
+    launch_info,
+    on_rank0,
+    resolve_backend,
+)
 from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
 from .logger import MetricsLog
 from .loop import (
@@ -81,8 +88,7 @@ RESUMABLE_CHANGES = (
     "data.prefetch_factor",
     "data.on_error",
     "engine.dist_backend",
-    "engine.deepspeed_config",
-    "eval.",
+    "eval.every",
     "checkpoint.",
 )
 
@@ -253,7 +259,7 @@ class _Run:
         self.scheduled_until = 0
         # per-domain loss sums [D], token counts [D], then loss sum, finite steps, steps: one all-reduce
         self.window = torch.zeros(2 * D + 3, device=device)
-        self.window_tokens = 0
+        self.window_tokens = 0  # this launch's tokens in the log window (throughput)
         self.skipped_before = 0
         self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
         self.resumed_from = None
@@ -275,6 +281,7 @@ class _Run:
             "rank": self.info.rank,
             "world_size": self.info.world_size,
             "lockstep": self.lockstep,
+            "all_reduce": False,  # the mixer all-reduces the shares itself
         }
         D = len(self.domains)
         if kind == "probe":  # one batched no-grad forward per process
@@ -293,57 +300,50 @@ class _Run:
         return full_val
 
     def _prepare_run_dir(self) -> Path | None:
-        """Create the run directory; returns the checkpoint to resume from, if any."""
+        """Create the run directory and decide (on rank 0, for every rank) what to resume from.
+
+        Nothing is deleted before the checkpoint to resume from has been checked against this run.
+        """
         cfg, run_dir = self.cfg, self.run_dir
-        finished = (run_dir / "final.json").exists()
-        if finished and not cfg.train.overwrite:
-            raise AioliError(
-                f"{run_dir} already holds a finished run; "
-                "choose another train.name or pass train.overwrite=true"
-            )
-        resume = cfg.checkpoint.resume
-        if resume == "never" or finished:
-            checkpoint = None
-        elif resume == "auto":
-            checkpoint = self.checkpoints.latest()
-        else:
-            checkpoint = Path(resume)
-            if not (checkpoint / "trainer.pt").is_file():
-                raise ConfigError(f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)")
-        if self.main:
+
+        def decide() -> str | None:
+            finished = (run_dir / "final.json").exists()
+            if finished and not cfg.train.overwrite:
+                raise AioliError(
+                    f"{run_dir} already holds a finished run; "
+                    "choose another train.name or pass train.overwrite=true"
+                )
+            resume = cfg.checkpoint.resume
+            if resume == "never" or (resume == "auto" and finished):
+                checkpoint = None
+            elif resume == "auto":
+                checkpoint = self.checkpoints.latest()
+            else:
+                checkpoint = Path(resume)
+                if not (checkpoint / "trainer.pt").is_file():
+                    raise ConfigError(
+                        f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)"
+                    )
+            step = None if checkpoint is None else self._check_resumable(checkpoint)
             ensure_writable_dir(run_dir, "run directory")
             stale = ["final.json", "model.pt", "config.yaml"]
             if checkpoint is None:
                 stale.append("metrics.jsonl")
-                if finished and self.checkpoints.folder.is_dir():  # overwrite: the old run's checkpoints go
-                    shutil.rmtree(self.checkpoints.folder)
+                self.checkpoints.clear()  # a fresh start: the old checkpoints must not be resumed later
+            elif checkpoint.resolve().parent == self.checkpoints.folder.resolve():
+                self.checkpoints.discard_after(step)  # an abandoned future, if resumed from an older one
+            else:
+                self.checkpoints.clear()  # resumed from another run's checkpoint: a new history starts
             for name in stale:
                 (run_dir / name).unlink(missing_ok=True)
             atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
-        barrier()
-        return checkpoint
+            return None if checkpoint is None else str(checkpoint)
 
-    def _trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "config": self.cfg.to_dict(),
-            "world_size": self.info.world_size,
-            "engine": self.engine.kind,
-            "domains": list(self.domains),
-            "mixer": self.mixer.state_dict(),
-            "stream": self.stream.state_dict(),
-            "loop": {
-                "total_tokens": self.total_tokens,
-                "measurements": self.measurements,
-                "measure_time": self.measure_time,
-                "scheduled_until": self.scheduled_until,
-                "window": self.window.detach().cpu().clone(),
-                "window_tokens": self.window_tokens,
-                "skipped_steps": self.engine.skipped_steps + self.skipped_before,
-            },
-        }
+        checkpoint = on_rank0(decide, self.info.rank)
+        return None if checkpoint is None else Path(checkpoint)
 
-    def _resume(self, checkpoint: Path) -> None:
+    def _check_resumable(self, checkpoint: Path) -> int:
+        """The step of ``checkpoint`` after checking that this run may continue from it."""
         state = RunCheckpoints.load_trainer_state(checkpoint)
         diffs = config_differences(state["config"], self.cfg.to_dict())
         if diffs:
@@ -357,18 +357,53 @@ class _Run:
                 f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es) with "
                 f"the {state['engine']} engine, this run has {self.info.world_size} with {self.engine.kind}"
             )
+        if state["step"] > self.cfg.train.steps:
+            raise ConfigError(
+                f"cannot resume from {checkpoint}: it is at step {state['step']}, beyond "
+                f"train.steps={self.cfg.train.steps}"
+            )
+        return state["step"]
+
+    def _num_parameters(self) -> int:
+        """Every weight, also those ZeRO-3 has partitioned (``ds_numel``)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+
+    def _shared_state(self) -> dict:
+        """What is the same on every rank."""
+        return {
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "world_size": self.info.world_size,
+            "engine": self.engine.kind,
+            "domains": list(self.domains),
+            "stream": self.stream.state_dict(),
+            "loop": {
+                "total_tokens": self.total_tokens,
+                "measurements": self.measurements,
+                "measure_time": self.measure_time,
+                "scheduled_until": self.scheduled_until,
+                "skipped_steps": self.engine.skipped_steps + self.skipped_before,
+            },
+        }
+
+    def _own_state(self) -> dict:
+        """What each rank holds for itself until the next all-reduce: the mixer's and the loop's windows."""
+        return {"mixer": self.mixer.state_dict(), "window": self.window}
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = RunCheckpoints.load_trainer_state(checkpoint)
+        own = state["ranks"][self.info.rank]
         self.engine.load(checkpoint)
-        self.mixer.load_state_dict(state["mixer"])
+        self.mixer.load_state_dict(own["mixer"])
         self.stream.load_state_dict(state["stream"])
         loop = state["loop"]
         self.step = self.resumed_from = state["step"]
         self.total_tokens = loop["total_tokens"]
         self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
         self.scheduled_until = loop["scheduled_until"]
-        self.window.copy_(loop["window"].to(self.device))
-        self.window_tokens = loop["window_tokens"]
+        self.window.copy_(own["window"].to(self.device))
         self.skipped_before = loop["skipped_steps"] - self.engine.skipped_steps
-        set_rng_state(state["rng"][self.info.rank])
+        set_rng_state(own["rng"])
         if state["config"]["train"]["steps"] != self.cfg.train.steps:
             _say(
                 f"note: the checkpoint's run had train.steps={state['config']['train']['steps']}, this one "
@@ -377,7 +412,9 @@ class _Run:
             )
 
     def _save(self, bar) -> Path:
-        path = self.checkpoints.save(self.step, self.engine, self._trainer_state())
+        path = self.checkpoints.save(
+            self.step, self.engine, self._shared_state(), self._own_state(), self.device
+        )
         _say(f"step {self.step}: checkpoint {path}", bar, self.main)
         return path
 
@@ -395,7 +432,7 @@ class _Run:
         if bar is not None:
             bar.update(self.step)
         _say(
-            f"training {self.model.num_parameters() / 1e6:.2f}M parameters "
+            f"training {self._num_parameters() / 1e6:.2f}M parameters "
             f"on {self.device} ({self.precision}), "
             f"engine {self.engine.kind}"
             + (f" ZeRO-{cfg.engine.zero_stage}" if self.engine.kind == "deepspeed" else "")
@@ -482,6 +519,18 @@ class _Run:
                 self._log(log, bar, host_p, lr, window_start)
                 window_start = time.perf_counter()
                 self.window_tokens = 0
+            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
+                self._check_finite(done)
+                self._save(bar)
+                last_saved = done
+            stop = sigterm.raised
+            if self.info.world_size > 1 and cfg.checkpoint.on_sigterm:
+                stop_flag.fill_(float(stop))  # one tiny collective per step: all ranks stop at the same step
+                stop = bool(all_reduce_(stop_flag).item() > 0)
+            if stop:  # before any evaluation: launchers allow little time after the signal
+                self._check_finite(done)
+                path = self._save(bar) if last_saved != done else self.checkpoints.latest()
+                raise TrainingInterrupted(done, path)
             if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
                 val = self._evaluate("val")
                 log.write({"step": done, "eval": {"val": val}})
@@ -490,20 +539,6 @@ class _Run:
                     bar,
                     self.main,
                 )
-            stop = sigterm.raised
-            if self.info.world_size > 1 and cfg.checkpoint.on_sigterm:
-                stop_flag.fill_(
-                    float(stop)
-                )  # one tiny collective per step: every rank stops at the same step
-                stop = bool(all_reduce_(stop_flag).item() > 0)
-            if stop:
-                self._check_finite(done)
-                path = self._save(bar) if last_saved != done else self.checkpoints.latest()
-                raise TrainingInterrupted(done, path)
-            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
-                self._check_finite(done)
-                self._save(bar)
-                last_saved = done
 
     def _check_finite(self, done: int, window: torch.Tensor | None = None) -> None:
         """Under ``train.on_nan=stop``: a step whose loss was not finite stops the run (before a save).
