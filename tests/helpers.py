@@ -42,3 +42,25 @@ def prepare_alphabet_corpus(
         progress=False,
     )
     return root / "corpus"
+
+
+ALPHABET_DOMAINS = {"ab": "ab", "cd": "cdc", "xyz": "xyz"}
+
+
+def prepare_three_domains(root: Path, *, seq_len: int = 16, shard_sequences: int = 16) -> Path:
+    """Three recognisable domains (``ab``, ``cd``, ``xyz``) with train/val/test splits under ``root``;
+    returns ``root`` (the corpus is ``root / "corpus"``)."""
+    from aioli_fast.data.prepare import prepare
+
+    for i, (name, alphabet) in enumerate(ALPHABET_DOMAINS.items()):
+        write_alphabet_domain(root / "raw" / name, alphabet, 16, i)
+    prepare(
+        {name: [str(root / "raw" / name)] for name in ALPHABET_DOMAINS},
+        root / "corpus",
+        seq_len=seq_len,
+        val_fraction=0.2,
+        test_fraction=0.1,
+        shard_sequences=shard_sequences,
+        progress=False,
+    )
+    return root

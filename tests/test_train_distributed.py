@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from aioli_fast.data import prepare
+from helpers import prepare_three_domains
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -87,21 +86,7 @@ def _ok(result, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zero")
-    from helpers import write_alphabet_domain
-
-    for i, (name, alphabet) in enumerate(zip(DOMAINS, ["ab", "cdc", "xyz"])):
-        write_alphabet_domain(root / "raw" / name, alphabet, 16, i)
-    prepare(
-        {name: [str(root / "raw" / name)] for name in DOMAINS},
-        root / "corpus",
-        seq_len=16,
-        val_fraction=0.2,
-        test_fraction=0.1,
-        shard_sequences=16,
-        progress=False,
-    )
-    return root
+    return prepare_three_domains(tmp_path_factory.mktemp("zero"))
 
 
 @pytest.fixture(scope="module")

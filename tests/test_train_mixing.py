@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import write_alphabet_domain
+from helpers import prepare_three_domains, write_alphabet_domain
 
 from aioli_fast.config import config_from_dict
 from aioli_fast.data import prepare
@@ -26,19 +26,7 @@ DOMAINS = ["ab", "cd", "xyz"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixcorpus")
-    for i, (name, alphabet) in enumerate(zip(DOMAINS, ["ab", "cdc", "xyz"])):
-        write_alphabet_domain(root / "raw" / name, alphabet, 16, i)
-    prepare(
-        {name: [str(root / "raw" / name)] for name in DOMAINS},
-        root / "corpus",
-        seq_len=SEQ,
-        val_fraction=0.2,
-        test_fraction=0.1,
-        shard_sequences=32,
-        progress=False,
-    )
-    return root
+    return prepare_three_domains(tmp_path_factory.mktemp("mixcorpus"), seq_len=SEQ, shard_sequences=32)
 
 
 def _train(corpus, name: str, mixing: dict, steps: int = 24, data: dict | None = None, **train_extra):

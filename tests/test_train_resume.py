@@ -12,10 +12,9 @@ import time
 
 import pytest
 import torch
-from helpers import write_alphabet_domain
+from helpers import prepare_three_domains
 
 from aioli_fast.config import config_from_dict
-from aioli_fast.data import prepare
 from aioli_fast.errors import AioliError, ConfigError
 from aioli_fast.model import GPT, GPTConfig
 from aioli_fast.train import TrainingError, train
@@ -27,19 +26,7 @@ DOMAINS = ["ab", "cd", "xyz"]
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    for i, (name, alphabet) in enumerate(zip(DOMAINS, ["ab", "cdc", "xyz"])):
-        write_alphabet_domain(root / "raw" / name, alphabet, 16, i)
-    prepare(
-        {name: [str(root / "raw" / name)] for name in DOMAINS},
-        root / "corpus",
-        seq_len=16,
-        val_fraction=0.2,
-        test_fraction=0.1,
-        shard_sequences=16,
-        progress=False,
-    )
-    return root
+    return prepare_three_domains(tmp_path_factory.mktemp("resume"))
 
 
 def _config(root, name: str, **sections) -> dict:

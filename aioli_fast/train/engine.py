@@ -196,7 +196,17 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 # engines
 
 
-class TorchEngine:
+class _Engine:
+    """What both engines share: the optimizer's learning rate, set by the loop every step."""
+
+    optimizer: torch.optim.Optimizer
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:  # ZeRO's optimizers pass their groups through
+            group["lr"] = lr
+
+
+class TorchEngine(_Engine):
     """One process, torch AdamW, autocast for bf16, gradient accumulation over ``micro_steps``."""
 
     kind = "torch"
@@ -233,10 +243,6 @@ class TorchEngine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -310,7 +316,7 @@ def _merge(base: dict, extra: dict) -> None:
             base[key] = value
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(_Engine):
     """``deepspeed.initialize`` with the config of :func:`deepspeed_config`; ZeRO stages 0-3."""
 
     kind = "deepspeed"
@@ -360,10 +366,6 @@ class DeepSpeedEngine:
 
     def step(self) -> None:
         self.engine.step()
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
