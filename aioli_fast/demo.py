@@ -35,6 +35,7 @@ from .config import config_from_dict
 from .data import prepare
 from .errors import AioliError
 from .fileio import atomic_write_bytes, ensure_writable_dir
+from .report import read_metrics
 
 DEMO_SEQ_LEN = 128
 NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
@@ -257,7 +258,7 @@ def run_demo(
         with contextlib.redirect_stdout(sys.stderr):  # the run's own table: the comparison is printed below
             result = train(cfg)
         finals[method], run_dirs[method] = result.final, result.run_dir
-        histories[method] = read_metrics(result.run_dir / "metrics.jsonl")
+        histories[method] = read_metrics(result.run_dir / "metrics.jsonl")[0]  # the training records
     print(format_comparison(finals))
     if "aioli" in finals:
         rounds = proportion_steps(configs["aioli"], len(finals["aioli"]["domains"]))
@@ -273,18 +274,6 @@ def run_demo(
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a run's metrics.jsonl (an incomplete last line is skipped)."""
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
 
 
 def proportion_steps(cfg, num_domains: int) -> list[tuple[int, int]]:

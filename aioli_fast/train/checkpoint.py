@@ -69,15 +69,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         path = path / "model.pt"
     if not path.is_file():
         raise AioliError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-        # torch's own message is long and suggests weights_only=False, which is unsafe advice here
-        raise AioliError(
-            f"cannot read checkpoint {path}: damaged, or not a checkpoint ({type(exc).__name__})"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise AioliError(f"{path} is not an aioli_fast checkpoint (format {CHECKPOINT_FORMAT})")
+    payload = _load_payload(path, "checkpoint", CHECKPOINT_FORMAT)
     missing = [
         k for k in ("model", "model_config", "step", "domains", "config", "tokenizer") if k not in payload
     ]
@@ -210,15 +202,20 @@ class RunCheckpoints:
         file = Path(path) / "trainer.pt"
         if not file.is_file():
             raise AioliError(f"{path} is not a run checkpoint (it has no trainer.pt)")
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
-            raise AioliError(
-                f"cannot read {file}: damaged, or not a run checkpoint ({type(exc).__name__})"
-            ) from exc
-        if not isinstance(state, dict) or state.get("format") != RUN_CHECKPOINT_FORMAT:
-            raise AioliError(f"{file} is not an aioli_fast run checkpoint (format {RUN_CHECKPOINT_FORMAT})")
-        return state
+        return _load_payload(file, "run checkpoint", RUN_CHECKPOINT_FORMAT)
+
+
+def _load_payload(file: Path, what: str, fmt: int) -> dict:
+    """A checkpoint file's dict, with one clear error for a damaged file or another format."""
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+        # torch's own message is long and suggests weights_only=False, which is unsafe advice here
+        reason = type(exc).__name__
+        raise AioliError(f"cannot read {what} {file}: damaged, or not a {what} ({reason})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise AioliError(f"{file} is not an aioli_fast {what} (format {fmt})")
+    return payload
 
 
 def _fsync_tree(folder: Path) -> None:

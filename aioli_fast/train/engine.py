@@ -15,6 +15,7 @@ number (:func:`aioli_fast.train.loop.lr_at`), so a checkpoint's step restores it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -383,11 +384,11 @@ class DeepSpeedEngine(_Engine):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight in full on rank 0 (other ranks get an empty dict); gathered under ZeRO-3."""
         deepspeed = import_deepspeed(self.device)
+        gathered = contextlib.nullcontext()
         if self.engine.zero_optimization_stage() == 3:
             params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        else:
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gathered:
             state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
         return state if dist.get_rank() == 0 else {}
 

@@ -286,9 +286,7 @@ class _Run:
         D = len(self.domains)
         if kind == "probe":  # one batched no-grad forward per process
             per_process = -(-len(self.domains) * cfg.mixing.probe_sequences // self.info.world_size)
-            probe = probe_batches(
-                self.manifest, self.domains, "val", cfg.mixing.probe_sequences, per_process
-            )
+            probe = probe_batches(self.manifest, self.domains, "val", cfg.mixing.probe_sequences, per_process)
             return lambda model: measure_losses(model, probe, D, **shard)
 
         def full_val(model):
