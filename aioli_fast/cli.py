@@ -135,6 +135,25 @@ def _cmd_skills_graph(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with mixing.method=skillit mixing.skills_graph={args.out}")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import collect_results, format_tables, load_spec, run_sweep, write_results
+
+    spec = load_spec(args.spec)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    methods = split(args.methods) if args.methods else None
+    try:
+        seeds = [int(x) for x in split(args.seeds)] if args.seeds else None
+    except ValueError:
+        raise AioliError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    if args.tables_only:
+        out = Path(args.out or Path("runs/sweeps") / spec.name)
+        results = collect_results(spec, out)
+        write_results(spec, out, results)
+        print(format_tables(spec, results))
+        return
+    run_sweep(spec, args.out, methods=methods, seeds=seeds)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -223,6 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file for the graph (details beside it)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.batch_size=8")
     p.set_defaults(func=_cmd_skills_graph)
+
+    p = sub.add_parser(
+        "sweep", help="methods x seeds on a real-text corpus: tables and proportion plots (resumable)"
+    )
+    p.add_argument("spec", help="a sweep spec, e.g. configs/sweeps/text2.yaml (docs/benchmarks.md)")
+    p.add_argument("--out", help="output folder (default runs/sweeps/<spec name>)")
+    p.add_argument("--methods", help="comma-separated subset of the spec's methods (their references added)")
+    p.add_argument("--seeds", help="comma-separated subset of the spec's seeds")
+    p.add_argument(
+        "--tables-only", action="store_true", help="only write the tables from the runs already finished"
+    )
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser(
         "demo",

@@ -96,6 +96,7 @@ class AioliMixer(Mixer):
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self.missing_measurements = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_A_kk = torch.zeros(k, k, device=self.device)
+        self._rounds: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _check_options(self) -> None:
         k = self.num_domains
@@ -283,8 +284,19 @@ class AioliMixer(Mixer):
         p_new = lmo.apply_floor(p_new, self.floor)
         self._p_D = torch.where(ok, p_new, self._p_D)  # a new tensor: the loop sees the change
         self.last_A_kk = torch.where(ok, A_kk, self.last_A_kk)
+        # device tensors, read once at the end (summary): what each round estimated and chose
+        self._rounds.append((round_index, A_kk.detach().clone(), self._p_D.detach().clone(), ok))
         self.skipped_updates += (~ok).to(torch.int64)
         self._round_done = round_index
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"skipped_updates": self.skipped_updates, "missing_measurements": self.missing_measurements}
+
+    def summary(self) -> dict:
+        """Per round updated in this process (not carried over a resume): the normalised A and the new p."""
+        return {
+            "rounds": [
+                {"round": r, "A": A.tolist(), "proportions": p.tolist(), "applied": bool(ok)}
+                for r, A, p, ok in self._rounds
+            ]
+        }

@@ -1,0 +1,302 @@
+"""Real multi-domain text corpora built from what a Python installation of this package carries.
+
+No download is needed: every domain is collected from the Python standard library or from packages the
+install puts in (torch, its dependencies sympy and networkx, matplotlib). The same versions give the same
+bytes, so the same command rebuilds the same corpus anywhere (``sources.json`` beside the corpus records the
+versions, the files read and the sha256 of every domain's collected text, to compare two builds).
+
+Domains (``DOMAINS``; each collected into one ``.jsonl`` of documents, then prepared with byte tokens):
+
+- ``python``: standard-library ``.py`` source, tests excluded (code).
+- ``cpp``: C++ headers of torch (``torch/include/**/*.h``) (code in another language).
+- ``licenses``: Python's ``LICENSE.txt`` and the license files of installed distributions (legal text).
+- ``reference``: the Python language reference and library topics of ``pydoc_data`` (technical prose).
+- ``docstrings``: docstrings of networkx and sympy modules, classes and functions (prose with mathematics).
+- ``fontmetrics``: Adobe font metric files shipped with matplotlib (tabular numeric records).
+
+Every collector walks its files in sorted order and stops at a byte budget, so the prefix taken is
+deterministic. Documents are cut at line breaks into pieces of at most ``CHUNK_CHARS`` characters
+(:func:`chunk_text`) before the split, so val and test hold many pieces of many files.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+
+from .demo import python_code_files, reference_documents
+from .errors import AioliError
+from .fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+
+DEFAULT_BUDGET_BYTES = 1_500_000
+CHUNK_CHARS = 4096
+
+
+def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut a document into pieces of at most ``size`` characters at line breaks (a longer line is cut
+    where it reaches ``size``), so that the held-out splits, which take whole documents, are not a
+    handful of long files."""
+    pieces, current, length = [], [], 0
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:
+            if current:
+                pieces.append("".join(current))
+                current, length = [], 0
+            pieces.append(line[:size])
+            line = line[size:]
+        if length + len(line) > size and current:
+            pieces.append("".join(current))
+            current, length = [], 0
+        current.append(line)
+        length += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [p for p in pieces if p.strip()]
+
+
+def _site_packages() -> list[Path]:
+    seen: list[Path] = []
+    for key in ("purelib", "platlib"):
+        path = Path(sysconfig.get_paths()[key])
+        if path.is_dir() and path not in seen:
+            seen.append(path)
+    return seen
+
+
+def _package_dir(name: str) -> Path | None:
+    """The folder of an importable package, without importing it (importing sympy takes seconds)."""
+    for site in _site_packages():
+        if (site / name / "__init__.py").is_file():
+            return site / name
+    for entry in sys.path:
+        if entry and (Path(entry) / name / "__init__.py").is_file():
+            return Path(entry) / name
+    return None
+
+
+def _take(paths: Iterable[Path], budget: int, max_file: int) -> list[Path]:
+    out, total = [], 0
+    for path in paths:
+        size = path.stat().st_size
+        if size == 0 or size > max_file or total + size > budget:
+            continue
+        out.append(path)
+        total += size
+    return out
+
+
+def _read(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def collect_python(budget: int) -> tuple[list[str], list[str]]:
+    files = python_code_files(budget)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [_read(p) for p in files], [f"stdlib/{p.relative_to(root)}" for p in files]
+
+
+def collect_cpp(budget: int) -> tuple[list[str], list[str]]:
+    torch_dir = _package_dir("torch")
+    if torch_dir is None or not (torch_dir / "include").is_dir():
+        return [], []
+    root = torch_dir / "include"
+    paths = sorted(p for p in root.rglob("*.h") if p.is_file())
+    files = _take(paths, budget, max_file=64_000)
+    return [_read(p) for p in files], [f"torch/include/{p.relative_to(root)}" for p in files]
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[ ;<>=!~\[(]", requirement.strip(), maxsplit=1)[0]
+
+
+def dependency_closure(root: str = "aioli_fast") -> list[str]:
+    """The installed distributions ``root`` needs (its requirements without extras, recursively), sorted."""
+    seen: dict[str, metadata.Distribution] = {}
+    todo = [root]
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen[key] = dist
+        todo.extend(_requirement_name(r) for r in dist.requires or [] if "extra ==" not in r)
+    return sorted(seen)
+
+
+def collect_licenses(budget: int) -> tuple[list[str], list[str]]:
+    """Python's LICENSE.txt and the license files of this package's installed dependencies (only those,
+    so that other packages installed beside it do not change the corpus), deduplicated by content."""
+    candidates = [(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", "stdlib/LICENSE.txt")]
+    for key in dependency_closure():
+        dist = metadata.distribution(key)
+        for entry in sorted(dist.files or [], key=str):
+            name = str(entry)
+            if ".dist-info/" in name and re.search(r"(LICEN[CS]E|COPYING|/licenses/)", name):
+                candidates.append((Path(entry.locate()), name))
+    docs, names, hashes, total = [], [], set(), 0
+    for path, name in candidates:
+        if not path.is_file():
+            continue
+        text = _read(path)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest in hashes or not text.strip() or total + len(text) > budget:
+            continue
+        hashes.add(digest)
+        docs.append(text)
+        names.append(name)
+        total += len(text)
+    return docs, names
+
+
+def collect_reference(budget: int) -> tuple[list[str], list[str]]:
+    docs = reference_documents(budget)
+    return docs, [f"pydoc_data.topics ({len(docs)} topics)"]
+
+
+def _docstrings_of(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 200:  # one-line docstrings carry little text
+                out.append(doc)
+    return out
+
+
+def collect_docstrings(budget: int) -> tuple[list[str], list[str]]:
+    docs, names, total = [], [], 0
+    for package in ("networkx", "sympy"):
+        root = _package_dir(package)
+        if root is None:
+            continue
+        for path in sorted(root.rglob("*.py")):
+            if "tests" in path.relative_to(root).parts:
+                continue
+            found = [d for d in _docstrings_of(path) if total + len(d) <= budget]
+            if not found:
+                if total >= budget * 0.99:
+                    return docs, names
+                continue
+            docs.extend(found)
+            total += sum(len(d) for d in found)
+            names.append(f"{package}/{path.relative_to(root)}")
+    return docs, names
+
+
+def collect_fontmetrics(budget: int) -> tuple[list[str], list[str]]:
+    mpl = _package_dir("matplotlib")
+    if mpl is None:
+        return [], []
+    root = mpl / "mpl-data" / "fonts"
+    files = _take(sorted(root.rglob("*.afm")), budget, max_file=200_000)
+    return [_read(p) for p in files], [f"matplotlib/mpl-data/fonts/{p.relative_to(root)}" for p in files]
+
+
+DOMAINS: dict[str, tuple[str, Callable[[int], tuple[list[str], list[str]]]]] = {
+    "python": ("standard-library Python source (no tests)", collect_python),
+    "cpp": ("torch C++ headers", collect_cpp),
+    "licenses": ("license texts of Python and the installed distributions", collect_licenses),
+    "reference": ("Python language reference topics (pydoc_data)", collect_reference),
+    "docstrings": ("docstrings of networkx and sympy", collect_docstrings),
+    "fontmetrics": ("Adobe font metrics shipped with matplotlib", collect_fontmetrics),
+}
+# the distributions whose versions decide the bytes collected
+SOURCE_DISTRIBUTIONS = ("torch", "matplotlib", "networkx", "sympy")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in SOURCE_DISTRIBUTIONS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def collect(
+    raw_dir: str | Path, domains: Iterable[str] | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES
+) -> dict[str, list[str]]:
+    """Write one ``<domain>.jsonl`` per domain under ``raw_dir`` and ``sources.json``; returns the inputs
+    for :func:`aioli_fast.data.prepare` (domain -> [jsonl path])."""
+    names = list(DOMAINS) if domains is None else list(domains)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown or not names:
+        raise AioliError(f"unknown corpus domain(s) {unknown or names}; the domains are {list(DOMAINS)}")
+    if budget_bytes < 10_000:
+        raise AioliError(f"budget_bytes must be at least 10000, got {budget_bytes}")
+    raw = ensure_writable_dir(Path(raw_dir), "raw text folder")
+    sources: dict = {"versions": _versions(), "budget_bytes": budget_bytes, "domains": {}}
+    inputs = {}
+    for name in names:
+        description, collector = DOMAINS[name]
+        docs, files = collector(budget_bytes)
+        docs = [piece for doc in docs for piece in chunk_text(doc)]
+        if not docs:
+            raise AioliError(
+                f"corpus domain {name!r} ({description}): found no material in this installation; "
+                f"versions: {sources['versions']}"
+            )
+        data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode("utf-8")
+        path = raw / f"{name}.jsonl"
+        if not path.is_file() or path.read_bytes() != data:  # unchanged files keep their mtime: prepare reuses
+            atomic_write_bytes(path, data)
+        sources["domains"][name] = {
+            "description": description,
+            "documents": len(docs),
+            "characters": sum(len(d) for d in docs),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "files": files,
+        }
+        inputs[name] = [str(path)]
+    atomic_write_json(raw / "sources.json", sources)
+    return inputs
+
+
+def build_corpus(
+    out: str | Path,
+    domains: Iterable[str] | None = None,
+    *,
+    seq_len: int = 128,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    progress: bool = True,
+) -> dict:
+    """Collect the domains into ``out/raw`` and prepare them (byte tokens) into ``out/corpus``.
+
+    Returns the manifest. Resumable: domains whose collected text did not change are not prepared again.
+    """
+    from .data import prepare
+
+    out = Path(out)
+    inputs = collect(out / "raw", domains, budget_bytes)
+    if progress:
+        print(f"corpus: collected {', '.join(inputs)} under {out / 'raw'}; preparing ...", file=sys.stderr)
+    return prepare(
+        inputs,
+        out / "corpus",
+        seq_len=seq_len,
+        tokenizer="byte",
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        overwrite=True,
+        progress=progress,
+        workers=min(os.cpu_count() or 1, 4),
+    )
