@@ -255,7 +255,8 @@ def collect(
             )
         data = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode("utf-8")
         path = raw / f"{name}.jsonl"
-        if not path.is_file() or path.read_bytes() != data:  # unchanged files keep their mtime: prepare reuses
+        # an unchanged file keeps its modification time, so prepare reuses its shards
+        if not path.is_file() or path.read_bytes() != data:
             atomic_write_bytes(path, data)
         sources["domains"][name] = {
             "description": description,

@@ -242,8 +242,9 @@ def _graph_spec(spec: SweepSpec) -> SweepSpec:
 def _quiet(log: Path):
     """A run's own output (progress lines, its result table) goes to a log file, not the terminal."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
-        yield
+    with open(log, "a", encoding="utf-8") as fh:
+        with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            yield
 
 
 def plan(spec: SweepSpec, methods: list[str] | None = None) -> list[str]:
@@ -385,7 +386,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
         if seeds:
             methods[method] = {"seeds": seeds}
     base = methods.get(spec.baseline, {}).get("seeds", {})
-    for method, entry in methods.items():
+    for entry in methods.values():
         seeds = entry["seeds"]
         deltas = [seeds[s]["test_ppl"] - base[s]["test_ppl"] for s in seeds if s in base]
         entry["summary"] = {
@@ -495,7 +496,7 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
 
 
 def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
-    """One panel per method whose proportions move: the mean over seeds per domain, the seeds' range shaded."""
+    """One panel per method whose proportions move: per domain the mean over seeds, their range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
