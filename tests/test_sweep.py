@@ -1,0 +1,227 @@
+"""The real-text corpora and the sweep runner: specs, references, tables, resuming."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aioli_fast.cli import main
+from aioli_fast.corpora import DOMAINS, chunk_text, collect, dependency_closure
+from aioli_fast.errors import AioliError, ConfigError
+from aioli_fast.sweep import load_spec, plan, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_chunks_cut_at_line_breaks_and_keep_the_text():
+    text = "".join(f"line {i} " + "x" * (i % 50) + "\n" for i in range(300)) + "y" * 250 + "\n"
+    pieces = chunk_text(text, size=100)
+    assert all(len(p) <= 100 for p in pieces)
+    assert "".join(pieces) == text
+    assert all(p.endswith("\n") for p in pieces[:-3])  # cut at line breaks, except inside the long line
+    assert chunk_text("\n\n  \n") == []
+
+
+def test_every_domain_is_collected_from_this_installation_deterministically(tmp_path):
+    first = collect(tmp_path / "a", budget_bytes=30_000)
+    second = collect(tmp_path / "b", budget_bytes=30_000)
+    assert list(first) == list(DOMAINS)
+    sources = json.loads((tmp_path / "a" / "sources.json").read_text())
+    assert sources["versions"]["torch"] != "not installed"
+    for name in DOMAINS:
+        data = Path(first[name][0]).read_bytes()
+        assert data == Path(second[name][0]).read_bytes()
+        entry = sources["domains"][name]
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        docs = [json.loads(line)["text"] for line in data.decode().splitlines()]
+        assert len(docs) == entry["documents"] >= 2
+        assert all(0 < len(d) <= 4096 for d in docs)
+        assert entry["characters"] == sum(len(d) for d in docs)
+        assert 0.5 * 30_000 < entry["characters"] <= 30_000 * 1.05  # the budget counts bytes of files
+        assert entry["files"] and not any(f.startswith("/") for f in entry["files"])  # no machine paths
+    assert "import" in Path(first["python"][0]).read_text()
+    assert "#include" in Path(first["cpp"][0]).read_text() or "#pragma" in Path(first["cpp"][0]).read_text()
+    assert "StartCharMetrics" in Path(first["fontmetrics"][0]).read_text()
+
+
+def test_licenses_come_only_from_the_package_and_its_dependencies():
+    closure = dependency_closure()
+    assert {"torch", "numpy", "webdataset"} <= set(closure)
+    assert "pytest" not in closure  # a dev tool, not a dependency: installing it must not change the corpus
+
+
+def test_collect_refuses_unknown_domains_and_tiny_budgets(tmp_path):
+    with pytest.raises(AioliError, match="unknown corpus domain"):
+        collect(tmp_path, ["python", "poetry"])
+    with pytest.raises(AioliError, match="budget_bytes"):
+        collect(tmp_path, ["python"], budget_bytes=100)
+
+
+def _spec(tmp_path: Path, **changes) -> Path:
+    spec = {
+        "name": "tiny",
+        "corpus": {"path": str(tmp_path / "corpus"), "seq_len": 32, "budget_bytes": 40_000},
+        "domains": ["python", "licenses"],
+        "seeds": [0, 1],
+        "skills_graph_steps": 2,
+        "base": {
+            "model": {"preset": "tiny"},
+            "optim": {"lr": 3.0e-3, "warmup_steps": 2},
+            "train": {"steps": 8, "batch_size": 4, "log_every": 2},
+            "eval": {"batch_size": 8, "max_sequences": 4},
+            "checkpoint": {"every": 4, "keep_last": 1},
+        },
+        "methods": {
+            "stratified": {"mixing": {"method": "stratified"}},
+            "aioli_probe": {
+                "mixing": {
+                    "method": "aioli",
+                    "measurement": "probe",
+                    "round_steps": 4,
+                    "sweeps": 1,
+                    "block_steps": 1,
+                    "probe_sequences": 2,
+                    "eta": 2.0,
+                }
+            },
+            "doremi": {"mixing": {"method": "doremi", "reference": "@run:stratified"}},
+            "skillit": {"mixing": {"method": "skillit", "skills_graph": "@skills_graph", "update_every": 2}},
+            "static_learned": {"mixing": {"method": "static", "proportions": "@proportions:aioli_probe"}},
+        },
+    }
+    for key, value in changes.items():
+        spec[key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_spec_errors_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_spec(_spec(tmp_path, colour="red"))
+    with pytest.raises(ConfigError, match="domains must be distinct names"):
+        load_spec(_spec(tmp_path, domains=["python", "poetry"]))
+    with pytest.raises(ConfigError, match="baseline"):
+        load_spec(_spec(tmp_path, baseline="uniform"))
+    with pytest.raises(ConfigError, match="seeds"):
+        load_spec(_spec(tmp_path, seeds=[]))
+    with pytest.raises(ConfigError, match="must be a method listed before it"):
+        load_spec(
+            _spec(tmp_path, methods={"doremi": {"mixing": {"method": "doremi", "reference": "@run:x"}}})
+        )
+    with pytest.raises(ConfigError, match="train.seed is set by the sweep"):
+        load_spec(_spec(tmp_path, methods={"s": {"mixing": {"method": "stratified"}, "train": {"seed": 3}}}))
+    with pytest.raises(ConfigError, match="round_steps"):  # the mixer's own checks run at load time
+        load_spec(
+            _spec(
+                tmp_path, methods={"a": {"mixing": {"method": "aioli", "round_steps": 4, "block_steps": 4}}}
+            )
+        )
+    with pytest.raises(ConfigError, match="sweep method 'a'"):
+        load_spec(_spec(tmp_path, methods={"a": {"optim": {"lr": -1}}}))
+    with pytest.raises(ConfigError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_methods_filter_adds_what_they_refer_to_and_the_baseline(tmp_path):
+    spec = load_spec(_spec(tmp_path))
+    assert plan(spec, ["static_learned"]) == ["stratified", "aioli_probe", "static_learned"]
+    assert plan(spec, ["doremi"]) == ["stratified", "doremi"]
+    with pytest.raises(ConfigError, match="unknown method"):
+        plan(spec, ["doge"])
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/seed*/final.json"))}
+
+
+def test_sweep_runs_every_method_and_seed_writes_tables_and_resumes(tmp_path, capsys):
+    spec_path = _spec(tmp_path)
+    out = tmp_path / "out"
+    results = run_sweep(load_spec(spec_path), out)
+    printed = capsys.readouterr().out
+    methods = results["methods"]
+    assert list(methods) == ["stratified", "aioli_probe", "doremi", "skillit", "static_learned"]
+    for method, entry in methods.items():
+        assert sorted(entry["seeds"]) == [0, 1]
+        finals = {
+            s: json.loads((out / "runs" / method / f"seed{s}" / "final.json").read_text()) for s in (0, 1)
+        }
+        ppl = [finals[s]["average"]["test_ppl"] for s in (0, 1)]
+        assert entry["summary"]["test_ppl"][0] == pytest.approx(statistics.fmean(ppl))
+        base = [json.loads((out / "runs/stratified" / f"seed{s}/final.json").read_text()) for s in (0, 1)]
+        deltas = [ppl[s] - base[s]["average"]["test_ppl"] for s in (0, 1)]
+        assert entry["summary"]["delta_test_ppl"][0] == pytest.approx(statistics.fmean(deltas))
+        assert entry["summary"]["better_than_baseline"] == sum(d < 0 for d in deltas)
+        assert all(finals[s]["train_time_s"] > 0 for s in (0, 1))
+        assert f"| {method} |" in printed
+    # references resolved per seed: DoReMi's reference is the stratified run of its own seed, the static
+    # run uses the proportions Aioli ended with in the same seed
+    for s in (0, 1):
+        cfg = yaml.safe_load((out / f"runs/doremi/seed{s}/config.yaml").read_text())
+        assert cfg["mixing"]["reference"] == str(out / "runs" / "stratified" / f"seed{s}")
+        learned = methods["aioli_probe"]["seeds"][s]["proportions"]
+        used = methods["static_learned"]["seeds"][s]["proportions"]
+        assert used == pytest.approx(learned, rel=1e-5)
+    assert (out / "skills_graph.json").is_file()
+    assert (out / "proportions.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "results.md").read_text()
+    assert "avg test ppl" in md and "Per-domain test perplexity" in md and "torch" in md
+    rounds = methods["aioli_probe"]["seeds"][0]["mixer"]["rounds"]
+    assert len(rounds) == 2 and all(len(r["A"]) == 2 for r in rounds)
+
+    # the same command again: nothing is trained, the tables are the same
+    before = _mtimes(out)
+    again = run_sweep(load_spec(spec_path), out)
+    assert "done before, kept" in capsys.readouterr().err
+    assert _mtimes(out) == before
+    assert again["methods"]["aioli_probe"]["summary"] == results["methods"]["aioli_probe"]["summary"]
+
+    # an unfinished run (its final.json lost) is run again, and only it
+    (out / "runs/skillit/seed1/final.json").unlink()
+    run_sweep(load_spec(spec_path), out)
+    after = _mtimes(out)
+    changed = [p for p in after if after[p] != before.get(p)]
+    assert changed == [str(out / "runs/skillit/seed1/final.json")]
+
+    # a changed method is run again, and only it (and nothing else refers to it)
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["methods"]["skillit"]["mixing"]["update_every"] = 4
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_sweep(load_spec(spec_path), out)
+    latest = _mtimes(out)
+    changed = sorted(p for p in latest if latest[p] != after[p])
+    assert changed == [str(out / f"runs/skillit/seed{s}/final.json") for s in (0, 1)]
+
+
+def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
+    spec_path = _spec(tmp_path)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec_path), "--out", str(out), "--methods", "doremi", "--seeds", "1"]) == 0
+    assert sorted(p.parent.name + "/" + p.name for p in out.glob("runs/*/seed*") if p.is_dir()) == [
+        "doremi/seed1",
+        "stratified/seed1",
+    ]
+    os.remove(out / "results.md")
+    assert main(["sweep", str(spec_path), "--out", str(out), "--tables-only"]) == 0
+    assert "| doremi |" in (out / "results.md").read_text()
+    assert main(["sweep", str(spec_path), "--out", str(out), "--seeds", "7"]) == 2
+    assert "not in the spec's seeds" in capsys.readouterr().err
+
+
+def test_the_shipped_specs_are_valid():
+    for path in sorted((ROOT / "configs" / "sweeps").glob("text?.yaml")):
+        spec = load_spec(path)
+        assert len(spec.seeds) >= 3 and spec.baseline == "stratified"
+        kinds = {
+            m["mixing"]["method"] + ":" + str(m["mixing"].get("measurement")) for m in spec.methods.values()
+        }
+        for needed in ("aioli:full_val", "aioli:probe", "aioli:train", "doremi:None", "skillit:None",
+                       "doge:None", "odm:None", "stratified:None"):  # fmt: skip
+            assert needed in kinds, (path.name, needed)
