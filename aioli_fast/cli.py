@@ -1,4 +1,4 @@
-"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, demo.
+"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, corpus, sweep, demo.
 
 Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
 and exit status 2; nothing half-written is left looking complete.
@@ -135,6 +135,17 @@ def _cmd_skills_graph(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with mixing.method=skillit mixing.skills_graph={args.out}")
 
 
+def _cmd_corpus(args: argparse.Namespace) -> None:
+    from .corpora import build_corpus
+
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    manifest = build_corpus(args.out, domains, seq_len=args.seq_len, budget_bytes=args.budget_bytes)
+    for entry in manifest["domains"]:
+        splits = ", ".join(f"{k} {v['sequences']}" for k, v in entry["splits"].items())
+        print(f"{entry['name']}: {entry['documents']} documents; sequences {splits}")
+    print(f"corpus in {Path(args.out) / 'corpus'}; what was read: {Path(args.out) / 'raw' / 'sources.json'}")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep import collect_results, format_tables, load_spec, run_sweep, write_results
 
@@ -242,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="JSON file for the graph (details beside it)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.batch_size=8")
     p.set_defaults(func=_cmd_skills_graph)
+
+    p = sub.add_parser(
+        "corpus", help="build the real-text corpus of the sweeps from this Python installation"
+    )
+    p.add_argument("--out", required=True, help="folder: raw/ (collected text) and corpus/ (prepared)")
+    p.add_argument("--domains", help="comma-separated subset of python,cpp,licenses,reference,docstrings,"
+                   "fontmetrics (default all)")  # fmt: skip
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--budget-bytes", type=_positive_int, default=1_500_000, help="per domain")
+    p.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser(
         "sweep", help="methods x seeds on a real-text corpus: tables and proportion plots (resumable)"

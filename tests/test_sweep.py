@@ -225,3 +225,13 @@ def test_the_shipped_specs_are_valid():
         for needed in ("aioli:full_val", "aioli:probe", "aioli:train", "doremi:None", "skillit:None",
                        "doge:None", "odm:None", "stratified:None"):  # fmt: skip
             assert needed in kinds, (path.name, needed)
+
+
+def test_cli_corpus_builds_the_domains_asked_for(tmp_path, capsys):
+    args = ["corpus", "--out", str(tmp_path), "--domains", "reference,cpp", "--budget-bytes", "20000"]
+    assert main([*args, "--seq-len", "32"]) == 0
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert [d["name"] for d in manifest["domains"]] == ["reference", "cpp"] and manifest["seq_len"] == 32
+    assert "reference:" in capsys.readouterr().out
+    assert main(["corpus", "--out", str(tmp_path), "--domains", "poetry"]) == 2
+    assert "unknown corpus domain" in capsys.readouterr().err
