@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import statistics
@@ -17,6 +18,15 @@ from aioli_fast.errors import AioliError, ConfigError
 from aioli_fast.sweep import load_spec, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _diagnostics():
+    spec = importlib.util.spec_from_file_location(
+        "sweep_diagnostics", ROOT / "benchmarks" / "sweep_diagnostics.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_chunks_cut_at_line_breaks_and_keep_the_text():
@@ -175,6 +185,17 @@ def test_sweep_runs_every_method_and_seed_writes_tables_and_resumes(tmp_path, ca
     assert "avg test ppl" in md and "Per-domain test perplexity" in md and "torch" in md
     rounds = methods["aioli_probe"]["seeds"][0]["mixer"]["rounds"]
     assert len(rounds) == 2 and all(len(r["A"]) == 2 for r in rounds)
+    # the diagnostics script reads the same results: one row per Aioli round, ratios within the EMA bound
+    table = _diagnostics().analyse(out)
+    rows = [line for line in table.splitlines() if line.startswith("| aioli_probe |")]
+    assert len(rows) == 2
+    ratio = float(rows[0].split("|")[5])
+    p0 = rounds[0]["proportions"]
+    first_rounds = [v["mixer"]["rounds"][0]["proportions"] for v in methods["aioli_probe"]["seeds"].values()]
+    assert ratio == pytest.approx(statistics.fmean(max(p) / min(p) for p in first_rounds), abs=1e-3)
+    assert max(p0) / min(p0) <= 2.0**2 * 1.0001 and float(rows[0].split("|")[3]) == pytest.approx(
+        7.39, abs=0.01
+    )
 
     # the same command again: nothing is trained, the tables are the same
     before = _mtimes(out)
