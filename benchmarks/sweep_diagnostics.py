@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from aioli_fast.mixing import MIXERS
+
 
 def centred_colsums(A: list[list[float]]) -> list[float]:
     k = len(A)
@@ -49,8 +51,13 @@ def _fmt(x: float) -> str:
 
 
 def eta_of(sweep_dir: Path, method: str, seed: int) -> tuple[float, str]:
-    cfg = yaml.safe_load((sweep_dir / "runs" / method / f"seed{seed}" / "config.yaml").read_text())
-    return float(cfg["mixing"]["eta"]), str(cfg["mixing"]["update"])
+    mixing = yaml.safe_load((sweep_dir / "runs" / method / f"seed{seed}" / "config.yaml").read_text())[
+        "mixing"
+    ]
+    defaults = MIXERS["aioli"].OPTIONS  # what an option left unset means
+    eta = mixing["eta"] if mixing.get("eta") is not None else defaults["eta"]
+    update = mixing["update"] if mixing.get("update") is not None else defaults["update"]
+    return float(eta), str(update)
 
 
 def analyse(sweep_dir: Path) -> str:
