@@ -139,7 +139,9 @@ def _cmd_corpus(args: argparse.Namespace) -> None:
     from .corpora import build_corpus
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    manifest = build_corpus(args.out, domains, seq_len=args.seq_len, budget_bytes=args.budget_bytes)
+    manifest = build_corpus(
+        args.out, domains, seq_len=args.seq_len, budget_bytes=args.budget_bytes, overwrite=args.overwrite
+    )
     for entry in manifest["domains"]:
         splits = ", ".join(f"{k} {v['sequences']}" for k, v in entry["splits"].items())
         print(f"{entry['name']}: {entry['documents']} documents; sequences {splits}")
@@ -157,8 +159,14 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     except ValueError:
         raise AioliError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
     if args.tables_only:
+        if methods or seeds:
+            raise AioliError("--tables-only covers every method and seed of the spec: drop --methods/--seeds")
         out = Path(args.out or Path("runs/sweeps") / spec.name)
+        if not out.is_dir():
+            raise AioliError(f"--tables-only: no sweep output folder {out}")
         results = collect_results(spec, out)
+        if not results["methods"]:
+            raise AioliError(f"--tables-only: no finished run of this spec in {out}")
         write_results(spec, out, results)
         print(format_tables(spec, results))
         return
@@ -262,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fontmetrics (default all)")  # fmt: skip
     p.add_argument("--seq-len", type=_positive_int, default=128)
     p.add_argument("--budget-bytes", type=_positive_int, default=1_500_000, help="per domain")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a corpus there with another seq_len or domains"
+    )
     p.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser(

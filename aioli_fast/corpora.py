@@ -113,8 +113,22 @@ def collect_cpp(budget: int) -> tuple[list[str], list[str]]:
     return [_read(p) for p in files], [f"torch/include/{p.relative_to(root)}" for p in files]
 
 
-def _requirement_name(requirement: str) -> str:
-    return re.split(r"[ ;<>=!~\[(]", requirement.strip(), maxsplit=1)[0]
+def _required_here(requirement: str) -> str | None:
+    """The distribution a requirement names when it applies to this interpreter and platform without
+    extras (its environment marker evaluated), else None."""
+    try:
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:  # packaging is a dependency of torch's; without it, markers are read as true
+        if "extra ==" in requirement:
+            return None
+        return re.split(r"[ ;<>=!~\[(]", requirement.strip(), maxsplit=1)[0]
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        return None
+    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+        return None
+    return req.name
 
 
 def dependency_closure(root: str = "aioli_fast") -> list[str]:
@@ -131,7 +145,7 @@ def dependency_closure(root: str = "aioli_fast") -> list[str]:
         except metadata.PackageNotFoundError:
             continue
         seen[key] = dist
-        todo.extend(_requirement_name(r) for r in dist.requires or [] if "extra ==" not in r)
+        todo.extend(name for name in map(_required_here, dist.requires or []) if name)
     return sorted(seen)
 
 
@@ -242,7 +256,13 @@ def collect(
     if budget_bytes < 10_000:
         raise AioliError(f"budget_bytes must be at least 10000, got {budget_bytes}")
     raw = ensure_writable_dir(Path(raw_dir), "raw text folder")
-    sources: dict = {"versions": _versions(), "budget_bytes": budget_bytes, "domains": {}}
+    sources: dict = {
+        "versions": _versions(),
+        # the license domain reads these distributions' files
+        "dependencies": {key: metadata.version(key) for key in dependency_closure()},
+        "budget_bytes": budget_bytes,
+        "domains": {},
+    }
     inputs = {}
     for name in names:
         description, collector = DOMAINS[name]
@@ -279,15 +299,29 @@ def build_corpus(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Collect the domains into ``out/raw`` and prepare them (byte tokens) into ``out/corpus``.
 
     Returns the manifest. Resumable: domains whose collected text did not change are not prepared again.
+    A corpus already at ``out`` with another seq_len or other domains is replaced only with ``overwrite``
+    (sweeps that share it would otherwise change under each other).
     """
     from .data import prepare
 
     out = Path(out)
-    inputs = collect(out / "raw", domains, budget_bytes)
+    names = list(DOMAINS) if domains is None else list(domains)
+    existing = out / "corpus" / "manifest.json"
+    if existing.is_file() and not overwrite:
+        old = json.loads(existing.read_text(encoding="utf-8"))
+        old_names = [e["name"] for e in old.get("domains", [])]
+        if old.get("seq_len") != seq_len or old_names != names:
+            raise AioliError(
+                f"{out / 'corpus'} holds a corpus with seq_len {old.get('seq_len')} and domains {old_names}; "
+                f"this asks for seq_len {seq_len} and domains {names}. Use another folder, or overwrite it "
+                "(aioli-fast corpus --overwrite)"
+            )
+    inputs = collect(out / "raw", names, budget_bytes)
     if progress:
         print(f"corpus: collected {', '.join(inputs)} under {out / 'raw'}; preparing ...", file=sys.stderr)
     return prepare(

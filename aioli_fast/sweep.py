@@ -21,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import hashlib
 import json
 import math
 import platform
+import shutil
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +42,7 @@ from .config import RunConfig, config_from_dict, dump_config
 from .errors import AioliError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .train.loop import build_run_mixer
+from .train.trainer import TrainingInterrupted
 
 SPEC_KEYS = {
     "name", "description", "corpus", "domains", "seeds", "base", "methods", "baseline",
@@ -112,11 +116,25 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not domains or any(d not in DOMAINS for d in domains) or len(set(domains)) != len(domains):
         raise ConfigError(f"{path}: domains must be distinct names from {list(DOMAINS)}, got {domains}")
     seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not seeds or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of integers >= 0, got {seeds!r}")
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
+    for key, low in (("seq_len", 2), ("budget_bytes", 10_000)):
+        value = corpus.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ConfigError(f"{path}: corpus.{key} must be an integer >= {low}, got {value!r}")
+    graph_steps = raw.get("skills_graph_steps", 40)
+    if isinstance(graph_steps, bool) or not isinstance(graph_steps, int) or graph_steps < 1:
+        raise ConfigError(f"{path}: skills_graph_steps must be an integer >= 1, got {graph_steps!r}")
     methods = raw["methods"]
     if not isinstance(methods, dict) or not methods:
         raise ConfigError(f"{path}: methods must be a mapping name -> config overrides")
+    if not isinstance(raw["base"] or {}, dict):
+        raise ConfigError(f"{path}: base must be a mapping (a training config)")
     baseline = raw.get("baseline", next(iter(methods)))
     if baseline not in methods:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the methods {list(methods)}")
@@ -129,7 +147,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         methods={str(k): dict(v or {}) for k, v in methods.items()},
         baseline=baseline,
         description=str(raw.get("description") or ""),
-        skills_graph_steps=int(raw.get("skills_graph_steps", 40)),
+        skills_graph_steps=graph_steps,
         source=str(path),
     )
     for key in RUN_OWNED_KEYS:
@@ -140,6 +158,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{path}: {key} is set by the sweep for every run; remove it from the spec")
     seen: list[str] = []
     for method, over in spec.methods.items():
+        if not isinstance(over, dict):
+            raise ConfigError(f"{path}: method {method!r}: expected a mapping of config overrides")
         if not method.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{path}: method name {method!r}: use letters, digits, '_' and '-'")
         for kind, target in _refs(over):
@@ -158,7 +178,28 @@ def load_spec(path: str | Path) -> SweepSpec:
             build_run_mixer(cfg, spec.domains, torch.device("cpu"))
         except ConfigError as exc:
             raise ConfigError(f"{path}: method {method!r}: {exc}") from exc
+        window = learn_params_window(cfg, len(spec.domains))
+        if window is not None and window(cfg.train.steps - 1):
+            raise ConfigError(
+                f"{path}: method {method!r}: the last step ({cfg.train.steps}) falls inside LearnParams, "
+                "so the run would end on a block mixture instead of the learned proportions; change "
+                "train.steps or mixing.round_steps"
+            )
     return spec
+
+
+def learn_params_window(cfg: RunConfig, k: int):
+    """For Aioli, a function step -> whether that step trains a LearnParams block mixture; else None."""
+    if cfg.mixing.method != "aioli":
+        return None
+    from .mixing import MIXERS
+
+    o = {**MIXERS["aioli"].OPTIONS, **{a: b for a, b in cfg.mixing.options().items() if b is not None}}
+    learn = int(o["sweeps"]) * k * int(o["block_steps"])
+    if o["measurement"] == "train":
+        learn += int(o["measure_steps"])  # the closing measurement trains on the previous proportions
+    prior, rounds = int(o["prior_steps"]), int(o["round_steps"])
+    return lambda step: step >= prior and (step - prior) % rounds < learn
 
 
 def corpus_dir(spec: SweepSpec, out: Path) -> Path:
@@ -210,25 +251,68 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _run_done(directory: Path, cfg: RunConfig) -> bool:
-    final, saved = directory / "final.json", directory / "config.yaml"
-    return final.is_file() and saved.is_file() and saved.read_text(encoding="utf-8") == dump_config(cfg)
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def inputs_stamp(spec: SweepSpec, method: str, seed: int, out: Path) -> dict:
+    """What a run's result depends on besides its config: the corpus domains it reads (their shards'
+    hashes) and the files it refers to (another run's final.json, the skills graph)."""
+    manifest_path = corpus_dir(spec, out) / "corpus" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    entries = {e["name"]: e for e in manifest.get("domains", [])}
+    shards = [
+        [shard["sha256"] for split in entries[d]["splits"].values() for shard in split["shards"]]
+        if d in entries
+        else None
+        for d in spec.domains
+    ]
+    corpus = json.dumps({"seq_len": manifest.get("seq_len"), "shards": shards}, sort_keys=True)
+    references = {}
+    for kind, target in _refs(spec.methods[method]):
+        if kind == "skills_graph":
+            path = out / "skills_graph.json"
+        else:
+            path = run_dir(out, target, seed) / "final.json"
+        references[f"@{kind}" + (f":{target}" if target else "")] = (
+            _sha256(path.read_bytes()) if path.is_file() else None
+        )
+    return {"corpus": _sha256(corpus.encode("utf-8")), "references": references}
+
+
+def _run_done(directory: Path, cfg: RunConfig, stamp: dict) -> bool:
+    """A finished run made from this config and these inputs (``sweep_run.json`` records both)."""
+    record = directory / "sweep_run.json"
+    if not ((directory / "final.json").is_file() and record.is_file()):
+        return False
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return saved.get("config") == dump_config(cfg) and saved.get("inputs") == stamp
 
 
 def learn_graph(spec: SweepSpec, out: Path) -> Path:
     from .train.skills import learn_skills_graph
 
     path = out / "skills_graph.json"
-    if path.is_file():
-        return path
     cfg = run_config(_graph_spec(spec), "graph", spec.seeds[0], out)
     cfg.train.out_dir = str(out / "skills")
     cfg.train.name = "graph"
+    record = out / "skills" / "graph_inputs.json"
+    made_from = {
+        "config": dump_config(cfg),
+        "steps": spec.skills_graph_steps,
+        "corpus": inputs_stamp(_graph_spec(spec), "graph", spec.seeds[0], out)["corpus"],
+    }
+    if path.is_file() and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == made_from:
+        return path
     start = time.perf_counter()
     _say(f"sweep {spec.name}: learning the skills graph ({spec.skills_graph_steps} steps per domain) ...")
     with _quiet(out / "skills" / "skills_graph.log"):
         learn_skills_graph(cfg, spec.skills_graph_steps, path)
     atomic_write_json(out / "skills" / "timing.json", {"wall_s": time.perf_counter() - start})
+    atomic_write_json(record, made_from)
     return path
 
 
@@ -275,12 +359,13 @@ def run_sweep(
     from .train import train
 
     out = ensure_writable_dir(Path(out or Path("runs/sweeps") / spec.name), "sweep output folder")
+    full = spec  # the tables cover every seed of the spec, whatever subset this call runs
     if seeds is not None:
         bad = [s for s in seeds if s not in spec.seeds]
-        if bad:
-            raise ConfigError(f"seed(s) {bad} are not in the spec's seeds {spec.seeds}")
+        if bad or not seeds:
+            raise ConfigError(f"seed(s) {bad or seeds} are not in the spec's seeds {spec.seeds}")
         spec = copy.copy(spec)
-        spec.seeds = list(seeds)
+        spec.seeds = [s for s in full.seeds if s in seeds]
     todo_methods = plan(spec, methods)
     corpus = corpus_dir(spec, out)
     _say(f"sweep {spec.name}: corpus {corpus} (domains {', '.join(spec.domains)})")
@@ -291,50 +376,60 @@ def run_sweep(
         progress=False,
     )
     if any(k == "skills_graph" for m in todo_methods for k, _ in _refs(spec.methods[m])):
-        learn_graph(spec, out)
+        learn_graph(full, out)
     runs = [(m, s) for s in spec.seeds for m in todo_methods]
     failures = []
     for n, (method, seed) in enumerate(runs, start=1):
+        head = f"[{n}/{len(runs)}] {method} seed {seed}"
         directory = run_dir(out, method, seed)
+        log = directory.parent / f"seed{seed}.log"
         try:
             cfg = run_config(spec, method, seed, out)
+            stamp = inputs_stamp(spec, method, seed, out)
         except AioliError as exc:
             failures.append((method, seed, str(exc)))
-            _say(f"[{n}/{len(runs)}] {method} seed {seed}: cannot start: {exc}")
+            _say(f"{head}: cannot start: {exc}")
             continue
-        if _run_done(directory, cfg):
-            _say(f"[{n}/{len(runs)}] {method} seed {seed}: done before, kept")
+        if _run_done(directory, cfg, stamp):
+            _say(f"{head}: done before, kept")
             continue
         saved = directory / "config.yaml"
         if (directory / "final.json").is_file() or (
             saved.is_file() and saved.read_text(encoding="utf-8") != dump_config(cfg)
         ):
-            _say(f"[{n}/{len(runs)}] {method} seed {seed}: the spec changed since it ran; running it again")
-            cfg.train.overwrite = True
-            cfg.checkpoint.resume = "never"
-        _say(f"[{n}/{len(runs)}] {method} seed {seed}: training {cfg.train.steps} steps ...")
+            # finished from another config or other inputs, or begun from another config: start afresh
+            _say(f"{head}: the spec or its inputs changed since it ran; running it again")
+            shutil.rmtree(directory)
+        _say(f"{head}: training {cfg.train.steps} steps ...")
         start = time.perf_counter()
         try:
-            with _quiet(directory.parent / f"seed{seed}.log"):
+            with _quiet(log):
                 result = train(cfg)
-        except KeyboardInterrupt:
-            _say("interrupted; the same command continues the sweep")
+        except (KeyboardInterrupt, TrainingInterrupted):
+            _say("stopped; the same command continues the sweep (a run resumes from its last checkpoint)")
             raise
-        except AioliError as exc:
-            failures.append((method, seed, str(exc)))
-            _say(f"    failed: {exc} (log: {directory.parent / f'seed{seed}.log'})")
+        except Exception as exc:  # one run's failure must not lose the others: record it, go on
+            with open(log, "a", encoding="utf-8") as fh:
+                traceback.print_exc(file=fh)
+            failures.append((method, seed, f"{type(exc).__name__}: {exc}"))
+            _say(f"    failed: {type(exc).__name__}: {exc} (traceback in {log})")
             continue
         wall = time.perf_counter() - start
-        timing = {"wall_s": wall, "finished": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        atomic_write_json(directory / "sweep_timing.json", timing)
+        record = {
+            "config": dump_config(cfg),
+            "inputs": stamp,
+            "wall_s": wall,
+            "resumed_from_step": result.final.get("resumed_from_step"),
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        }
+        atomic_write_json(directory / "sweep_run.json", record)
         avg = result.final["average"]
         _say(
-            f"    test ppl {avg['test_ppl']:.3f}, {result.final['tokens_per_s']:,.0f} tokens/s, "
-            f"{wall:.0f} s"
+            f"    test ppl {avg['test_ppl']:.3f}, {result.final['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s"
         )
-    results = collect_results(spec, out)
-    write_results(spec, out, results)
-    print(format_tables(spec, results))
+    results = collect_results(full, out)
+    write_results(full, out, results)
+    print(format_tables(full, results))
     if failures:
         listed = "; ".join(f"{m} seed {s}: {e}" for m, s, e in failures)
         raise AioliError(f"{len(failures)} run(s) failed (the others are in the tables): {listed}")
@@ -344,10 +439,11 @@ def run_sweep(
 # ----------------------------------------------------------------------------------------------- results
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; None where there are too few values (JSON has no NaN)."""
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def collect_results(spec: SweepSpec, out: Path) -> dict:
@@ -355,6 +451,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
     from .report import read_metrics
 
     methods: dict[str, dict] = {}
+    stale = []
     for method in spec.methods:
         seeds = {}
         for seed in spec.seeds:
@@ -362,10 +459,18 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
             final_path = directory / "final.json"
             if not final_path.is_file():
                 continue
+            try:
+                cfg = run_config(spec, method, seed, out)
+                current = _run_done(directory, cfg, inputs_stamp(spec, method, seed, out))
+            except AioliError:
+                current = False
+            if not current:  # made from another config or other inputs than the spec gives now
+                stale.append(f"{method} seed {seed}")
+                continue
             final = json.loads(final_path.read_text(encoding="utf-8"))
-            timing_path = directory / "sweep_timing.json"
-            timing = json.loads(timing_path.read_text(encoding="utf-8")) if timing_path.is_file() else {}
+            timing = json.loads((directory / "sweep_run.json").read_text(encoding="utf-8"))
             train_records = read_metrics(directory / "metrics.jsonl", tolerate_partial_last_line=True)[0]
+            window = learn_params_window(cfg, len(spec.domains))
             seeds[seed] = {
                 "test_ppl": final["average"]["test_ppl"],
                 "val_ppl": final["average"]["val_ppl"],
@@ -374,13 +479,15 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
                 "tokens_per_s": final["tokens_per_s"],
                 "train_time_s": final["train_time_s"],
                 "wall_s": timing.get("wall_s"),
+                "resumed_from_step": timing.get("resumed_from_step"),
                 "tokens": final["tokens"],
                 "measurement_time_s": final.get("mixer", {}).get("measurement_time_s", 0.0),
                 "mixer": final.get("mixer", {}),
+                # Aioli's proportions: records of LearnParams steps (block mixtures) left out
                 "history": [
                     {"step": r["step"], "proportions": r["proportions"]}
                     for r in train_records
-                    if r.get("proportions")
+                    if r.get("proportions") and not (window and window(r["step"] - 1))
                 ],
             }
         if seeds:
@@ -391,6 +498,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
         deltas = [seeds[s]["test_ppl"] - base[s]["test_ppl"] for s in seeds if s in base]
         entry["summary"] = {
             "seeds": sorted(seeds),
+            "resumed": sorted(s for s, v in seeds.items() if v["resumed_from_step"] is not None),
             "test_ppl": _mean_sd([v["test_ppl"] for v in seeds.values()]),
             "val_ppl": _mean_sd([v["val_ppl"] for v in seeds.values()]),
             "delta_test_ppl": _mean_sd(deltas),
@@ -417,6 +525,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
             json.loads(graph_timing.read_text())["wall_s"] if graph_timing.is_file() else None
         ),
         "environment": environment(),
+        "stale_runs": stale,
         "methods": methods,
     }
 
@@ -441,11 +550,12 @@ def environment() -> dict:
     }
 
 
-def _pm(mean_sd: tuple[float, float], fmt: str = ".3f", signed: bool = False) -> str:
+def _pm(mean_sd: tuple[float | None, float | None], fmt: str = ".3f", signed: bool = False) -> str:
     mean, sd = mean_sd
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:{'+' if signed else ''}{fmt}} ± {sd:{fmt}}"
+    if mean is None:
+        return "–"
+    text = f"{mean:{'+' if signed else ''}{fmt}}"
+    return text if sd is None else f"{text} ± {sd:{fmt}}"
 
 
 def format_tables(spec: SweepSpec, results: dict) -> str:
@@ -455,21 +565,33 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
     lines = [
         f"### {spec.name}: {', '.join(spec.domains)}",
         "",
-        f"Test perplexity averaged over the {len(spec.domains)} domains (mean ± sd over {n} seeds); "
-        f"Δ is paired by seed against `{spec.baseline}` (negative is better); wall time is the whole "
-        "run (start-up, training, measurements, evaluation) and tokens/s the training rate.",
+        f"Test perplexity averaged over the {len(spec.domains)} domains (mean ± sd over the n seeds of "
+        f"the spec's {n} that finished); Δ is paired by seed against `{spec.baseline}` (negative is "
+        "better); wall time is the whole run (start-up, training, measurements, evaluation) and "
+        "tokens/s the training rate, measurements included.",
         "",
-        "| method | avg test ppl | Δ vs " + spec.baseline + " | better | avg val ppl | wall s | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | n | avg test ppl | Δ vs {spec.baseline} | better | avg val ppl | wall s | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    resumed = False
     for method, entry in methods.items():
         s = entry["summary"]
         better = f"{s['better_than_baseline']}/{s['paired_seeds']}" if method != spec.baseline else ""
         delta = _pm(s["delta_test_ppl"], signed=True) if method != spec.baseline else ""
+        wall = "–" if s["wall_s"][0] is None else f"{s['wall_s'][0]:.0f}" + ("†" if s["resumed"] else "")
+        resumed = resumed or bool(s["resumed"])
         lines.append(
-            f"| {method} | {_pm(s['test_ppl'])} | {delta} | {better} | {_pm(s['val_ppl'])} | "
-            f"{s['wall_s'][0]:.0f} | {s['tokens_per_s'][0]:,.0f} |"
+            f"| {method} | {len(s['seeds'])} | {_pm(s['test_ppl'])} | {delta} | {better} | "
+            f"{_pm(s['val_ppl'])} | {wall} | {s['tokens_per_s'][0]:,.0f} |"
         )
+    if resumed:
+        lines += ["", "† some runs were resumed: their wall time and tokens/s are those of the last launch."]
+    if results.get("stale_runs"):
+        lines += [
+            "",
+            "Left out (made from another config or other inputs than the spec gives now; the sweep runs "
+            "them again): " + ", ".join(results["stale_runs"]) + ".",
+        ]
     lines += [
         "",
         "Per-domain test perplexity (mean over seeds):",
@@ -479,7 +601,7 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
     ]
     for method, entry in methods.items():
         per = entry["summary"]["test_domain_ppl"]
-        lines.append(f"| {method} | " + " | ".join(f"{per[d][0]:.3f}" for d in spec.domains) + " |")
+        lines.append(f"| {method} | " + " | ".join(_pm((per[d][0], None)) for d in spec.domains) + " |")
     lines += [
         "",
         "Final proportions (mean over seeds):",
@@ -505,8 +627,12 @@ def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
     moving = []
     for method, entry in results["methods"].items():
         histories = [v["history"] for v in entry["seeds"].values() if v["history"]]
-        values = [r["proportions"][d] for h in histories for r in h for d in spec.domains]
-        if values and max(values) - min(values) > 1e-6:
+        spans = [
+            max(r["proportions"][d] for r in h) - min(r["proportions"][d] for r in h)
+            for h in histories
+            for d in spec.domains
+        ]
+        if spans and max(spans) > 1e-6:
             moving.append((method, histories))
     if not moving:
         return None
@@ -532,7 +658,11 @@ def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
     for ax in list(axes.flat)[len(moving) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{spec.name}: proportions over training (mean over seeds, range shaded)", fontsize=10)
+    fig.suptitle(
+        f"{spec.name}: proportions over training (mean over seeds, range shaded; Aioli: LearnParams "
+        "blocks left out)",
+        fontsize=10,
+    )
     fig.tight_layout()
     import io
 

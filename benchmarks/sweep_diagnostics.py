@@ -50,14 +50,29 @@ def _fmt(x: float) -> str:
     return "-" if x is None or math.isnan(x) else f"{x:+.2f}"
 
 
-def eta_of(sweep_dir: Path, method: str, seed: int) -> tuple[float, str]:
-    mixing = yaml.safe_load((sweep_dir / "runs" / method / f"seed{seed}" / "config.yaml").read_text())[
-        "mixing"
-    ]
-    defaults = MIXERS["aioli"].OPTIONS  # what an option left unset means
-    eta = mixing["eta"] if mixing.get("eta") is not None else defaults["eta"]
-    update = mixing["update"] if mixing.get("update") is not None else defaults["update"]
-    return float(eta), str(update)
+def mixing_of(sweep_dir: Path, method: str, seed: int) -> dict:
+    """The run's Aioli options, unset ones read as the mixer's defaults."""
+    path = sweep_dir / "runs" / method / f"seed{seed}" / "config.yaml"
+    mixing = yaml.safe_load(path.read_text())["mixing"]
+    return {**MIXERS["aioli"].OPTIONS, **{k: v for k, v in mixing.items() if v is not None}}
+
+
+# options that change only what is measured or how p follows from A: runs differing only in these train
+# the same model on the same data through round 0's LearnParams
+MEASUREMENT_ONLY = {
+    "measurement",
+    "measure_steps",
+    "eta",
+    "update",
+    "ema",
+    "min_proportion",
+    "probe_sequences",
+}
+
+
+def rounds_by_index(seed_entry: dict) -> dict[int, dict]:
+    """The applied rounds of one run by round number (a resumed run lists only its last launch's)."""
+    return {r["round"]: r for r in seed_entry["mixer"].get("rounds", []) if r.get("applied", True)}
 
 
 def analyse(sweep_dir: Path) -> str:
@@ -76,24 +91,32 @@ def analyse(sweep_dir: Path) -> str:
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     reference = aioli.get("aioli_full_val")
+    if reference is not None:
+        ref_mixing = mixing_of(sweep_dir, "aioli_full_val", int(next(iter(reference))))
     for method, seeds in aioli.items():
-        first = next(iter(seeds))
-        eta, update = eta_of(sweep_dir, method, int(first))
+        mixing = mixing_of(sweep_dir, method, int(next(iter(seeds))))
+        eta, update = float(mixing["eta"]), str(mixing["update"])
         bound = math.exp(eta) if update == "ema" else math.inf
-        rounds = min(len(v["mixer"]["rounds"]) for v in seeds.values())
-        for r in range(rounds):
-            ratios = [
-                max(p) / min(p) for v in seeds.values() for p in [v["mixer"]["rounds"][r]["proportions"]]
-            ]
-            cs = {s: centred_colsums(v["mixer"]["rounds"][r]["A"]) for s, v in seeds.items()}
+        same_round0 = (
+            reference is not None
+            and method != "aioli_full_val"
+            and all(
+                mixing.get(k) == ref_mixing.get(k) for k in set(mixing) | set(ref_mixing) - MEASUREMENT_ONLY
+            )
+        )
+        by_seed = {s: rounds_by_index(v) for s, v in seeds.items()}
+        numbers = sorted(set.intersection(*(set(r) for r in by_seed.values())))
+        for r in numbers:
+            ratios = [max(rs[r]["proportions"]) / min(rs[r]["proportions"]) for rs in by_seed.values()]
+            cs = {s: centred_colsums(rs[r]["A"]) for s, rs in by_seed.items()}
             pairs = [cosine(cs[a], cs[b]) for a, b in itertools.combinations(sorted(cs), 2)]
             between = statistics.fmean(pairs) if pairs else math.nan
             same = math.nan
-            if r == 0 and reference is not None and method != "aioli_full_val" and "prior" not in method:
+            if r == 0 and same_round0:
                 sims = [
-                    cosine(cs[s], centred_colsums(reference[s]["mixer"]["rounds"][0]["A"]))
+                    cosine(cs[s], centred_colsums(rounds_by_index(reference[s])[0]["A"]))
                     for s in cs
-                    if s in reference
+                    if s in reference and 0 in rounds_by_index(reference[s])
                 ]
                 same = statistics.fmean(sims) if sims else math.nan
             lines.append(

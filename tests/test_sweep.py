@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -137,6 +138,18 @@ def test_spec_errors_name_the_problem(tmp_path):
         load_spec(_spec(tmp_path, methods={"a": {"optim": {"lr": -1}}}))
     with pytest.raises(ConfigError, match="not found"):
         load_spec(tmp_path / "missing.yaml")
+    for seeds in ([0, 0], [True], [0, "1"]):
+        with pytest.raises(ConfigError, match="distinct integers"):
+            load_spec(_spec(tmp_path, seeds=seeds))
+    with pytest.raises(ConfigError, match="skills_graph_steps"):
+        load_spec(_spec(tmp_path, skills_graph_steps=0))
+    with pytest.raises(ConfigError, match="corpus.seq_len"):
+        load_spec(_spec(tmp_path, corpus={"seq_len": "long"}))
+    with pytest.raises(ConfigError, match="expected a mapping of config overrides"):
+        load_spec(_spec(tmp_path, methods={"s": ["stratified"]}))
+    aioli = {"method": "aioli", "round_steps": 4, "sweeps": 1, "block_steps": 1}
+    with pytest.raises(ConfigError, match="falls inside LearnParams"):  # step 9 of 9: round 2's first block
+        load_spec(_spec(tmp_path, methods={"a": {"mixing": aioli, "train": {"steps": 9}}}))
 
 
 def test_methods_filter_adds_what_they_refer_to_and_the_baseline(tmp_path):
@@ -193,7 +206,7 @@ def test_sweep_runs_every_method_and_seed_writes_tables_and_resumes(tmp_path, ca
     p0 = rounds[0]["proportions"]
     first_rounds = [v["mixer"]["rounds"][0]["proportions"] for v in methods["aioli_probe"]["seeds"].values()]
     assert ratio == pytest.approx(statistics.fmean(max(p) / min(p) for p in first_rounds), abs=1e-3)
-    assert max(p0) / min(p0) <= 2.0**2 * 1.0001 and float(rows[0].split("|")[3]) == pytest.approx(
+    assert max(p0) / min(p0) <= math.exp(2.0) * 1.0001 and float(rows[0].split("|")[3]) == pytest.approx(
         7.39, abs=0.01
     )
 
@@ -219,6 +232,38 @@ def test_sweep_runs_every_method_and_seed_writes_tables_and_resumes(tmp_path, ca
     latest = _mtimes(out)
     changed = sorted(p for p in latest if latest[p] != after[p])
     assert changed == [str(out / f"runs/skillit/seed{s}/final.json") for s in (0, 1)]
+    # ... and kept from then on
+    run_sweep(load_spec(spec_path), out)
+    assert _mtimes(out) == latest
+
+    # a run that others refer to is run again: so are the runs made from it (DoReMi's reference), while
+    # the runs that do not depend on it are kept
+    spec["methods"]["stratified"]["optim"] = {"lr": 2.0e-3}
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    tables = run_sweep(load_spec(spec_path), out)
+    final = _mtimes(out)
+    changed = sorted(p for p in final if final[p] != latest[p])
+    assert changed == [
+        str(out / f"runs/{m}/seed{s}/final.json") for m in ("doremi", "stratified") for s in (0, 1)
+    ]
+    assert not tables["stale_runs"]
+
+
+def test_a_failed_run_is_reported_and_the_others_tabulated(tmp_path):
+    methods = {
+        "stratified": {"mixing": {"method": "stratified"}},
+        "on_gpu": {"mixing": {"method": "stratified"}, "train": {"device": "cuda"}},  # no GPU in CI
+    }
+    spec_path = _spec(tmp_path, methods=methods, seeds=[0])
+    if __import__("torch").cuda.is_available():
+        pytest.skip("needs a machine without CUDA for the run to fail")
+    out = tmp_path / "out"
+    with pytest.raises(AioliError, match=r"1 run\(s\) failed .*on_gpu seed 0"):
+        run_sweep(load_spec(spec_path), out)
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["stratified"]
+    assert "| stratified | 1 |" in (out / "results.md").read_text()
+    assert "cuda" in (out / "runs" / "on_gpu" / "seed0.log").read_text().lower()
 
 
 def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
@@ -231,7 +276,17 @@ def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
     ]
     os.remove(out / "results.md")
     assert main(["sweep", str(spec_path), "--out", str(out), "--tables-only"]) == 0
-    assert "| doremi |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    final = json.loads((out / "runs/doremi/seed1/final.json").read_text())
+    assert f"| doremi | 1 | {final['average']['test_ppl']:.3f} |" in md
+    # a spec changed without running it: the tables leave out the runs it no longer describes
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["base"]["optim"]["lr"] = 1.0e-3
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    assert main(["sweep", str(spec_path), "--out", str(out), "--tables-only"]) == 2
+    assert "no finished run of this spec" in capsys.readouterr().err
+    assert main(["sweep", str(spec_path), "--out", str(out), "--tables-only", "--seeds", "1"]) == 2
+    assert main(["sweep", str(spec_path), "--out", str(tmp_path / "nowhere"), "--tables-only"]) == 2
     assert main(["sweep", str(spec_path), "--out", str(out), "--seeds", "7"]) == 2
     assert "not in the spec's seeds" in capsys.readouterr().err
 
@@ -256,3 +311,9 @@ def test_cli_corpus_builds_the_domains_asked_for(tmp_path, capsys):
     assert "reference:" in capsys.readouterr().out
     assert main(["corpus", "--out", str(tmp_path), "--domains", "poetry"]) == 2
     assert "unknown corpus domain" in capsys.readouterr().err
+    # a corpus with another seq_len or other domains is not replaced by accident
+    assert main([*args, "--seq-len", "16"]) == 2
+    assert "holds a corpus with seq_len 32" in capsys.readouterr().err
+    assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["seq_len"] == 32
+    assert main([*args, "--seq-len", "16", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "corpus" / "manifest.json").read_text())["seq_len"] == 16
