@@ -311,6 +311,9 @@ def build_corpus(
 
     out = Path(out)
     names = list(DOMAINS) if domains is None else list(domains)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown or not names:
+        raise AioliError(f"unknown corpus domain(s) {unknown or names}; the domains are {list(DOMAINS)}")
     existing = out / "corpus" / "manifest.json"
     if existing.is_file() and not overwrite:
         old = json.loads(existing.read_text(encoding="utf-8"))

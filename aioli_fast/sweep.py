@@ -135,6 +135,9 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{path}: methods must be a mapping name -> config overrides")
     if not isinstance(raw["base"] or {}, dict):
         raise ConfigError(f"{path}: base must be a mapping (a training config)")
+    for method, over in methods.items():
+        if over is not None and not isinstance(over, dict):
+            raise ConfigError(f"{path}: method {method!r}: expected a mapping of config overrides")
     baseline = raw.get("baseline", next(iter(methods)))
     if baseline not in methods:
         raise ConfigError(f"{path}: baseline {baseline!r} is not one of the methods {list(methods)}")
@@ -158,8 +161,6 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{path}: {key} is set by the sweep for every run; remove it from the spec")
     seen: list[str] = []
     for method, over in spec.methods.items():
-        if not isinstance(over, dict):
-            raise ConfigError(f"{path}: method {method!r}: expected a mapping of config overrides")
         if not method.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{path}: method name {method!r}: use letters, digits, '_' and '-'")
         for kind, target in _refs(over):
