@@ -101,7 +101,7 @@ def analyse(sweep_dir: Path) -> str:
             reference is not None
             and method != "aioli_full_val"
             and all(
-                mixing.get(k) == ref_mixing.get(k) for k in set(mixing) | set(ref_mixing) - MEASUREMENT_ONLY
+                mixing.get(k) == ref_mixing.get(k) for k in (set(mixing) | set(ref_mixing)) - MEASUREMENT_ONLY
             )
         )
         by_seed = {s: rounds_by_index(v) for s, v in seeds.items()}
