@@ -447,6 +447,10 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def collect_results(spec: SweepSpec, out: Path) -> dict:
     """Read every finished run of the spec under ``out`` into one mapping (also written as results.json)."""
     from .report import read_metrics
@@ -511,9 +515,10 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
             "proportions": {
                 d: statistics.fmean(v["proportions"][d] for v in seeds.values()) for d in spec.domains
             },
-            "wall_s": _mean_sd([v["wall_s"] for v in seeds.values() if v["wall_s"] is not None]),
-            "tokens_per_s": _mean_sd([v["tokens_per_s"] for v in seeds.values()]),
-            "measurement_time_s": _mean_sd([v["measurement_time_s"] for v in seeds.values()]),
+            # times: the median over seeds, which one run slowed by another job does not move
+            "wall_s": _median([v["wall_s"] for v in seeds.values() if v["wall_s"] is not None]),
+            "tokens_per_s": _median([v["tokens_per_s"] for v in seeds.values()]),
+            "measurement_time_s": _median([v["measurement_time_s"] for v in seeds.values()]),
         }
     graph_timing = out / "skills" / "timing.json"
     return {
@@ -569,21 +574,23 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
         f"Test perplexity averaged over the {len(spec.domains)} domains (mean ± sd over the n seeds of "
         f"the spec's {n} that finished); Δ is paired by seed against `{spec.baseline}` (negative is "
         "better); wall time is the whole run (start-up, training, measurements, evaluation) and "
-        "tokens/s the training rate, measurements included.",
+        "tokens/s the training rate, measurements included; meas. s is the time the mixer's loss "
+        "measurements took (times are medians over seeds).",
         "",
-        f"| method | n | avg test ppl | Δ vs {spec.baseline} | better | avg val ppl | wall s | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| method | n | avg test ppl | Δ vs {spec.baseline} | better | avg val ppl | wall s | meas. s | "
+        "tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     resumed = False
     for method, entry in methods.items():
         s = entry["summary"]
         better = f"{s['better_than_baseline']}/{s['paired_seeds']}" if method != spec.baseline else ""
         delta = _pm(s["delta_test_ppl"], signed=True) if method != spec.baseline else ""
-        wall = "–" if s["wall_s"][0] is None else f"{s['wall_s'][0]:.0f}" + ("†" if s["resumed"] else "")
+        wall = "–" if s["wall_s"] is None else f"{s['wall_s']:.0f}" + ("†" if s["resumed"] else "")
         resumed = resumed or bool(s["resumed"])
         lines.append(
             f"| {method} | {len(s['seeds'])} | {_pm(s['test_ppl'])} | {delta} | {better} | "
-            f"{_pm(s['val_ppl'])} | {wall} | {s['tokens_per_s'][0]:,.0f} |"
+            f"{_pm(s['val_ppl'])} | {wall} | {s['measurement_time_s']:.1f} | {s['tokens_per_s']:,.0f} |"
         )
     if resumed:
         lines += ["", "† some runs were resumed: their wall time and tokens/s are those of the last launch."]
