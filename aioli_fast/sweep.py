@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .config import RunConfig, config_from_dict, dump_config
+from .config import RunConfig, config_from_dict, dump_config, read_yaml_mapping
 from .errors import AioliError, ConfigError
 from .fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .train.loop import build_run_mixer
@@ -92,14 +91,7 @@ def _merge(base: dict, over: dict) -> dict:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep spec; every method's config is validated before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep spec not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "sweep spec")
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; a sweep spec takes {sorted(SPEC_KEYS)}")
@@ -564,6 +556,14 @@ def _pm(mean_sd: tuple[float | None, float | None], fmt: str = ".3f", signed: bo
     return text if sd is None else f"{text} ± {sd:{fmt}}"
 
 
+def _domain_table(title: str, domains: list[str], rows: dict[str, dict]) -> list[str]:
+    """A method x domain table of values (``None`` printed as –)."""
+    lines = ["", title, "", "| method | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for method, values in rows.items():
+        lines.append(f"| {method} | " + " | ".join(_pm((values[d], None)) for d in domains) + " |")
+    return lines
+
+
 def format_tables(spec: SweepSpec, results: dict) -> str:
     """The Markdown tables of one setting: summary, per-domain test perplexity, final proportions."""
     methods = results["methods"]
@@ -600,26 +600,16 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
             "Left out (made from another config or other inputs than the spec gives now; the sweep runs "
             "them again): " + ", ".join(results["stale_runs"]) + ".",
         ]
-    lines += [
-        "",
+    lines += _domain_table(
         "Per-domain test perplexity (mean over seeds):",
-        "",
-        "| method | " + " | ".join(spec.domains) + " |",
-        "|---|" + "---:|" * len(spec.domains),
-    ]
-    for method, entry in methods.items():
-        per = entry["summary"]["test_domain_ppl"]
-        lines.append(f"| {method} | " + " | ".join(_pm((per[d][0], None)) for d in spec.domains) + " |")
-    lines += [
-        "",
+        spec.domains,
+        {m: {d: v[0] for d, v in e["summary"]["test_domain_ppl"].items()} for m, e in methods.items()},
+    )
+    lines += _domain_table(
         "Final proportions (mean over seeds):",
-        "",
-        "| method | " + " | ".join(spec.domains) + " |",
-        "|---|" + "---:|" * len(spec.domains),
-    ]
-    for method, entry in methods.items():
-        p = entry["summary"]["proportions"]
-        lines.append(f"| {method} | " + " | ".join(f"{p[d]:.3f}" for d in spec.domains) + " |")
+        spec.domains,
+        {m: e["summary"]["proportions"] for m, e in methods.items()},
+    )
     if results.get("skills_graph_wall_s") is not None:
         lines += ["", f"The skills graph for Skill-it took {results['skills_graph_wall_s']:.0f} s once."]
     return "\n".join(lines)
