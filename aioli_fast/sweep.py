@@ -652,7 +652,7 @@ def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("proportion")
-        ax.set_ylim(0, 1)
+        ax.set_ylim(-0.02, 1.02)  # a proportion at 0 or 1 stays visible
     for ax in list(axes.flat)[len(moving) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper right")
