@@ -292,6 +292,10 @@ def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
 
 
 def test_the_shipped_specs_are_valid():
+    names = sorted(path.stem for path in (ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert {"text2", "text3", "text6", "text2-diagnostics", "text2-long", "h200-text3"} <= set(names)
+    for name in names:  # every spec, the GPU one included, loads and validates on the CPU
+        load_spec(ROOT / "configs" / "sweeps" / f"{name}.yaml")
     for path in sorted((ROOT / "configs" / "sweeps").glob("text?.yaml")):
         spec = load_spec(path)
         assert len(spec.seeds) >= 3 and spec.baseline == "stratified"
