@@ -234,9 +234,10 @@ DOMAINS: dict[str, tuple[str, Callable[[int], tuple[list[str], list[str]]]]] = {
 SOURCE_DISTRIBUTIONS = ("torch", "matplotlib", "networkx", "sympy")
 
 
-def _versions() -> dict[str, str]:
+def installed_versions(distributions: Iterable[str]) -> dict[str, str]:
+    """Python's version and each distribution's ("not installed" when absent)."""
     out = {"python": sys.version.split()[0]}
-    for dist in SOURCE_DISTRIBUTIONS:
+    for dist in distributions:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -257,7 +258,7 @@ def collect(
         raise AioliError(f"budget_bytes must be at least 10000, got {budget_bytes}")
     raw = ensure_writable_dir(Path(raw_dir), "raw text folder")
     sources: dict = {
-        "versions": _versions(),
+        "versions": installed_versions(SOURCE_DISTRIBUTIONS),
         # the license domain reads these distributions' files
         "dependencies": {key: metadata.version(key) for key in dependency_closure()},
         "budget_bytes": budget_bytes,

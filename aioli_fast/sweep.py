@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -31,7 +32,6 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -529,16 +529,9 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
 
 
 def environment() -> dict:
-    versions = {"python": platform.python_version()}
-    for dist in ("torch", "deepspeed", "triton", "numpy", "aioli_fast"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    import os
+    from .corpora import installed_versions
 
-    import torch
-
+    versions = installed_versions(("torch", "deepspeed", "triton", "numpy", "aioli_fast"))
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",

@@ -44,6 +44,17 @@ def prepare_alphabet_corpus(
     return root / "corpus"
 
 
+# a few seconds of training on the tiny model, for CLI tests: `aioli-fast train` overrides
+TINY_TRAIN_OVERRIDES = [
+    "train.steps=12",
+    "train.batch_size=4",
+    "train.log_every=4",
+    "train.progress=false",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "model.preset=tiny",
+]
+
 ALPHABET_DOMAINS = {"ab": "ab", "cd": "cdc", "xyz": "xyz"}
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import write_alphabet_domain
+from helpers import TINY_TRAIN_OVERRIDES, write_alphabet_domain
 
 from aioli_fast.cli import main
 
@@ -53,13 +53,7 @@ def _train(corpus, name, *extra):
         f"data.path={corpus / 'corpus'}",
         f"train.out_dir={corpus / 'runs'}",
         f"train.name={name}",
-        "train.steps=12",
-        "train.batch_size=4",
-        "train.log_every=4",
-        "train.progress=false",
-        "optim.warmup_steps=2",
-        "optim.lr=3e-3",
-        "model.preset=tiny",
+        *TINY_TRAIN_OVERRIDES,
         *extra,
     ]
     return main(args)

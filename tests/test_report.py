@@ -16,7 +16,7 @@ import struct
 
 import pytest
 import yaml
-from helpers import write_alphabet_domain
+from helpers import TINY_TRAIN_OVERRIDES, write_alphabet_domain
 
 from aioli_fast.cli import main
 from aioli_fast.errors import AioliError
@@ -39,13 +39,7 @@ def runs(tmp_path_factory):
         "train",
         f"data.path={root / 'corpus'}",
         f"train.out_dir={root / 'runs'}",
-        "train.steps=12",
-        "train.batch_size=4",
-        "train.log_every=4",
-        "train.progress=false",
-        "optim.warmup_steps=2",
-        "optim.lr=3e-3",
-        "model.preset=tiny",
+        *TINY_TRAIN_OVERRIDES,
         "eval.max_sequences=4",
     ]
     assert main([*common, "train.name=strat", "eval.every=4"]) == 0
