@@ -8,6 +8,7 @@ overrides from the command line use dotted paths (``train.steps=200``) and YAML 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -370,6 +371,18 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfi
     cfg = _build(RunConfig, data, "")
     cfg.validate()
     return cfg
+
+
+def merge_mappings(base: dict, over: dict) -> dict:
+    """A deep copy of ``base`` with ``over`` merged in: nested mappings merge key by key, anything else
+    in ``over`` replaces the value in ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_mappings(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict:

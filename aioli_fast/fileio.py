@@ -1,4 +1,5 @@
-"""Files that are either complete or absent: atomic writes, and writability checks up front."""
+"""Files that are either complete or absent (atomic writes, writability checks up front), and the
+progress output of long commands (a tqdm bar on a terminal, lines otherwise)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,11 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
     return tqdm(
         total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, mininterval=0.5
     )
+
+
+def say(message: str, bar=None) -> None:
+    """One line of progress or advice on stderr; through ``bar`` (a tqdm bar) when one is drawn."""
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)

@@ -277,10 +277,10 @@ def test_round_A_matches_an_independent_solve(diagonal):
     L_rounds = planted_losses(seed=1)
     seen, _ = run_with_given_measurements(mixer, L_rounds[:1])
     expected = expected_A(seen[0], mixer.order(0), K, F, diagonal=diagonal)
-    torch.testing.assert_close(mixer.last_A_kk.double(), expected, atol=1e-4, rtol=1e-3)
-    assert mixer.last_A_kk.sum().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(mixer.last_A_DD.double(), expected, atol=1e-4, rtol=1e-3)
+    assert mixer.last_A_DD.sum().item() == pytest.approx(1.0, abs=1e-5)
     if diagonal:
-        assert torch.count_nonzero(mixer.last_A_kk - torch.diag(torch.diagonal(mixer.last_A_kk))) == 0
+        assert torch.count_nonzero(mixer.last_A_DD - torch.diag(torch.diagonal(mixer.last_A_DD))) == 0
 
 
 def test_cumulative_update_compounds_from_the_previous_proportions():
@@ -336,7 +336,7 @@ def test_restricted_mode_trains_on_the_prior_first(update):
         assert mixer.host_values(step) is None
     assert not mixer.measurement_due(P - 1) and mixer.measurement_due(P)
     torch.testing.assert_close(record[P], torch.tensor(W_row(mixer.order(0)[0])))
-    A = mixer.last_A_kk
+    A = mixer.last_A_DD
     if update == "cumulative":  # the first round starts from uniform, as the reference implementation
         expected = lmo.exponentiated_gradient(torch.full((3,), 1 / 3), A, 1.0)
     else:  # EMA restarts from uniform: the prior does not carry over
@@ -547,7 +547,7 @@ def test_nan_and_inf_losses_never_give_nan_proportions(measurement, update):
         sim.train_step(p)
     assert mixer.metrics()["missing_measurements"].item() == missing > 0
     assert mixer.state_dict()["round_done"] == 3
-    assert torch.isfinite(mixer.last_A_kk).all()
+    assert torch.isfinite(mixer.last_A_DD).all()
 
 
 def test_a_round_without_any_measurement_leaves_cumulative_proportions_unchanged():
@@ -559,7 +559,7 @@ def test_a_round_without_any_measurement_leaves_cumulative_proportions_unchanged
     seen, exploit1 = run_with_given_measurements_from(mixer, 1, nan_rows[0])
     assert torch.equal(exploit1, p0)
     assert mixer.metrics()["missing_measurements"].item() == (R * K + 1) * K
-    assert torch.isfinite(mixer.last_A_kk).all()
+    assert torch.isfinite(mixer.last_A_DD).all()
 
 
 def test_domain_absent_from_measurements_is_left_out_of_its_drops():
@@ -570,7 +570,7 @@ def test_domain_absent_from_measurements_is_left_out_of_its_drops():
     rows[3] = [math.nan] * K  # and one measurement without any domain
     seen, exploit = run_with_given_measurements_from(mixer, 0, rows)
     expected = expected_A(seen, mixer.order(0), K, F)
-    torch.testing.assert_close(mixer.last_A_kk.double(), expected, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(mixer.last_A_DD.double(), expected, atol=1e-4, rtol=1e-3)
     assert mixer.metrics()["missing_measurements"].item() == 3 + K
     assert torch.isfinite(exploit).all()
 
@@ -589,7 +589,7 @@ def test_domain_never_measured_gets_no_evidence():
     assert torch.isfinite(p).all()
     assert mixer.metrics()["missing_measurements"].item() == R * K + 1
     # row c of G is 0, so row c of A before the normalisation's shift is 0: after it, row c is constant
-    row_c = mixer.last_A_kk[2]
+    row_c = mixer.last_A_DD[2]
     assert torch.allclose(row_c, row_c[0].expand(K))
 
 
@@ -605,11 +605,11 @@ def test_an_overflowing_round_is_skipped_and_counted(update):
     seen, _ = run_with_given_measurements_from(mixer, 1, rows, count=1.0)
     assert seen[0][0] == pytest.approx(3.0e38) and mixer.metrics()["missing_measurements"].item() == 0
     G = lmo.accumulate_loss_drops(torch.tensor(seen), torch.tensor(mixer.order(1)), K)
-    assert torch.isfinite(G).all() and not torch.isfinite(lmo.solve_mixing_law(G, mixer.W_inv_kk)).all()
+    assert torch.isfinite(G).all() and not torch.isfinite(lmo.solve_mixing_law(G, mixer.W_inv_DD)).all()
     assert mixer.metrics()["skipped_updates"].item() == 1
     torch.testing.assert_close(mixer.state_dict()["proportions"], before["proportions"])
     torch.testing.assert_close(mixer.state_dict()["A_bar"], before["A_bar"])
-    torch.testing.assert_close(mixer.last_A_kk, before["last_A"])
+    torch.testing.assert_close(mixer.last_A_DD, before["last_A"])
 
 
 @pytest.mark.parametrize("update", ["ema", "cumulative"])
@@ -635,7 +635,7 @@ def test_an_overflow_to_plus_and_minus_inf_is_skipped_and_counted(update):
     assert mixer.metrics()["missing_measurements"].item() == 0
     # normalize_mixing_matrix maps an A holding -inf to zeros: the guard must look before normalising
     assert mixer.metrics()["skipped_updates"].item() == 1
-    torch.testing.assert_close(mixer.last_A_kk, before["last_A"])
+    torch.testing.assert_close(mixer.last_A_DD, before["last_A"])
     torch.testing.assert_close(mixer.state_dict()["A_bar"], before["A_bar"])
     torch.testing.assert_close(mixer.state_dict()["proportions"], before["proportions"])
 

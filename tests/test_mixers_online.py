@@ -355,7 +355,7 @@ def test_skills_graph_mapping_form_fills_zeros(tmp_path):
     path = write(tmp_path, "g.json", '{"b": {"a": 0.5, "b": 1}, "c": {"c": 2}}')
     assert load_skills_graph(path, D3) == [[0.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 2.0]]
     mixer = make("skillit", graph=path)
-    assert mixer.S_kk.tolist() == [[0.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    assert mixer.S_DD.tolist() == [[0.0, 0.0, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 2.0]]
 
 
 def test_skills_graph_from_single_domain_runs():

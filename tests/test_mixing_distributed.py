@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from aioli_fast.distributed import group_info
 from aioli_fast.mixing import build_mixer
-from aioli_fast.mixing.distributed import world_size
 
 WORLD = 2
 DOMAINS = ["a", "b", "c"]
@@ -118,7 +118,7 @@ def test_every_rank_holds_the_proportions_of_the_summed_statistics(tmp_path):
     reference.write_text(json.dumps({"a": 30.0, "b": 40.0, "c": 45.0}))
     mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), str(reference)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
-    assert world_size() == 1  # the reference below runs alone: reduce() is the identity
+    assert group_info().world_size == 1  # the reference below runs alone: reduce() is the identity
     for case in CASES:
         single = drive(build(case, str(reference)), case, summed_stats)
         distinct = {tuple(p.tolist()) for p in single}

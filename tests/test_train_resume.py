@@ -15,11 +15,12 @@ import torch
 from helpers import prepare_three_domains
 
 from aioli_fast.config import config_from_dict
+from aioli_fast.distributed import launch_info
 from aioli_fast.errors import AioliError, ConfigError
 from aioli_fast.model import GPT, GPTConfig
 from aioli_fast.train import TrainingError, train
 from aioli_fast.train.checkpoint import RunCheckpoints
-from aioli_fast.train.engine import DeepSpeedEngine, TorchEngine, init_distributed, launch_info
+from aioli_fast.train.engine import DeepSpeedEngine, TorchEngine, init_distributed
 
 DOMAINS = ["ab", "cd", "xyz"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, ShardMissingError
 from ..fileio import atomic_write_bytes, progress_bar
 
 MANIFEST_NAME = "manifest.json"
@@ -86,7 +86,7 @@ def decode_shard(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"shard not found: {path}")
+        raise ShardMissingError(f"shard not found: {path}")
     keys: list[str] = []
     rows: list[np.ndarray | None] = []
     problems: list[str] = []
@@ -210,7 +210,7 @@ class Manifest:
                     try:
                         size = shard.path.stat().st_size
                     except OSError:
-                        raise DataError(f"shard not found: {shard.path}") from None
+                        raise ShardMissingError(f"shard not found: {shard.path}") from None
                     if shard.size is not None and size != shard.size:
                         raise DataError(
                             f"shard {shard.path} has {size} bytes, the manifest says {shard.size} "
@@ -223,7 +223,7 @@ class Manifest:
         bar = progress_bar(len(shards), "verify", "shard", progress)
         for shard in shards:
             if not shard.path.is_file():
-                raise DataError(f"shard not found: {shard.path}")
+                raise ShardMissingError(f"shard not found: {shard.path}")
             digest = hashlib.sha256()
             with open(shard.path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):

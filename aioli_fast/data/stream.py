@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import AioliError, ConfigError, DataError
+from ..distributed import group_info
+from ..errors import AioliError, ConfigError, DataError, ShardMissingError
 from .shards import Manifest, ShardContent, decode_shard
 
 # Each random stream gets its own leading tag: numpy's SeedSequence ignores trailing zeros, so
@@ -328,8 +329,8 @@ class ShardReader(torch.utils.data.Dataset):
                 expected=self.counts[d][s],
                 strict=self.strict,
             )
-        except DataError as exc:
-            if self.strict or "shard not found" not in str(exc):
+        except ShardMissingError as exc:
+            if self.strict:
                 raise
             n = self.counts[d][s]  # a shard deleted since start-up: all of its samples are bad
             content = ShardContent(
@@ -401,12 +402,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _distributed_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class MixtureStream:
     """Batches of ``batch_size`` sequences per rank whose domains follow a proportions schedule.
 
@@ -454,7 +449,8 @@ class MixtureStream:
             raise ConfigError(
                 f"num_workers must be >= 0 and prefetch_factor >= 1, got {num_workers} and {prefetch_factor}"
             )
-        dist_rank, dist_world = _distributed_rank_world()
+        group = group_info()
+        dist_rank, dist_world = group.rank, group.world_size
         self.rank = dist_rank if rank is None else rank
         self.world_size = dist_world if world_size is None else world_size
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

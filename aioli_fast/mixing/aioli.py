@@ -3,9 +3,9 @@
 The run is a sequence of rounds of ``round_steps`` (U) steps, after ``prior_steps`` (P) steps on the prior
 proportions (the restricted setting; P = 0 is unrestricted). A round is:
 
-    LearnParams   R·k blocks of S steps; block n trains on W[order[n]], the smoothed one-hot mixture of the
+    LearnParams   R·D blocks of S steps; block n trains on W[order[n]], the smoothed one-hot mixture of the
                   n-th domain of R random permutations; per-domain losses are measured before the first
-                  block and after every block (R·k + 1 measurements)
+                  block and after every block (R·D + 1 measurements)
     update        G from the sequential loss drops, A = G·W⁻¹ (or the diagonal ablation), normalised;
                   p updated by exponentiated gradient (cumulative) or from the EMA of A (ema)
     exploit       the rest of the round trains on p
@@ -57,52 +57,52 @@ class AioliMixer(Mixer):
     }
     STATE = {
         "proportions": "_p_D",
-        "A_bar": "_A_bar_kk",
+        "A_bar": "_A_bar_DD",
         "has_A_bar": "_has_A_bar",
-        "losses": "_L_nk",
+        "losses": "_L_nD",
         "window": "_acc_2D",
         "window_end": "_pending",
         "round_done": "_round_done",
         "skipped_updates": "skipped_updates",
         "missing_measurements": "missing_measurements",
-        "last_A": "last_A_kk",
+        "last_A": "last_A_DD",
     }
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)
         o = self.options
-        k = self.num_domains
+        D = self.num_domains
         self.eta, self.f = float(o["eta"]), float(o["one_hot_factor"])
         self.U, self.R, self.S = int(o["round_steps"]), int(o["sweeps"]), int(o["block_steps"])
         self.P, self.m = int(o["prior_steps"]), int(o["measure_steps"])
         self.measurement = o["measurement"]
         self.use_ema, self.ema = o["update"] == "ema", float(o["ema"])
         self.diagonal, self.floor, self.seed = bool(o["diagonal"]), float(o["min_proportion"]), int(o["seed"])
+        self.learn_steps = self.R * D * self.S  # LearnParams: R sweeps x D blocks x S steps
         self._check_options()
-        self.learn_steps = self.R * k * self.S
-        self.W_kk = lmo.smoothed_one_hot(k, self.f, device=self.device)
-        self.W_inv_kk = lmo.smoothed_one_hot_inverse(k, self.f, device=self.device)
+        self.W_DD = lmo.smoothed_one_hot(D, self.f, device=self.device)
+        self.W_inv_DD = lmo.smoothed_one_hot_inverse(D, self.f, device=self.device)
         # one tensor per mixture, so that proportions() returns the same object within a block
-        self._rows = [self.W_kk[j].clone() for j in range(k)]
-        self._host_rows = [[self.f if i == j else (1 - self.f) / (k - 1) for i in range(k)] for j in range(k)]
+        self._rows = [self.W_DD[j].clone() for j in range(D)]
+        self._host_rows = [[self.f if i == j else (1 - self.f) / (D - 1) for i in range(D)] for j in range(D)]
         self._orders: dict[int, list[int]] = {}
         self._p_D = lmo.apply_floor(self._proportions_D, self.floor)
-        self._A_bar_kk = torch.zeros(k, k, device=self.device)
+        self._A_bar_DD = torch.zeros(D, D, device=self.device)
         self._has_A_bar = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._L_nk = torch.full((self.R * k + 1, k), float("nan"), device=self.device)
-        self._acc_2D = torch.zeros(2, k, device=self.device)
+        self._L_nD = torch.full((self.R * D + 1, D), float("nan"), device=self.device)
+        self._acc_2D = torch.zeros(2, D, device=self.device)
         self._pending: int | None = None  # global step at which the open train-mode window ends
         self._round_done = -1  # index of the last round whose update has been applied
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self.missing_measurements = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.last_A_kk = torch.zeros(k, k, device=self.device)
+        self.last_A_DD = torch.zeros(D, D, device=self.device)
         self._rounds: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _check_options(self) -> None:
-        k = self.num_domains
-        if k < 2:
+        D = self.num_domains
+        if D < 2:
             raise ConfigError("mixing.method 'aioli' needs at least 2 domains")
-        lmo.check_one_hot_factor(self.f, k)
+        lmo.check_one_hot_factor(self.f, D)
         bad = [
             ("eta", self.eta, self.eta >= 0, ">= 0"),
             ("round_steps", self.U, self.U >= 1, ">= 1"),
@@ -111,7 +111,7 @@ class AioliMixer(Mixer):
             ("measure_steps", self.m, 1 <= self.m <= self.S, f"in [1, block_steps={self.S}]"),
             ("prior_steps", self.P, self.P >= 0, ">= 0"),
             ("ema", self.ema, 0 <= self.ema <= 1, "in [0, 1]"),
-            ("min_proportion", self.floor, 0 <= self.floor * k <= 1, f"in [0, 1/k = {1 / k:.4g}]"),
+            ("min_proportion", self.floor, 0 <= self.floor * D <= 1, f"in [0, 1/k = {1 / D:.4g}]"),
         ]
         for key, value, ok, rule in bad:
             if not ok:
@@ -119,14 +119,13 @@ class AioliMixer(Mixer):
         if self.options["update"] not in ("ema", "cumulative"):
             raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {self.options['update']!r}")
         check_measurement(self.measurement)
-        learn = self.R * k * self.S
-        # train mode: the closing window (measure_steps) trains on the old p; the new p needs one step more
-        need = learn + (self.m + 1 if self.measurement == "train" else 1)
+        learn = self.R * D * self.S
+        need = self.learned_offset + 1  # at least one step of a round trains on the learned proportions
         if self.U < need:
             raise ConfigError(
                 f"mixing.round_steps={self.U} leaves no steps to train on the learned proportions: "
                 "LearnParams "
-                f"takes sweeps x domains x block_steps = {self.R} x {k} x {self.S} = {learn} steps"
+                f"takes sweeps x domains x block_steps = {self.R} x {D} x {self.S} = {learn} steps"
                 + (f" plus measure_steps={self.m}" if self.measurement == "train" else "")
                 + f"; use round_steps >= {need}"
             )
@@ -137,6 +136,27 @@ class AioliMixer(Mixer):
         return proportions_tensor(proportions, self.domains, self.device)
 
     # ---- the schedule (host only) -------------------------------------------------------------------
+    #
+    # Offsets in a round: [0, learn_steps) LearnParams blocks; in train mode [learn_steps, learned_offset)
+    # the closing measurement, still on the previous proportions; [learned_offset, U) the learned ones.
+
+    @property
+    def learned_offset(self) -> int:
+        """Offset in a round of the first step that trains on the proportions learned in that round."""
+        return self.learn_steps + (self.m if self.measurement == "train" else 0)
+
+    def in_learn_params(self, step: int) -> bool:
+        """Whether ``step`` belongs to LearnParams (a block mixture, or the closing train measurement)."""
+        where = self.locate(step)
+        return where is not None and where[1] < self.learned_offset
+
+    def exploit_spans(self, total_steps: int) -> list[tuple[int, int]]:
+        """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
+        spans, begin = [], self.P
+        while begin + self.learned_offset < total_steps:
+            spans.append((begin + self.learned_offset, min(begin + self.U, total_steps) - 1))
+            begin += self.U
+        return spans
 
     def order(self, round_index: int) -> list[int]:
         """Domain of each LearnParams block of round ``round_index`` (R permutations, drawn on the host)."""
@@ -160,7 +180,7 @@ class AioliMixer(Mixer):
         return self.order(round_index)[offset // self.S]
 
     def _boundary(self, step: int) -> tuple[int, int] | None:
-        """(round, n) when ``step`` starts the measurement of block boundary n (0..R·k), else None."""
+        """(round, n) when ``step`` starts the measurement of block boundary n (0..R·D), else None."""
         where = self.locate(step)
         if where is None:
             return None
@@ -185,8 +205,8 @@ class AioliMixer(Mixer):
         where = self.locate(step)
         if where is None or where[1] != 0:
             return None
-        order = self.order(where[0])
-        return [list(self._host_rows[order[n // self.S]]) for n in range(self.learn_steps)]
+        per_step = lmo.learn_params_schedule(torch.tensor(self.order(where[0])), self.S)
+        return [list(self._host_rows[j]) for j in per_step.tolist()]
 
     def measurement_due(self, step: int) -> bool:
         return self.measurement != "train" and self._boundary(step) is not None
@@ -232,10 +252,10 @@ class AioliMixer(Mixer):
         if round_index <= self._round_done:
             return  # already applied (a resumed run replaying a step)
         if n == 0:
-            self._L_nk.fill_(float("nan"))
-        L_k = lmo.losses_from_sums(loss_sum_D, count_D)
-        self.missing_measurements += (~torch.isfinite(L_k)).sum()
-        self._L_nk[n] = L_k
+            self._L_nD.fill_(float("nan"))
+        L_D = lmo.losses_from_sums(loss_sum_D, count_D)
+        self.missing_measurements += (~torch.isfinite(L_D)).sum()
+        self._L_nD[n] = L_D
         if n == self.R * self.num_domains:
             self._update(round_index)
 
@@ -250,8 +270,8 @@ class AioliMixer(Mixer):
         """A message when ``train`` measurements will often miss domains at this global batch size."""
         if self.measurement != "train":
             return None
-        k = self.num_domains
-        expected = batch_size * self.m * (1 - self.f) / (k - 1)
+        D = self.num_domains
+        expected = batch_size * self.m * (1 - self.f) / (D - 1)
         if expected >= 2:
             return None
         return (
@@ -263,29 +283,29 @@ class AioliMixer(Mixer):
 
     def _update(self, round_index: int) -> None:
         order = self._order_tensor(round_index)
-        G_kk = lmo.accumulate_loss_drops(self._L_nk, order, self.num_domains)
-        A_kk = (
-            lmo.diagonal_ablation(G_kk, self.f)
+        G_DD = lmo.accumulate_loss_drops(self._L_nD, order, self.num_domains)
+        A_DD = (
+            lmo.diagonal_ablation(G_DD, self.f)
             if self.diagonal
-            else lmo.solve_mixing_law(G_kk, self.W_inv_kk)
+            else lmo.solve_mixing_law(G_DD, self.W_inv_DD)
         )
-        ok = torch.isfinite(A_kk).all()  # before normalising, which would map a non-finite A to zeros
-        A_kk = lmo.normalize_mixing_matrix(A_kk)
+        ok = torch.isfinite(A_DD).all()  # before normalising, which would map a non-finite A to zeros
+        A_DD = lmo.normalize_mixing_matrix(A_DD)
         if self.use_ema:
-            A_bar = torch.where(self._has_A_bar, lmo.ema_matrix(A_kk, self._A_bar_kk, self.ema), A_kk)
+            A_bar = torch.where(self._has_A_bar, lmo.ema_matrix(A_DD, self._A_bar_DD, self.ema), A_DD)
             p_new = lmo.ema_proportions(A_bar, self.eta)
-            self._A_bar_kk = torch.where(ok, A_bar, self._A_bar_kk)
+            self._A_bar_DD = torch.where(ok, A_bar, self._A_bar_DD)
             self._has_A_bar = self._has_A_bar | ok
         else:
             # the first round starts from uniform, not from the prior (as the reference implementation):
             # a prior of 0 for a domain would otherwise keep it at 0 for the whole run
             base_D = self.uniform() if round_index == 0 else self._p_D
-            p_new = lmo.exponentiated_gradient(base_D, A_kk, self.eta)
+            p_new = lmo.exponentiated_gradient(base_D, A_DD, self.eta)
         p_new = lmo.apply_floor(p_new, self.floor)
         self._p_D = torch.where(ok, p_new, self._p_D)  # a new tensor: the loop sees the change
-        self.last_A_kk = torch.where(ok, A_kk, self.last_A_kk)
+        self.last_A_DD = torch.where(ok, A_DD, self.last_A_DD)
         # device tensors, read once at the end (summary): what each round estimated and chose
-        self._rounds.append((round_index, A_kk.detach().clone(), self._p_D.detach().clone(), ok))
+        self._rounds.append((round_index, A_DD.detach().clone(), self._p_D.detach().clone(), ok))
         self.skipped_updates += (~ok).to(torch.int64)
         self._round_done = round_index
 

@@ -4,15 +4,24 @@ A mixer owns the mixture proportions of a run. All state lives in tensors on the
 nothing in ``observe`` or in an update reads device values on the host: the only read is the one the
 data stream needs, :meth:`Mixer.host_proportions`, once per change of the proportions.
 
-The training loop drives a mixer with four calls per step (``step`` is the global optimizer step):
+Every call the training loop makes is declared on :class:`Mixer` with a default that does nothing, so a
+mixer overrides only what it uses. Per optimizer step ``step`` (the global step), in this order:
 
     if mixer.measurement_due(step):                       # probe / full_val measurement sources only
         mixer.observe_measurement(step, *evaluate_probe())
+    if (block := mixer.schedule(step)):                   # host-known proportions of a block of steps
+        stream.set_schedule(block, start=step)
     p_D = mixer.proportions(step)                         # the same tensor until it changes
     stream.set_proportions(mixer.host_proportions(step))  # only when p_D is a new tensor
-    ... forward every micro-batch ...
-    mixer.observe(step, loss_sum_D, count_D)              # this rank's per-domain sums, per micro-batch
+    for each micro-batch:
+        if first micro-batch and mixer.needs_gradients and mixer.alignment_due(step):
+            mixer.observe_alignment(step, scores_D)       # DoGE: per-domain gradient alignment
+        ... forward, backward ...
+        mixer.observe(step, loss_sum_D, count_D)          # this rank's per-domain sums
+        if mixer.needs_reference_model:
+            mixer.observe_reference(step, ref_loss_sum_D, ref_count_D)   # DoReMi: the reference's sums
 
+and at log steps ``metrics()``, at checkpoints ``state_dict()``, at the end ``summary()``.
 Per-domain statistics are all-reduced across data-parallel ranks by the mixer itself, once per
 measurement, so every rank holds identical proportions.
 """
@@ -27,8 +36,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..errors import ConfigError
-from .distributed import all_reduce_sum
 
 MEASUREMENTS = ("train", "probe", "full_val")
 
@@ -74,6 +83,8 @@ class Mixer:
     needs_gradients: ClassVar[bool] = False
     #: whether the loop must run a reference model on every micro-batch (``observe_reference``)
     needs_reference_model: bool = False
+    #: the checkpoint of that reference model (a run directory or ``model.pt``)
+    reference_checkpoint: Path | None = None
     #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied).
     STATE: ClassVar[dict[str, str]] = {"proportions": "_proportions_D"}
 
@@ -167,6 +178,20 @@ class Mixer:
     def observe_measurement(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         """The measurement asked for by :meth:`measurement_due` (this rank's sums and counts)."""
         raise ConfigError(f"mixing.method '{self.name}' takes no loss measurements")
+
+    def alignment_due(self, step: int) -> bool:
+        """Whether the loop must compute per-domain gradient alignments at ``step`` (with
+        ``needs_gradients``; the loop asks on the first micro-batch of the step)."""
+        return False
+
+    def observe_alignment(self, step: int, scores_D: torch.Tensor) -> None:
+        """[D] alignment of each domain's training gradient with the validation probe's gradient."""
+        raise ConfigError(f"mixing.method '{self.name}' takes no gradient alignments")
+
+    def observe_reference(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+        """The reference model's per-domain sums [D] and counts [D] on the same micro-batch as
+        :meth:`observe` (with ``needs_reference_model``; this rank's)."""
+        raise ConfigError(f"mixing.method '{self.name}' takes no reference-model losses")
 
     def reduce(self, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sums and counts summed over the data-parallel ranks (one small collective; identity alone)."""

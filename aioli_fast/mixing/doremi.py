@@ -2,7 +2,7 @@
 
 At each update the excess loss of domain i is ``λ_i = max(L_i - L_i^ref, 0)`` (0 for a domain absent from
 the window); the weights follow exponentiated gradient ``α ← α ⊙ exp(η·λ)``, and the proportions are
-``p = (1 - c)·α/Σα + c/k`` (``smoothing`` c). In the LMO view A_t = diag(λ). DoReMi's own output is the
+``p = (1 - c)·α/Σα + c/D`` (``smoothing`` c). In the LMO view A_t = diag(λ). DoReMi's own output is the
 time average of the proportions over the run, kept beside the online proportions (``summary()``).
 
 Reference losses come from ``mixing.reference``:

@@ -9,9 +9,11 @@ how they set A_t. Aioli fits A_t online from sequential loss drops measured whil
 *smoothed one-hot* mixtures (LearnParams); this module holds each step of that procedure as a function
 of tensors, so it can be tested alone and run on the training device without host round trips.
 
-Shapes: k domains; ``L_k`` losses, ``p_k`` proportions, ``A_kk``/``G_kk`` matrices whose row i is the
-loss of domain i and column j the domain trained on. Leading batch dimensions are allowed wherever a
-function says so. Nothing here calls ``.item()`` or otherwise reads device values on the host.
+Shapes follow the paper's notation, so the number of domains is ``k`` here (everywhere else in the
+package, kernels, stream and mixers included, it is ``D``): ``L_k`` losses, ``p_k`` proportions,
+``A_kk``/``G_kk`` matrices whose row i is the loss of domain i and column j the domain trained on.
+Leading batch dimensions are allowed wherever a function says so. Nothing here calls ``.item()`` or
+otherwise reads device values on the host.
 """
 
 from __future__ import annotations

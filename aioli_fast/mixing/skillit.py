@@ -1,11 +1,11 @@
 """Skill-it, online (Chen et al., 2023): weight domains by how much training on them helps the others' loss.
 
-A skills graph S [k, k] (S[i, j]: how much training on skill j helps skill i) is given; at each update
+A skills graph S [D, D] (S[i, j]: how much training on skill j helps skill i) is given; at each update
 ``A = diag(L) · S`` (row i scaled by domain i's current loss, so unlearned skills pull harder) and
 ``p ← p ⊙ exp(η · Σ_i A[i, :])``, normalised. Losses come from the training batches of the window
 (``measurement: train``) or from a probe / the full validation split before the update step.
 
-The graph comes from ``mixing.skills_graph`` (JSON: a k×k list of lists in domain order, or a mapping
+The graph comes from ``mixing.skills_graph`` (JSON: a D×D list of lists in domain order, or a mapping
 ``{domain_i: {domain_j: weight}}`` where a missing entry is 0), or is learned from short single-domain runs
 with :func:`skills_graph_from_losses`.
 """
@@ -24,7 +24,7 @@ from .online import OnlineMixer
 
 
 def skills_graph_from_losses(before_D: torch.Tensor, after_jD: torch.Tensor) -> torch.Tensor:
-    """S [k, k] from short single-domain runs: S[i, j] = relative drop of domain i's loss after training on j.
+    """S [D, D] from short single-domain runs: S[i, j] = relative drop of domain i's loss after training on j.
 
     Args:
         before_D: per-domain validation losses of the starting model.
@@ -40,8 +40,8 @@ def skills_graph_from_losses(before_D: torch.Tensor, after_jD: torch.Tensor) -> 
 
 
 def load_skills_graph(path: str | Path, domains: list[str]) -> list[list[float]]:
-    """The k×k graph from a JSON file (see the module docstring), validated."""
-    path, k = Path(path), len(domains)
+    """The D×D graph from a JSON file (see the module docstring), validated."""
+    path, D = Path(path), len(domains)
     data = read_json_option("skills_graph", path)
     if isinstance(data, dict):
         unknown = sorted(set(data) | {j for row in data.values() if isinstance(row, dict) for j in row})
@@ -51,11 +51,11 @@ def load_skills_graph(path: str | Path, domains: list[str]) -> list[list[float]]
                 f"mixing.skills_graph: {path} names unknown domain(s) {unknown} or has a non-mapping row"
             )
         rows = [[data.get(i, {}).get(j, 0.0) for j in domains] for i in domains]
-    elif isinstance(data, list) and len(data) == k and all(isinstance(r, list) and len(r) == k for r in data):
+    elif isinstance(data, list) and len(data) == D and all(isinstance(r, list) and len(r) == D for r in data):
         rows = data
     else:
         raise ConfigError(
-            f"mixing.skills_graph: {path} must be a {k}x{k} list of lists or a mapping of mappings"
+            f"mixing.skills_graph: {path} must be a {D}x{D} list of lists or a mapping of mappings"
         )
     flat = [v for row in rows for v in row]
     if not all(
@@ -84,7 +84,7 @@ class SkillItMixer(OnlineMixer):
             raise ConfigError(
                 "mixing.method 'skillit' needs mixing.skills_graph (a JSON file; docs/mixing.md)"
             )
-        self.S_kk = torch.tensor(
+        self.S_DD = torch.tensor(
             load_skills_graph(self.options["skills_graph"], self.domains), device=self.device
         )
         self.measurement = check_measurement(self.options["measurement"])
@@ -110,5 +110,5 @@ class SkillItMixer(OnlineMixer):
         if self.measurement != "train":
             loss_D = lmo.losses_from_sums(self._measured_2D[0], self._measured_2D[1])
         loss_D = torch.where(torch.isfinite(loss_D), loss_D, torch.zeros_like(loss_D))  # absent: no pull
-        A_kk = loss_D.unsqueeze(-1) * self.S_kk
-        return lmo.exponentiated_gradient(self._proportions_D, A_kk, self.eta)
+        A_DD = loss_D.unsqueeze(-1) * self.S_DD
+        return lmo.exponentiated_gradient(self._proportions_D, A_DD, self.eta)

@@ -29,7 +29,7 @@ import torch
 from ..errors import AioliError
 from ..fileio import atomic_write, atomic_write_bytes
 from ..model import GPT, GPTConfig
-from .engine import all_ok, gather_objects, on_rank0, to_cpu
+from ..distributed import all_ok, gather_objects, on_rank0, to_cpu
 
 CHECKPOINT_FORMAT = 1
 RUN_CHECKPOINT_FORMAT = 1

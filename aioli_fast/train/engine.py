@@ -19,45 +19,19 @@ import contextlib
 import json
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig
-from ..errors import AioliError, ConfigError
+from ..config import RunConfig, merge_mappings
+from ..distributed import DistInfo
+from ..errors import ConfigError
 from ..model import GPT, ModelOutput
 from .device import autocast_context
 
 # --------------------------------------------------------------------------------------------------
 # processes
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process' place in the job (rank 0 of 1 when not launched by torchrun or deepspeed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def launch_info() -> DistInfo:
-    """Rank, world size and local rank from the launcher's environment variables (torchrun, deepspeed)."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError as exc:
-        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
-    if world < 1 or not 0 <= rank < world:
-        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
-    return DistInfo(rank, world, local)
 
 
 def resolve_backend(cfg: RunConfig, world_size: int) -> str:
@@ -110,68 +84,6 @@ def import_deepspeed(device: torch.device):
     except ImportError as exc:  # pragma: no cover - deepspeed is a dependency
         raise ConfigError(f"engine.backend=deepspeed needs the deepspeed package ({exc})") from exc
     return deepspeed
-
-
-def all_reduce_(x: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place sum (or ``op``) over ranks; nothing when running alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def on_rank0(fn, rank: int):
-    """Run ``fn`` on rank 0 only; every rank returns its result, or raises if it failed.
-
-    Keeps the other ranks from waiting forever in the next collective when rank 0 fails (a full disk,
-    a finished run directory, a bad checkpoint path).
-    """
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
-            error = exc
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        box = [(result, message)]
-        dist.broadcast_object_list(box, src=0)
-        result, message = box[0]
-        if message is not None and rank != 0:
-            raise AioliError(f"rank 0 failed: {message}")
-    if error is not None:
-        raise error
-    return result
-
-
-def all_ok(ok: bool, device: torch.device) -> bool:
-    """Whether ``ok`` holds on every rank (one all-reduce when there are several)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=device)
-    return bool(all_reduce_(flag, op=dist.ReduceOp.MIN).item() > 0)
-
-
-def to_cpu(obj):
-    """``obj`` with every tensor (in dicts, lists, tuples) copied to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
-def gather_objects(obj) -> list:
-    """``obj`` of every rank, in rank order, on every rank (``[obj]`` alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,16 +217,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int, micro: int, micro_steps: i
                     f"engine.deepspeed_config sets {key}={extra[key]}, but train.batch_size / "
                     f"micro_batch_size give {config[key]}; set the batch in the run config only"
                 )
-        _merge(config, extra)
+        config = merge_mappings(config, extra)
     return config
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 class DeepSpeedEngine(_Engine):

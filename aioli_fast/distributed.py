@@ -1,0 +1,153 @@
+"""Where this process stands in the job, and the few collectives the package makes.
+
+The one home of rank and world size: :func:`launch_info` reads what the launcher (torchrun, the
+``deepspeed`` launcher, a Slurm script exporting the same variables) says before any process group
+exists; :func:`group_info` reads the initialised default process group afterwards. Every collective here
+is a no-op (or the identity) when the job has one process, so the same code runs alone and under
+``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import AioliError, ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process' place in the job (rank 0 of 1 when it runs alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_info() -> DistInfo:
+    """Rank, world size and local rank from the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    try:
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({exc})") from exc
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} is not in [0, WORLD_SIZE={world})")
+    return DistInfo(rank, world, local)
+
+
+def group_info() -> DistInfo:
+    """Rank and world size of the default process group (rank 0 of 1 when none is initialised)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def is_multiprocess() -> bool:
+    """Whether collectives have peers (an initialised default group of more than one process)."""
+    return group_info().world_size > 1
+
+
+def all_reduce_(x: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """In-place sum (or ``op``) of ``x`` over the ranks of ``group``; nothing when running alone."""
+    if is_multiprocess():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor: ``x`` summed over all ranks (a copy of ``x`` when running alone)."""
+    return all_reduce_(x.clone())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing when running alone)."""
+    if is_multiprocess():
+        dist.barrier()
+
+
+_HOST_GROUPS: dict[int, Any] = {}
+
+
+def host_group():
+    """A process group whose collectives run on CPU tensors (gloo), for agreements that must not wait
+    for the accelerator: the default group when it is gloo, else a gloo group over the same ranks, made
+    once per process (every rank makes it at the same call, as ``new_group`` requires)."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    key = id(dist.group.WORLD)
+    if key not in _HOST_GROUPS:
+        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS[key]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank: one all-reduce of a CPU tensor in :func:`host_group`, so
+    the host waits for its peers but never for the device."""
+    if not is_multiprocess():
+        return flag
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(box[0])
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (one all-reduce when there are several)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    return bool(all_reduce_(flag, op=dist.ReduceOp.MIN).item() > 0)
+
+
+def on_rank0(fn: Callable[[], T], rank: int) -> T:
+    """Run ``fn`` on rank 0 only; every rank returns its result, or raises if it failed.
+
+    Keeps the other ranks from waiting forever in the next collective when rank 0 fails (a full disk,
+    a finished run directory, a bad checkpoint path).
+    """
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
+            error = exc
+    if is_multiprocess():
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        box = [(result, message)]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if message is not None and rank != 0:
+            raise AioliError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order, on every rank (``[obj]`` alone)."""
+    if is_multiprocess():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def to_cpu(obj):
+    """``obj`` with every tensor (in dicts, lists, tuples) copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
