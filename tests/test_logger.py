@@ -18,7 +18,7 @@ DOMAINS = ("code", "web")
 
 
 def train_record(step: int, loss: float) -> dict:
-    """A training record in the loop's format (aioli_fast/train/loop.py)."""
+    """A training record in the loop's format (aioli_fast/train/trainer.py)."""
     return {
         "step": step,
         "loss": loss,

@@ -1,14 +1,21 @@
-"""Training: the run (one process or DeepSpeed ZeRO), per-domain evaluation and checkpoints."""
+"""Training: the run (one process or DeepSpeed ZeRO), per-domain evaluation and checkpoints.
+
+Where things are: ``trainer`` (the run and its loop: one optimizer step at a time), ``components``
+(what a config asks for: model, mixer, learning rate, held-out splits), ``engine`` (plain PyTorch or
+DeepSpeed), ``stats`` (the per-domain loss window), ``resume`` (run directories and what to resume),
+``checkpoint``, ``evaluate``, ``logger``, ``skills`` (Skill-it's graph).
+"""
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .components import RunResult, TrainingError, build_run_mixer
 from .evaluate import evaluate, evaluate_checkpoint, format_table
-from .loop import RunResult, TrainingError
 from .trainer import TrainingInterrupted, train
 
 __all__ = [
     "RunResult",
     "TrainingError",
     "TrainingInterrupted",
+    "build_run_mixer",
     "evaluate",
     "evaluate_checkpoint",
     "format_table",

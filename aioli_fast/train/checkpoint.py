@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..distributed import all_ok, gather_objects, on_rank0, to_cpu
 from ..errors import AioliError
 from ..fileio import atomic_write, atomic_write_bytes
 from ..model import GPT, GPTConfig
-from ..distributed import all_ok, gather_objects, on_rank0, to_cpu
 
 CHECKPOINT_FORMAT = 1
 RUN_CHECKPOINT_FORMAT = 1

@@ -10,7 +10,7 @@ Both engines have the same small interface, so the training loop does not know w
     engine.full_state_dict()       # the whole model's weights on rank 0 (gathered under ZeRO-3)
 
 The learning-rate schedule is not an object with state: the loop sets the LR of every step from the step
-number (:func:`aioli_fast.train.loop.lr_at`), so a checkpoint's step restores it exactly.
+number (:func:`aioli_fast.train.components.lr_at`), so a checkpoint's step restores it exactly.
 """
 
 from __future__ import annotations

@@ -1,16 +1,21 @@
 """The training run: one loop for a single process and for DeepSpeed ZeRO over many.
 
-Per optimizer step (every rank does the same, in the same order):
+One optimizer step (:meth:`_Run.train_step`; every rank does the same, in the same order):
 
-    mixer.measurement_due(step) -> probe / full-validation measurement, sharded over ranks, all-reduced
-    mixer.schedule / mixer.proportions -> stream.set_schedule / set_proportions (only when they change)
-    batch = next(stream)            this rank's share of the global batch, in micro-batches
-    for each micro-batch: engine.forward -> engine.backward -> engine.step; mixer.observe(...)
-    the optimizer steps on the last micro-batch (the accumulation boundary); the mixer updates at its
-    own step boundaries from statistics all-reduced over ranks, so every rank holds the same proportions
+    1. measure     mixer.measurement_due(step) -> probe / full-validation losses, sharded, all-reduced
+    2. mixture     mixer.schedule / mixer.proportions -> the stream (only when they change)
+    3. batch       next(stream): this rank's share of the global batch
+    4. micro-batches   engine.forward -> (mixer.observe_alignment) -> engine.backward -> engine.step;
+                   mixer.observe (and observe_reference); the optimizer steps on the last micro-batch
+    5. bookkeeping the loss window, token counts
+and after it (:meth:`_Run.after_step`): log, checkpoint, stop on SIGTERM, evaluate, each when due.
+The mixer updates at its own step boundaries from statistics all-reduced over ranks, so every rank
+holds the same proportions (the hooks it is driven by are declared on :class:`aioli_fast.mixing.Mixer`).
 
 Host reads happen at log steps (metrics), at checkpoints, when the proportions change (one small read),
-and once per step when asked to (``train.on_nan=skip`` in one process; a SIGTERM check over several).
+and once per step when asked to (``train.on_nan=skip`` in one process). Over several processes the
+ranks agree every step on whether to stop (SIGTERM) through a CPU collective, which waits for the peers
+but never for the device.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (run checkpoints, the last
 ``checkpoint.keep_last``), ``model.pt`` and ``final.json``. Only rank 0 writes files, except the
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import math
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,34 +33,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig, dump_config
+from ..config import RunConfig
 from ..data import MixtureStream, load_manifest
+from ..distributed import all_reduce_, any_rank, barrier, launch_info
 from ..errors import AioliError, ConfigError
-from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, progress_bar
+from ..fileio import atomic_write_json, progress_bar, say
+from ..mixing import MIXERS
 from .checkpoint import RunCheckpoints, save_checkpoint, set_rng_state
-from .device import resolve_device, resolve_precision
-from .engine import (
-    all_reduce_,
-    barrier,
-    build_engine,
-    init_distributed,
-    launch_info,
-    on_rank0,
-    resolve_backend,
-)
-from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
-from .logger import MetricsLog
-from .loop import (
+from .components import (
     RunResult,
     TrainingError,
+    batch_layout,
     build_model,
     build_run_mixer,
+    device_for,
     domain_alignment,
     held_out_splits,
     load_reference_model,
     lr_at,
     select_domains,
 )
+from .device import resolve_precision
+from .engine import build_engine, init_distributed, resolve_backend
+from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
+from .logger import MetricsLog
+from .resume import prepare_run_dir
+from .stats import LossWindow, WindowTotals
 
 
 class TrainingInterrupted(AioliError):
@@ -70,50 +72,6 @@ class TrainingInterrupted(AioliError):
             "Run the same command again to resume."
         )
         self.step, self.checkpoint = step, checkpoint
-
-
-# Config keys that may differ between a checkpoint and the run resuming it; every other key must match.
-RESUMABLE_CHANGES = (
-    "train.steps",
-    "train.log_every",
-    "train.progress",
-    "train.overwrite",
-    "train.out_dir",
-    "train.name",
-    "train.tensorboard",
-    "train.on_nan",
-    "train.device",
-    "data.path",
-    "data.num_workers",
-    "data.prefetch_factor",
-    "data.on_error",
-    "engine.dist_backend",
-    "eval.every",
-    "checkpoint.",
-)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key not in ("proportions",):
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: checkpoint value -> this run's value`` for every key that may not change on resume."""
-    a, b = _flatten(saved), _flatten(current)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
-            continue
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
-    return diffs
 
 
 class _SigtermFlag:
@@ -137,42 +95,6 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _say(message: str, bar=None, main: bool = True) -> None:
-    if not main:
-        return
-    if bar is not None:
-        bar.write(message, file=sys.stderr)
-    else:
-        print(message, file=sys.stderr, flush=True)
-
-
-def _batch_layout(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
-    """(sequences per rank per step, micro-batch size, micro-batches per step), checked."""
-    t = cfg.train
-    if t.batch_size % world_size:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} (the global batch) must be divisible by the number of "
-            f"processes, {world_size}"
-        )
-    per_rank = t.batch_size // world_size
-    micro = t.micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch_size={micro} must divide the batch of each process, train.batch_size / "
-            f"processes = {t.batch_size} / {world_size} = {per_rank}"
-        )
-    return per_rank, micro, per_rank // micro
-
-
-def _device_for(cfg: RunConfig, local_rank: int, world_size: int) -> torch.device:
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and world_size > 1 and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 def train(cfg: RunConfig) -> RunResult:
     """Run training and the final evaluation; returns the run directory and the final results.
 
@@ -182,13 +104,14 @@ def train(cfg: RunConfig) -> RunResult:
     cfg.validate()
     info = launch_info()
     backend = resolve_backend(cfg, info.world_size)
-    device = _device_for(cfg, info.local_rank, info.world_size)
+    device = device_for(cfg, info.local_rank, info.world_size)
     precision = resolve_precision(cfg.train.precision, device)
     if backend == "deepspeed":
-        if cfg.mixing.method == "doge":
+        mixer_cls = MIXERS.get(cfg.mixing.method)
+        if mixer_cls is not None and mixer_cls.needs_gradients:
             raise ConfigError(
-                "mixing.method=doge takes per-domain gradients, which the DeepSpeed engine does not expose; "
-                "run it with engine.backend=torch (one process)"
+                f"mixing.method={cfg.mixing.method} takes per-domain gradients, which the DeepSpeed engine "
+                "does not expose; run it with engine.backend=torch (one process)"
             )
         # the process group lives as long as the process: DeepSpeed caches its groups, so a group that
         # was destroyed and made again would leave it holding stale ones
@@ -197,7 +120,7 @@ def train(cfg: RunConfig) -> RunResult:
 
 
 class _Run:
-    """One run's state; :meth:`run` is the loop."""
+    """One run: its parts (built from the config), its loop state, and :meth:`run`."""
 
     def __init__(self, cfg: RunConfig, info, backend: str, device: torch.device, precision: str):
         self.cfg, self.info, self.device, self.precision = cfg, info, device, precision
@@ -209,7 +132,7 @@ class _Run:
         if cfg.eval.every and "val" not in self.eval_splits:
             raise ConfigError(f"eval.every={cfg.eval.every} needs a val split: {self.eval_notes[0]}")
         self.manifest.check_files(self.domains, ["train", *self.eval_splits])
-        self.per_rank, self.micro, self.micro_steps = _batch_layout(cfg, info.world_size)
+        self.per_rank, self.micro, self.micro_steps = batch_layout(cfg, info.world_size)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg, self.manifest)
         self.engine = build_engine(
@@ -221,7 +144,7 @@ class _Run:
         self.measure = self._measurement_source()
         warning = self.mixer.train_measurement_warning(t.batch_size)
         if warning:
-            _say(f"warning: {warning}", main=self.main)
+            self._say(f"warning: {warning}")
         self.reference = (
             load_reference_model(self.mixer, self.manifest, device)
             if self.mixer.needs_reference_model
@@ -257,9 +180,12 @@ class _Run:
         self.total_tokens = 0
         self.measurements, self.measure_time = 0, 0.0
         self.scheduled_until = 0
-        # per-domain loss sums [D], token counts [D], then loss sum, finite steps, steps: one all-reduce
-        self.window = torch.zeros(2 * D + 3, device=device)
+        self.window = LossWindow(D, device)  # this rank's, until the next log step
         self.window_tokens = 0  # this launch's tokens in the log window (throughput)
+        self.proportions_D: torch.Tensor | None = None  # the mixer's tensor the stream was last given
+        self.host_p: list[float] = []  # the same on the host
+        self.last_saved: int | None = None  # step of the last checkpoint written
+        self.train_start = self.window_start = 0.0
         self.skipped_before = 0
         self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
         self.resumed_from = None
@@ -298,69 +224,12 @@ class _Run:
         return full_val
 
     def _prepare_run_dir(self) -> Path | None:
-        """Create the run directory and decide (on rank 0, for every rank) what to resume from.
+        return prepare_run_dir(self.cfg, self.run_dir, self.checkpoints, self.info, self.engine.kind)
 
-        Nothing is deleted before the checkpoint to resume from has been checked against this run.
-        """
-        cfg, run_dir = self.cfg, self.run_dir
-
-        def decide() -> str | None:
-            finished = (run_dir / "final.json").exists()
-            if finished and not cfg.train.overwrite:
-                raise AioliError(
-                    f"{run_dir} already holds a finished run; "
-                    "choose another train.name or pass train.overwrite=true"
-                )
-            resume = cfg.checkpoint.resume
-            if resume == "never" or (resume == "auto" and finished):
-                checkpoint = None
-            elif resume == "auto":
-                checkpoint = self.checkpoints.latest()
-            else:
-                checkpoint = Path(resume)
-                if not (checkpoint / "trainer.pt").is_file():
-                    raise ConfigError(
-                        f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)"
-                    )
-            step = None if checkpoint is None else self._check_resumable(checkpoint)
-            ensure_writable_dir(run_dir, "run directory")
-            stale = ["final.json", "model.pt", "config.yaml"]
-            if checkpoint is None:
-                stale.append("metrics.jsonl")
-                self.checkpoints.clear()  # a fresh start: the old checkpoints must not be resumed later
-            elif checkpoint.resolve().parent == self.checkpoints.folder.resolve():
-                self.checkpoints.discard_after(step)  # an abandoned future, if resumed from an older one
-            else:
-                self.checkpoints.clear()  # resumed from another run's checkpoint: a new history starts
-            for name in stale:
-                (run_dir / name).unlink(missing_ok=True)
-            atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
-            return None if checkpoint is None else str(checkpoint)
-
-        checkpoint = on_rank0(decide, self.info.rank)
-        return None if checkpoint is None else Path(checkpoint)
-
-    def _check_resumable(self, checkpoint: Path) -> int:
-        """The step of ``checkpoint`` after checking that this run may continue from it."""
-        state = RunCheckpoints.load_trainer_state(checkpoint)
-        diffs = config_differences(state["config"], self.cfg.to_dict())
-        if diffs:
-            raise ConfigError(
-                f"cannot resume from {checkpoint}: the config differs in keys that must not change: "
-                + "; ".join(diffs)
-                + " (set checkpoint.resume=never to start afresh)"
-            )
-        if state["world_size"] != self.info.world_size or state["engine"] != self.engine.kind:
-            raise ConfigError(
-                f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es) with "
-                f"the {state['engine']} engine, this run has {self.info.world_size} with {self.engine.kind}"
-            )
-        if state["step"] > self.cfg.train.steps:
-            raise ConfigError(
-                f"cannot resume from {checkpoint}: it is at step {state['step']}, beyond "
-                f"train.steps={self.cfg.train.steps}"
-            )
-        return state["step"]
+    def _say(self, message: str, bar=None) -> None:
+        """A line on stderr from rank 0 (through the progress bar when one is drawn)."""
+        if self.main:
+            say(message, bar)
 
     def _num_parameters(self) -> int:
         """Every weight, also those ZeRO-3 has partitioned (``ds_numel``)."""
@@ -386,7 +255,7 @@ class _Run:
 
     def _own_state(self) -> dict:
         """What each rank holds for itself until the next all-reduce: the mixer's and the loop's windows."""
-        return {"mixer": self.mixer.state_dict(), "window": self.window}
+        return {"mixer": self.mixer.state_dict(), "window": self.window.buffer}
 
     def _resume(self, checkpoint: Path) -> None:
         state = RunCheckpoints.load_trainer_state(checkpoint)
@@ -399,21 +268,20 @@ class _Run:
         self.total_tokens = loop["total_tokens"]
         self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
         self.scheduled_until = loop["scheduled_until"]
-        self.window.copy_(own["window"].to(self.device))
+        self.window.load_(own["window"])
         self.skipped_before = loop["skipped_steps"] - self.engine.skipped_steps
         set_rng_state(own["rng"])
         if state["config"]["train"]["steps"] != self.cfg.train.steps:
-            _say(
+            self._say(
                 f"note: the checkpoint's run had train.steps={state['config']['train']['steps']}, this one "
-                f"{self.cfg.train.steps}; the learning-rate schedule follows the new length",
-                main=self.main,
+                f"{self.cfg.train.steps}; the learning-rate schedule follows the new length"
             )
 
     def _save(self, bar) -> Path:
         path = self.checkpoints.save(
             self.step, self.engine, self._shared_state(), self._own_state(), self.device
         )
-        _say(f"step {self.step}: checkpoint {path}", bar, self.main)
+        self._say(f"step {self.step}: checkpoint {path}", bar)
         return path
 
     # ---------------------------------------------------------------------------------------- loop
@@ -425,11 +293,11 @@ class _Run:
         if checkpoint is not None:
             self._resume(checkpoint)
             log.truncate_after(self.step)
-            _say(f"resuming from {checkpoint} at step {self.step}", main=self.main)
+            self._say(f"resuming from {checkpoint} at step {self.step}")
         bar = progress_bar(t.steps, "train", "step", t.progress and self.main)
         if bar is not None:
             bar.update(self.step)
-        _say(
+        self._say(
             f"training {self._num_parameters() / 1e6:.2f}M parameters "
             f"on {self.device} ({self.precision}), "
             f"engine {self.engine.kind}"
@@ -438,7 +306,6 @@ class _Run:
             f"{t.batch_size} x {self.manifest.seq_len} tokens ({self.micro_steps} micro-batch(es) of "
             f"{self.micro} per process), mixing={cfg.mixing.method}; run directory {self.run_dir}",
             bar,
-            self.main,
         )
         start = time.perf_counter()
         try:
@@ -451,108 +318,121 @@ class _Run:
         return self._finish(time.perf_counter() - start)
 
     def _loop(self, log: MetricsLog, bar, sigterm: _SigtermFlag) -> None:
-        cfg, t, mixer, stream, engine = self.cfg, self.cfg.train, self.mixer, self.stream, self.engine
-        D, device = len(self.domains), self.device
-        proportions_D = None
-        host_p = self.mixer.host_proportions(self.step)
-        window_start = time.perf_counter()
-        self.train_start = time.perf_counter()
-        engine.train()
-        last_saved = self.step if self.step else None
-        stop_flag = torch.zeros(1, device=device)
-        while self.step < t.steps:
-            step = self.step
-            if mixer.measurement_due(step):
-                measure_start = time.perf_counter()
-                mixer.observe_measurement(step, *self.measure(self.model))
-                self.measurements += 1
-                self.measure_time += time.perf_counter() - measure_start
-            schedule = mixer.schedule(step)
-            if schedule:
-                stream.set_schedule(schedule, start=step)
-                self.scheduled_until = step + len(schedule)
-            current = mixer.proportions(step)
-            if current is not proportions_D:
-                proportions_D = current
-                host_p = mixer.host_proportions(step)
-                if step >= self.scheduled_until:
-                    stream.set_proportions(host_p, step=step)
-            batch = next(stream)
-            if device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(device)
-            lr = lr_at(step, cfg)
-            engine.set_lr(lr)
-            step_loss = torch.zeros((), device=device)
-            for i in range(self.micro_steps):
-                sl = slice(i * self.micro, (i + 1) * self.micro)
-                ids, labels, doms = batch.input_ids[sl], batch.labels[sl], batch.domain_ids[sl]
-                out = engine.forward(ids, labels, doms, D)
-                if i == 0 and mixer.needs_gradients and mixer.alignment_due(step):
-                    scores_D = domain_alignment(self.model, ids, labels, doms, self.gradient_probe, D)
-                    mixer.observe_alignment(step, scores_D)
-                engine.backward(out.loss)
-                engine.step()
-                loss_sum_D, count_D = out.loss_sum.detach(), out.count
-                mixer.observe(step, loss_sum_D, count_D)
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = self.reference(ids, labels, doms, D)
-                    mixer.observe_reference(step, ref.loss_sum, ref.count)
-                self.window[:D] += loss_sum_D
-                self.window[D : 2 * D] += count_D
-                step_loss += out.loss.detach().float() / self.micro_steps
-            finite = torch.isfinite(step_loss)
-            self.window[2 * D] += torch.where(finite, step_loss, 0.0)
-            self.window[2 * D + 1] += finite.float()
-            self.window[2 * D + 2] += 1
-            self.window_tokens += batch.num_tokens * self.info.world_size
-            self.total_tokens += batch.num_tokens * self.info.world_size
-            self.launch_tokens += batch.num_tokens * self.info.world_size
-            self.step = done = step + 1
+        self.train_start = self.window_start = time.perf_counter()
+        self.proportions_D, self.host_p = None, self.mixer.host_proportions(self.step)
+        self.last_saved = self.step if self.step else None
+        self.engine.train()
+        while self.step < self.cfg.train.steps:
+            lr = self.train_step(self.step)
+            self.step += 1
             if bar is not None:
                 bar.update(1)
+            self.after_step(log, bar, sigterm, lr)
 
-            if done % t.log_every == 0 or done == t.steps:
-                self._log(log, bar, host_p, lr, window_start)
-                window_start = time.perf_counter()
-                self.window_tokens = 0
-            if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
-                self._check_finite(done)
-                self._save(bar)
-                last_saved = done
-            stop = sigterm.raised
-            if self.info.world_size > 1 and cfg.checkpoint.on_sigterm:
-                stop_flag.fill_(float(stop))  # one tiny collective per step: all ranks stop at the same step
-                stop = bool(all_reduce_(stop_flag).item() > 0)
-            if stop:  # before any evaluation: launchers allow little time after the signal
-                self._check_finite(done)
-                path = self._save(bar) if last_saved != done else self.checkpoints.latest()
-                raise TrainingInterrupted(done, path)
-            if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-                val = self._evaluate("val")
-                log.write({"step": done, "eval": {"val": val}})
-                _say(
-                    f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}",
-                    bar,
-                    self.main,
-                )
+    def train_step(self, step: int) -> float:
+        """One optimizer step on the global batch of ``step``; returns its learning rate."""
+        self._measure_if_due(step)
+        self._set_mixture(step)
+        batch = next(self.stream)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device)
+        lr = lr_at(step, self.cfg)
+        self.engine.set_lr(lr)
+        step_loss = torch.zeros((), device=self.device)
+        for i in range(self.micro_steps):
+            rows = slice(i * self.micro, (i + 1) * self.micro)
+            loss = self._train_micro_batch(
+                step, i, batch.input_ids[rows], batch.labels[rows], batch.domain_ids[rows]
+            )
+            step_loss += loss.detach().float() / self.micro_steps
+        self.window.add_step(step_loss)
+        tokens = batch.num_tokens * self.info.world_size
+        self.window_tokens += tokens
+        self.total_tokens += tokens
+        self.launch_tokens += tokens
+        return lr
 
-    def _check_finite(self, done: int, window: torch.Tensor | None = None) -> None:
+    def _measure_if_due(self, step: int) -> None:
+        """A probe / full-validation measurement when the mixer asks for one before ``step``."""
+        if not self.mixer.measurement_due(step):
+            return
+        start = time.perf_counter()
+        self.mixer.observe_measurement(step, *self.measure(self.model))
+        self.measurements += 1
+        self.measure_time += time.perf_counter() - start
+
+    def _set_mixture(self, step: int) -> None:
+        """Hand the stream a block of host-known mixtures, or new proportions when they changed."""
+        schedule = self.mixer.schedule(step)
+        if schedule:
+            self.stream.set_schedule(schedule, start=step)
+            self.scheduled_until = step + len(schedule)
+        current = self.mixer.proportions(step)
+        if current is not self.proportions_D:
+            self.proportions_D = current
+            self.host_p = self.mixer.host_proportions(step)
+            if step >= self.scheduled_until:
+                self.stream.set_proportions(self.host_p, step=step)
+
+    def _train_micro_batch(
+        self, step: int, index: int, ids: torch.Tensor, labels: torch.Tensor, doms: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward, backward and (on the last micro-batch) the optimizer step; feeds the mixer."""
+        mixer, D = self.mixer, len(self.domains)
+        out = self.engine.forward(ids, labels, doms, D)
+        if index == 0 and mixer.needs_gradients and mixer.alignment_due(step):
+            scores_D = domain_alignment(self.model, ids, labels, doms, self.gradient_probe, D)
+            mixer.observe_alignment(step, scores_D)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        loss_sum_D, count_D = out.loss_sum.detach(), out.count
+        mixer.observe(step, loss_sum_D, count_D)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self.reference(ids, labels, doms, D)
+            mixer.observe_reference(step, ref.loss_sum, ref.count)
+        self.window.add_micro_batch(loss_sum_D, count_D)
+        return out.loss
+
+    def after_step(self, log: MetricsLog, bar, sigterm: _SigtermFlag, lr: float) -> None:
+        """What is due after a step: a log record, a checkpoint, a stop on SIGTERM, an evaluation."""
+        cfg, t, done = self.cfg, self.cfg.train, self.step
+        if done % t.log_every == 0 or done == t.steps:
+            self._log(log, bar, self.host_p, lr, self.window_start)
+            self.window_start = time.perf_counter()
+            self.window_tokens = 0
+        if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
+            self._check_finite(done)
+            self._save(bar)
+            self.last_saved = done
+        stop = sigterm.raised
+        if self.info.world_size > 1 and cfg.checkpoint.on_sigterm:
+            stop = any_rank(stop)  # a CPU collective, no device sync: all ranks stop at the same step
+        if stop:  # before any evaluation: launchers allow little time after the signal
+            self._check_finite(done)
+            path = self._save(bar) if self.last_saved != done else self.checkpoints.latest()
+            raise TrainingInterrupted(done, path)
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+            val = self._evaluate("val")
+            log.write({"step": done, "eval": {"val": val}})
+            self._say(
+                f"step {done}: val loss {val['average']['loss']:.4f}, ppl {val['average']['ppl']:.3f}", bar
+            )
+
+    def _check_finite(self, done: int, totals: WindowTotals | None = None) -> None:
         """Under ``train.on_nan=stop``: a step whose loss was not finite stops the run (before a save).
 
-        ``window`` is the window all-reduced over ranks (reduced here when not given), so that every rank
+        ``totals`` is the window all-reduced over ranks (reduced here when not given), so that every rank
         decides alike.
         """
-        if window is None:
-            window = all_reduce_(self.window.clone())
-        if self.cfg.train.on_nan == "stop":
-            finite, steps = window[-2:].tolist()
-            if finite < steps:
-                raise TrainingError(
-                    f"the training loss was not finite (NaN or inf) on {int(steps - finite)} step(s) up to "
-                    f"step {done}; lower optim.lr, check the data, or set train.on_nan=skip"
-                )
+        if totals is None:
+            totals = self.window.reduced().totals()
+        if self.cfg.train.on_nan == "stop" and totals.non_finite_steps > 0:
+            raise TrainingError(
+                f"the training loss was not finite (NaN or inf) on {totals.non_finite_steps} step(s) up to "
+                f"step {done}; lower optim.lr, check the data, or set train.on_nan=skip"
+            )
 
     def _check_ranks_agree(self, host_p: list[float]) -> None:
         """Every rank must hold the same proportions (the stream of each rank assumes it); checked at log
@@ -571,18 +451,17 @@ class _Run:
 
     def _log(self, log: MetricsLog, bar, host_p: list[float], lr: float, window_start: float) -> None:
         t, done = self.cfg.train, self.step
-        window = all_reduce_(self.window.clone())  # one collective per log step
-        self._check_finite(done, window)
+        totals = self.window.reduced().totals()  # one collective per log step
+        self._check_finite(done, totals)
         self._check_ranks_agree(host_p)
-        D = len(self.domains)
-        sums, counts = window[:D].tolist(), window[D : 2 * D].tolist()
-        loss_sum, finite_steps = window[2 * D : 2 * D + 2].tolist()
-        loss = loss_sum / finite_steps if finite_steps else float("nan")
+        loss = totals.loss
         elapsed = time.perf_counter() - window_start
         record = {
             "step": done,
             "loss": loss if math.isfinite(loss) else None,
-            "domain_loss": {d: (s / c if c else None) for d, s, c in zip(self.domains, sums, counts)},
+            "domain_loss": {
+                d: (s / c if c else None) for d, s, c in zip(self.domains, totals.loss_sum, totals.count)
+            },
             "proportions": dict(zip(self.domains, host_p)),
             **{f"mixer_{k}": v.item() for k, v in self.mixer.metrics().items()},
             **{f"data_{k}": v for k, v in self.stream.metrics().items()},
@@ -597,11 +476,9 @@ class _Run:
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s'] or 0:,.0f}", p=shown_p)
         elif t.progress:
-            _say(
+            self._say(
                 f"step {done}/{t.steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{record['tokens_per_s'] or 0:,.0f} tokens/s  p [{shown_p}]  {record['elapsed_s']:.0f} s",
-                None,
-                self.main,
+                f"{record['tokens_per_s'] or 0:,.0f} tokens/s  p [{shown_p}]  {record['elapsed_s']:.0f} s"
             )
         self.window.zero_()
 
@@ -634,11 +511,11 @@ class _Run:
                 state=state,
             )
         for note in self.eval_notes:
-            _say(note, main=self.main)
+            self._say(note)
         results = {}
         for split in self.eval_splits:
             if t.progress:
-                _say(f"evaluating on {split} ...", main=self.main)
+                self._say(f"evaluating on {split} ...")
             results[split] = self._evaluate(split)
         host_p = self.mixer.host_proportions(t.steps - 1)  # those of the last step trained
         final = {

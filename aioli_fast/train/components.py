@@ -1,5 +1,6 @@
 """The parts of a training run that do not depend on the engine: the model and mixer a config asks
-for, the learning-rate schedule, the reference model of DoReMi and DoGE's per-domain gradient alignment.
+for, the batch layout over processes, the learning-rate schedule, the reference model of DoReMi and
+DoGE's per-domain gradient alignment.
 
 The loop itself is :mod:`aioli_fast.train.trainer`.
 """
@@ -19,6 +20,7 @@ from ..mixing import MIXERS, Mixer, build_mixer
 from ..mixing.doge import gradient_alignment
 from ..model import GPT, preset_config
 from .checkpoint import load_checkpoint
+from .device import resolve_device
 from .evaluate import same_tokenizer
 
 
@@ -72,6 +74,33 @@ def build_model(cfg: RunConfig, manifest: Manifest) -> GPT:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return GPT(gpt_cfg)
+
+
+def batch_layout(cfg: RunConfig, world_size: int) -> tuple[int, int, int]:
+    """(sequences per rank per step, micro-batch size, micro-batches per step), checked."""
+    t = cfg.train
+    if t.batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (the global batch) must be divisible by the number of "
+            f"processes, {world_size}"
+        )
+    per_rank = t.batch_size // world_size
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size={micro} must divide the batch of each process, train.batch_size / "
+            f"processes = {t.batch_size} / {world_size} = {per_rank}"
+        )
+    return per_rank, micro, per_rank // micro
+
+
+def device_for(cfg: RunConfig, local_rank: int, world_size: int) -> torch.device:
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and world_size > 1 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

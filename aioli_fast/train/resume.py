@@ -1,0 +1,126 @@
+"""The run directory, and what a run resumes from.
+
+Rank 0 decides, for every rank, whether the run starts afresh or resumes (and from which checkpoint),
+after checking that the checkpoint was written by a compatible run: the config keys in
+:data:`RESUMABLE_CHANGES` may change between a checkpoint and the run resuming it, no other may.
+Nothing is deleted before that check has passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RunConfig, dump_config
+from ..distributed import DistInfo, on_rank0
+from ..errors import AioliError, ConfigError
+from ..fileio import atomic_write_bytes, ensure_writable_dir
+from .checkpoint import RunCheckpoints
+
+# Config keys that may differ between a checkpoint and the run resuming it; every other key must match.
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.progress",
+    "train.overwrite",
+    "train.out_dir",
+    "train.name",
+    "train.tensorboard",
+    "train.on_nan",
+    "train.device",
+    "data.path",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.on_error",
+    "engine.dist_backend",
+    "eval.every",
+    "checkpoint.",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("proportions",):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every key that may not change on resume."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def prepare_run_dir(
+    cfg: RunConfig, run_dir: Path, checkpoints: RunCheckpoints, info: DistInfo, engine_kind: str
+) -> Path | None:
+    """Create the run directory and decide (on rank 0, for every rank) what to resume from.
+
+    Nothing is deleted before the checkpoint to resume from has been checked against this run.
+    """
+
+    def decide() -> str | None:
+        finished = (run_dir / "final.json").exists()
+        if finished and not cfg.train.overwrite:
+            raise AioliError(
+                f"{run_dir} already holds a finished run; "
+                "choose another train.name or pass train.overwrite=true"
+            )
+        resume = cfg.checkpoint.resume
+        if resume == "never" or (resume == "auto" and finished):
+            checkpoint = None
+        elif resume == "auto":
+            checkpoint = checkpoints.latest()
+        else:
+            checkpoint = Path(resume)
+            if not (checkpoint / "trainer.pt").is_file():
+                raise ConfigError(f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)")
+        step = None if checkpoint is None else check_resumable(checkpoint, cfg, info.world_size, engine_kind)
+        ensure_writable_dir(run_dir, "run directory")
+        stale = ["final.json", "model.pt", "config.yaml"]
+        if checkpoint is None:
+            stale.append("metrics.jsonl")
+            checkpoints.clear()  # a fresh start: the old checkpoints must not be resumed later
+        elif checkpoint.resolve().parent == checkpoints.folder.resolve():
+            checkpoints.discard_after(step)  # an abandoned future, if resumed from an older one
+        else:
+            checkpoints.clear()  # resumed from another run's checkpoint: a new history starts
+        for name in stale:
+            (run_dir / name).unlink(missing_ok=True)
+        atomic_write_bytes(run_dir / "config.yaml", dump_config(cfg).encode("utf-8"))
+        return None if checkpoint is None else str(checkpoint)
+
+    checkpoint = on_rank0(decide, info.rank)
+    return None if checkpoint is None else Path(checkpoint)
+
+
+def check_resumable(checkpoint: Path, cfg: RunConfig, world_size: int, engine_kind: str) -> int:
+    """The step of ``checkpoint`` after checking that this run may continue from it."""
+    state = RunCheckpoints.load_trainer_state(checkpoint)
+    diffs = config_differences(state["config"], cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: the config differs in keys that must not change: "
+            + "; ".join(diffs)
+            + " (set checkpoint.resume=never to start afresh)"
+        )
+    if state["world_size"] != world_size or state["engine"] != engine_kind:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es) with "
+            f"the {state['engine']} engine, this run has {world_size} with {engine_kind}"
+        )
+    if state["step"] > cfg.train.steps:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it is at step {state['step']}, beyond "
+            f"train.steps={cfg.train.steps}"
+        )
+    return state["step"]
