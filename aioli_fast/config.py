@@ -70,35 +70,65 @@ class MixingSection:
     """How the mixture proportions are set (docs/mixing.md has every method).
 
     ``static`` needs ``proportions`` (domain -> weight); for ``aioli`` they are the prior. Every other
-    field is a method option: ``None`` means the method's default, and setting an option the chosen
-    method does not use is an error.
+    key is an option of a registered mixer (its ``OPTIONS``, which also give the defaults and types), so
+    a mixer added with :func:`aioli_fast.mixing.register_mixer` takes its options from YAML as the
+    built-in ones do. An option left unset means the method's default; setting an option the chosen
+    method does not use is an error when the mixer is built.
     """
 
     method: str = "stratified"
     proportions: dict[str, float] | None = None
-    eta: float | None = None
-    round_steps: int | None = None
-    sweeps: int | None = None
-    block_steps: int | None = None
-    one_hot_factor: float | None = None
-    update: str | None = None  # aioli: ema | cumulative
-    ema: float | None = None
-    diagonal: bool | None = None
-    measurement: str | None = None  # train | probe | full_val
-    measure_steps: int | None = None
-    prior_steps: int | None = None
-    min_proportion: float | None = None
-    update_every: int | None = None
-    smoothing: float | None = None
-    reference: str | None = None  # doremi: per-domain reference losses (.json) or a checkpoint
-    skills_graph: str | None = None  # skillit: a JSON file
-    seed: int | None = None  # default: train.seed
     probe_sequences: int = 16  # per domain, for measurement: probe
+    settings: dict[str, Any] = field(default_factory=dict)  # the options that are set (YAML: beside method)
+
+    @classmethod
+    def from_mapping(cls, data: Any, prefix: str) -> MixingSection:
+        """The section from its YAML mapping: the fixed keys, then options checked against the registry."""
+        from .mixing import option_types
+
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__} {data!r}")
+        hints = typing.get_type_hints(cls)
+        types_by_name = option_types(data.get("method", cls.method))
+        fixed: dict[str, Any] = {}
+        settings: dict[str, Any] = {}
+        for key, value in data.items():
+            path = f"{prefix}.{key}"
+            if key in MIXING_KEYS:
+                fixed[key] = _coerce(value, hints[key], path)
+            elif key in types_by_name:
+                value = _coerce(value, typing.Optional[types_by_name[key]], path)  # noqa: UP045
+                if value is not None:
+                    settings[key] = value
+            elif value is not None:  # null is "unset" (an option of a mixer not registered in this process)
+                _unknown_key(path, str(key), prefix, [*MIXING_KEYS[:2], *types_by_name, MIXING_KEYS[2]])
+        return cls(**fixed, settings=settings)
 
     def options(self) -> dict:
         """The method options that are set (everything but method, proportions and probe_sequences)."""
-        skip = ("method", "proportions", "probe_sequences")
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        return dict(self.settings)
+
+    def option(self, name: str) -> Any:
+        """The value of option ``name`` when it is set, else None (the method's default applies)."""
+        return self.settings.get(name)
+
+    def to_dict(self) -> dict:
+        """The section as it is written in YAML: every option of every registered mixer, None if unset."""
+        from .mixing import option_types
+
+        names = [*option_types(self.method), *(k for k in self.settings)]
+        return {
+            "method": self.method,
+            "proportions": copy.deepcopy(self.proportions),
+            **{name: copy.deepcopy(self.settings.get(name)) for name in dict.fromkeys(names)},
+            "probe_sequences": self.probe_sequences,
+        }
+
+
+#: the keys of the mixing section that are not method options
+MIXING_KEYS = ("method", "proportions", "probe_sequences")
 
 
 @dataclass
@@ -209,7 +239,10 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {
+            f.name: self.mixing.to_dict() if f.name == "mixing" else dataclasses.asdict(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
 
     def validate(self) -> None:
         """Checks that no single type can express: ranges, finiteness, cross-field agreement."""
@@ -295,6 +328,8 @@ def _coerce(value: Any, tp, key: str):
             except ConfigError as exc:
                 errors.append(exc)
         raise errors[0]
+    if tp is MixingSection:
+        return MixingSection.from_mapping(value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin is list:
@@ -329,11 +364,15 @@ def _build(cls, data, prefix: str):
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
-            raise ConfigError(f"unknown config key '{path}'{hint} (valid keys here: {', '.join(names)})")
+            _unknown_key(path, str(key), prefix, names)
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+def _unknown_key(path: str, key: str, prefix: str, names: list[str]) -> typing.NoReturn:
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+    raise ConfigError(f"unknown config key '{path}'{hint} (valid keys here: {', '.join(names)})")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

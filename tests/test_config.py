@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from aioli_fast.config import ConfigError, RunConfig, config_from_dict, dump_config, load_config
-from aioli_fast.demo import DEMO_CONFIG, demo_config
+from aioli_fast.harness.demo import DEMO_CONFIG, demo_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIN = {"data": {"path": "corpus"}}
@@ -209,3 +209,51 @@ def test_aioli_paper_presets_build_their_mixer(k, eta, U, R, S, f, ema, steps):
     assert (mixer.eta, mixer.U, mixer.R, mixer.S, mixer.f, mixer.ema) == (eta, U, R, S, f, ema)
     assert mixer.use_ema and mixer.measurement == "full_val"
     assert mixer.learn_steps == R * k * S < U
+
+
+def test_a_mixer_registered_outside_the_package_takes_its_options_from_yaml(tmp_path):
+    import torch
+
+    from aioli_fast.mixing import MIXERS, Mixer, register_mixer
+    from aioli_fast.train import build_run_mixer
+
+    @register_mixer("test_tilted")
+    class TiltedMixer(Mixer):
+        """Fixed proportions tilted towards the first domain by ``tilt``."""
+
+        OPTIONS = {"tilt": 1.0, "label": None, "seed": 0}
+
+        def initial_proportions(self, proportions):
+            weights = torch.ones(self.num_domains, device=self.device)
+            weights[0] = self.options["tilt"]
+            return weights / weights.sum()
+
+    try:
+        path = tmp_path / "run.yaml"
+        path.write_text("data: {path: corpus}\nmixing: {method: test_tilted, tilt: 3, label: x}\n")
+        cfg = load_config(path)
+        assert cfg.mixing.options() == {"tilt": 3.0, "label": "x"}  # an int given for a float option
+        mixer = build_run_mixer(cfg, ["a", "b"], torch.device("cpu"))
+        assert mixer.proportions(0).tolist() == [0.75, 0.25]
+        assert mixer.options["seed"] == cfg.train.seed  # "seed" defaults to train.seed, as for built-ins
+        resolved = yaml.safe_load(dump_config(cfg))["mixing"]
+        assert (resolved["tilt"], resolved["label"], resolved["eta"]) == (3.0, "x", None)
+        assert load_config(path).to_dict() == cfg.to_dict()
+        with pytest.raises(ConfigError, match=r"mixing.tilt: expected float, got str 'steep'"):
+            config_from_dict({"data": {"path": "c"}, "mixing": {"method": "test_tilted", "tilt": "steep"}})
+        with pytest.raises(
+            ConfigError, match=r"unknown config key 'mixing.tlit'; did you mean 'mixing.tilt'\?"
+        ):
+            config_from_dict({"data": {"path": "c"}, "mixing": {"method": "test_tilted", "tlit": 2}})
+        cfg = config_from_dict({"data": {"path": "c"}, "mixing": {"method": "stratified", "tilt": 2.0}})
+        with pytest.raises(ConfigError, match="mixing.method 'stratified' does not use mixing.tilt"):
+            build_run_mixer(cfg, ["a", "b"], torch.device("cpu"))
+        written = dump_config(config_from_dict({"data": {"path": "c"}}))
+        assert "  tilt: null\n" in written  # every registered mixer's options are listed, unset: null
+    finally:
+        del MIXERS["test_tilted"]
+    # a config written while the mixer was registered still loads without it
+    assert (
+        config_from_dict(yaml.safe_load(written)).to_dict()
+        == config_from_dict({"data": {"path": "c"}}).to_dict()
+    )

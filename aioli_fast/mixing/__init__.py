@@ -4,6 +4,6 @@
 """
 
 from . import aioli, doge, doremi, odm, skillit, static  # noqa: F401 - register the mixers
-from .base import MEASUREMENTS, MIXERS, Mixer, build_mixer, register_mixer
+from .base import MEASUREMENTS, MIXERS, Mixer, build_mixer, option_types, register_mixer
 
-__all__ = ["MEASUREMENTS", "MIXERS", "Mixer", "build_mixer", "register_mixer"]
+__all__ = ["MEASUREMENTS", "MIXERS", "Mixer", "build_mixer", "option_types", "register_mixer"]

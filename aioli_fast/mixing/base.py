@@ -85,6 +85,8 @@ class Mixer:
     needs_reference_model: bool = False
     #: the checkpoint of that reference model (a run directory or ``model.pt``)
     reference_checkpoint: Path | None = None
+    #: option name -> type, for options whose default does not show it (a None default means ``str``)
+    OPTION_TYPES: ClassVar[dict[str, type]] = {}
     #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied).
     STATE: ClassVar[dict[str, str]] = {"proportions": "_proportions_D"}
 
@@ -108,6 +110,14 @@ class Mixer:
     @property
     def num_domains(self) -> int:
         return len(self.domains)
+
+    @classmethod
+    def option_type(cls, name: str) -> type:
+        """The type a config value of option ``name`` must have."""
+        if name in cls.OPTION_TYPES:
+            return cls.OPTION_TYPES[name]
+        default = cls.OPTIONS[name]
+        return str if default is None else type(default)
 
     @classmethod
     def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -254,6 +264,20 @@ def register_mixer(name: str) -> Callable[[type[Mixer]], type[Mixer]]:
         return cls
 
     return wrap
+
+
+def option_types(method: str | None = None) -> dict[str, type]:
+    """Option name -> value type over every registered mixer, in registration order.
+
+    The type is the mixer's ``OPTION_TYPES`` entry, else that of the option's default (``str`` when the
+    default is None). Where two mixers disagree, ``method``'s own type wins.
+    """
+    out: dict[str, type] = {}
+    chosen = MIXERS.get(method) if method else None
+    for cls in (*MIXERS.values(), *([chosen] if chosen else [])):
+        for name in cls.OPTIONS:
+            out[name] = cls.option_type(name)
+    return out
 
 
 def build_mixer(
