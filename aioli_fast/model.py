@@ -124,12 +124,12 @@ class Rotary(nn.Module):
         self.cos_TR.copy_(freqs_TR.cos())
         self.sin_TR.copy_(freqs_TR.sin())
 
-    def forward(self, x_BHTD: torch.Tensor) -> torch.Tensor:
-        T = x_BHTD.shape[-2]
-        rot, rest = x_BHTD[..., : self.dims], x_BHTD[..., self.dims :]
+    def forward(self, x_BHTDh: torch.Tensor) -> torch.Tensor:
+        T = x_BHTDh.shape[-2]
+        rot, rest = x_BHTDh[..., : self.dims], x_BHTDh[..., self.dims :]
         x1, x2 = rot.float().chunk(2, dim=-1)  # [B, H, T, dims/2] each
         cos, sin = self.cos_TR[:T], self.sin_TR[:T]
-        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x_BHTD.dtype)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x_BHTDh.dtype)
         return torch.cat((rotated, rest), dim=-1)
 
 

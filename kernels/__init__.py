@@ -7,11 +7,12 @@ Public functions:
   materialising the [N, V] logits on the Triton path.
 
 Each runs one of two backends: the fused Triton kernels (``domain_ce.py``, ``linear_domain_ce.py``) or
-the pure-PyTorch reference (``reference.py``). ``backend="auto"`` (the default) picks Triton for CUDA
-tensors when Triton is importable and the reference otherwise; ``backend=`` or the environment variable
-``AIOLI_KERNELS`` (``auto``, ``triton``, ``reference``; the argument wins) forces one. The Triton path
-runs on CPU tensors only under Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are
-imported), which is how the CPU test suite exercises it. See docs/kernels.md.
+the pure-PyTorch reference (``reference.py``); every argument check of both is in ``checks.py``.
+``backend="auto"`` (the default) picks Triton for CUDA tensors when Triton is importable and the
+reference otherwise; ``backend=`` or the environment variable ``AIOLI_KERNELS`` (``auto``, ``triton``,
+``reference``; the argument wins) forces one. The Triton path runs on CPU tensors only under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported), which is how the CPU test
+suite exercises it. See docs/kernels.md.
 
 This package imports nothing from the rest of ``aioli_fast``; Triton is imported on first use.
 """
@@ -22,6 +23,7 @@ import os
 
 import torch
 
+from .checks import check_public_options
 from .reference import (
     DomainLoss,
     domain_cross_entropy_reference,
@@ -75,31 +77,13 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return "triton"
 
 
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-
-
-def _check_common(ignore_index: object, grad_scale: object, deterministic: object) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale == 0:
-        raise ValueError(f"grad_scale must be a non-zero float, got {grad_scale!r}")
-    if grad_scale != grad_scale or abs(grad_scale) == float("inf"):
-        raise ValueError(f"grad_scale must be finite, got {grad_scale!r}")
-    _check_flag("deterministic", deterministic)
-
-
-def _checked_options(
-    ignore_index: object,
-    grad_scale: object,
-    deterministic: object,
+def _loss_options(
+    ignore_index: int,
     domain_weights: torch.Tensor | None,
     lse_square_scale: float,
     softcap: float | None,
 ) -> dict:
-    """Check the options both public functions share; the keyword arguments both backends take."""
-    _check_common(ignore_index, grad_scale, deterministic)
+    """The keyword arguments that both backends of both public functions take."""
     return dict(
         ignore_index=ignore_index,
         domain_weights_D=domain_weights,
@@ -147,10 +131,8 @@ def domain_cross_entropy(
         ignored); ``loss_sum`` is the plain cross-entropy sum per domain. ``loss`` and ``loss_sum`` are
         differentiable in ``logits``. No host synchronisation.
     """
-    options = _checked_options(
-        ignore_index, grad_scale, deterministic, domain_weights, lse_square_scale, softcap
-    )
-    _check_flag("inplace", inplace)
+    check_public_options(ignore_index, grad_scale, deterministic, inplace=inplace)
+    options = _loss_options(ignore_index, domain_weights, lse_square_scale, softcap)
     if resolve_backend(logits.device, backend) == "reference":
         return domain_cross_entropy_reference(logits, labels, domain_ids, num_domains, **options)
     from .domain_ce import domain_cross_entropy_triton
@@ -200,11 +182,8 @@ def linear_domain_cross_entropy(
     Returns:
         DomainLoss as in :func:`domain_cross_entropy`; differentiable in hidden, weight and bias.
     """
-    options = _checked_options(
-        ignore_index, grad_scale, deterministic, domain_weights, lse_square_scale, softcap
-    )
-    _check_flag("weight_grad_fp32", weight_grad_fp32)
-    options = dict(bias_V=bias, **options)
+    check_public_options(ignore_index, grad_scale, deterministic, weight_grad_fp32=weight_grad_fp32)
+    options = dict(bias_V=bias, **_loss_options(ignore_index, domain_weights, lse_square_scale, softcap))
     if resolve_backend(hidden.device, backend) == "reference":
         return linear_domain_cross_entropy_reference(
             hidden, weight, labels, domain_ids, num_domains, **options

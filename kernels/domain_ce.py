@@ -15,21 +15,28 @@ label, so backward only has to rescale the rows whose coefficient differs from t
 small per-row state makes that possible; rows whose coefficient matches are not touched, so
 ``loss.backward()`` costs no pass over the logits.
 
-Layers: ``@triton.jit`` kernels, host functions that validate and launch (``domain_ce_forward``,
-``domain_ce_backward``), the private ``_DomainCrossEntropy`` autograd function, and
-``domain_cross_entropy_triton``; the public entry point with backend dispatch is
-``aioli_fast.kernels.domain_cross_entropy``. The pure-PyTorch reference is ``reference.py``.
+Layers: ``@triton.jit`` kernels, host functions that allocate and launch (``domain_ce_forward``,
+``domain_ce_backward``; the argument checks are in ``checks.py``), the private ``_DomainCrossEntropy``
+autograd function, and ``domain_cross_entropy_triton``; the public entry point with backend dispatch
+is ``aioli_fast.kernels.domain_cross_entropy``. The pure-PyTorch reference is ``reference.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import DomainLoss, check_call
+from .checks import (
+    check_call,
+    check_inplace,
+    check_inplace_stride,
+    check_launch_strides,
+    check_same_device,
+)
+from .reference import DomainLoss
 
 # Largest vocabulary block one program holds in registers per step (tests lower it to force many blocks).
 MAX_BLOCK_V = 8192
@@ -41,7 +48,7 @@ NUM_SAVED = 5
 
 @dataclass(frozen=True)
 class CEOptions:
-    """Loss options shared by the logits and fused-linear variants (validated by the public function)."""
+    """Loss options shared by the logits and fused-linear variants (checked by the public function)."""
 
     ignore_index: int = -100
     lse_square_scale: float = 0.0
@@ -291,7 +298,7 @@ def _domain_reduce_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Host functions: validate, allocate, launch
+# Host functions: allocate, launch
 
 # The kernels run under Triton's interpreter (on CPU tensors) when TRITON_INTERPRET=1 was set before
 # they were decorated, that is before this module was imported; otherwise they compile for the GPU.
@@ -310,12 +317,6 @@ def launch_config(V: int) -> tuple[int, int]:
     return block_v, num_warps
 
 
-def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} must be on {device} like the other inputs, got {t.device}")
-
-
 def count_valid(labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """[] fp32 number of counted tokens, kept on the device."""
     return (labels_N != ignore_index).sum(dtype=torch.float32)
@@ -330,7 +331,7 @@ def kernel_options(
     deterministic: bool,
     grad_scale: float,
 ) -> tuple[torch.Tensor | None, CEOptions]:
-    """(fp32 contiguous domain weights or None, CEOptions) from the validated public arguments."""
+    """(fp32 contiguous domain weights [D] or None, CEOptions) from the checked public arguments."""
     weights_D = None if domain_weights_D is None else domain_weights_D.to(torch.float32).contiguous()
     opts = CEOptions(
         ignore_index=int(ignore_index),
@@ -342,128 +343,189 @@ def kernel_options(
     return weights_D, opts
 
 
+@dataclass(frozen=True)
+class RowInputs:
+    """What every launch reads besides the logits, for the rows of a batch (all on one device).
+
+    labels_N: [N] integer targets, contiguous (``opts.ignore_index`` on ignored rows).
+    domain_ids_N: [N] integer domain of each row, contiguous.
+    weights_D: [D] fp32 contiguous domain weights, or None.
+    n_valid: [] fp32 number of counted tokens of the whole batch (stays on the device).
+    num_domains: D.
+    opts: the loss options.
+    """
+
+    labels_N: torch.Tensor
+    domain_ids_N: torch.Tensor
+    weights_D: torch.Tensor | None
+    n_valid: torch.Tensor
+    num_domains: int
+    opts: CEOptions
+
+    def chunk(self, start: int, end: int) -> RowInputs:
+        """The inputs of rows ``start:end`` (views; ``n_valid`` stays the whole batch's)."""
+        return replace(self, labels_N=self.labels_N[start:end], domain_ids_N=self.domain_ids_N[start:end])
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The upstream gradients a gradient is computed for.
+
+    grad_loss: [] fp32 gradient of ``loss``.
+    grad_sum_D: [D] fp32 contiguous gradient of ``loss_sum``, or None (no gradient).
+    """
+
+    grad_loss: torch.Tensor
+    grad_sum_D: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The forward statistics a launch fills, all fp32.
+
+    row_loss_2N: [2, N] per-row cross-entropy (row 0) and weighted objective (row 1), fully written.
+    loss_sum_D, count_D: [D] per-domain sums and counts, zeroed; atomic mode adds into them.
+    """
+
+    row_loss_2N: torch.Tensor
+    loss_sum_D: torch.Tensor
+    count_D: torch.Tensor
+
+    def chunk(self, start: int, end: int) -> Stats:
+        """The statistics of rows ``start:end`` (a view of ``row_loss_2N``; the same [D] sums)."""
+        return replace(self, row_loss_2N=self.row_loss_2N[:, start:end])
+
+
+def _pointer(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """``t``, or ``stand_in`` for a pointer that the launch's configuration does not read."""
+    return stand_in if t is None else t
+
+
+def _plane_stride(t: torch.Tensor | None) -> int:
+    """Elements between the planes (rows) of a [P, N] buffer; 0 for a buffer that is not read."""
+    return 0 if t is None else t.stride(0)
+
+
 def forward_state(
     labels_N: torch.Tensor,
     domain_ids_N: torch.Tensor,
-    n_rows: int,
+    weights_D: torch.Tensor | None,
     num_domains: int,
     opts: CEOptions,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What a forward pass over N rows starts from.
+) -> tuple[RowInputs, Stats, Upstream]:
+    """What a forward pass over the N rows starts from.
 
-    Returns (labels [N] and domain_ids [N] made contiguous, n_valid [], row_loss [2, N] to be fully
-    written, loss_sum [D] and count [D] zeroed, grad_loss [] = ``opts.grad_scale``).
+    Returns (RowInputs with labels [N] and domain_ids [N] made contiguous and n_valid [] counted on
+    the device; Stats with row_loss [2, N] to be fully written and loss_sum [D], count [D] zeroed;
+    Upstream with grad_loss [] = ``opts.grad_scale`` and no ``loss_sum`` gradient).
     """
     labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
     n_valid = count_valid(labels_N, opts.ignore_index)
-    row_loss_2N = new_buffer((2, n_rows), torch.float32, device)
-    loss_sum_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
-    count_D = torch.zeros(num_domains, dtype=torch.float32, device=device)
-    grad_loss = torch.full((), opts.grad_scale, dtype=torch.float32, device=device)
-    return labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss
+    rows = RowInputs(
+        labels_N=labels_N,
+        domain_ids_N=domain_ids_N,
+        weights_D=weights_D,
+        n_valid=n_valid,
+        num_domains=num_domains,
+        opts=opts,
+    )
+    stats = Stats(
+        row_loss_2N=new_buffer((2, labels_N.shape[0]), torch.float32, device),
+        loss_sum_D=torch.zeros(num_domains, dtype=torch.float32, device=device),
+        count_D=torch.zeros(num_domains, dtype=torch.float32, device=device),
+    )
+    upstream = Upstream(grad_loss=torch.full((), opts.grad_scale, dtype=torch.float32, device=device))
+    return rows, stats, upstream
 
 
 def launch_forward(
     logits_NV: torch.Tensor,
-    grad_NV: torch.Tensor | None,
-    labels_N: torch.Tensor,
-    domain_ids_N: torch.Tensor,
-    weights_D: torch.Tensor | None,
-    n_valid: torch.Tensor,
-    grad_loss: torch.Tensor,
-    grad_sum_D: torch.Tensor | None,
-    row_loss_2N: torch.Tensor | None,
-    saved_5N: torch.Tensor | None,
-    loss_sum_D: torch.Tensor | None,
-    count_D: torch.Tensor | None,
-    num_domains: int,
-    opts: CEOptions,
+    rows: RowInputs,
+    upstream: Upstream,
+    *,
+    grad_NV: torch.Tensor | None = None,
+    stats: Stats | None = None,
+    saved_5N: torch.Tensor | None = None,
 ) -> None:
-    """One forward launch over the rows of ``logits_NV`` (a chunk of a larger batch is fine).
+    """One forward launch over the rows of ``logits_NV`` [N, V] (a chunk of a larger batch is fine).
 
-    Writes, for the rows given: ``row_loss_2N`` (cross-entropy, weighted objective) and, in atomic
-    mode, adds into ``loss_sum_D``/``count_D``; with ``grad_NV`` the gradient for the upstream
-    gradients ``grad_loss`` [] and ``grad_sum_D`` [D]; with ``saved_5N`` the state backward needs.
+    Writes, for the rows given: with ``stats``, their row losses and, in atomic mode, their sums and
+    counts; with ``grad_NV`` [N, V] (may be ``logits_NV`` itself), the gradient for ``upstream``;
+    with ``saved_5N`` [5, N] fp32, the state backward needs.
     """
     n_rows, vocab = logits_NV.shape
     if n_rows == 0:
         return
-    if logits_NV.stride(1) != 1 or (grad_NV is not None and grad_NV.stride(1) != 1):
-        raise ValueError("logits and their gradient buffer must have unit stride along the vocabulary")
+    check_launch_strides(logits_NV, grad_NV)
     block_v, num_warps = launch_config(vocab)
-    write_stats = row_loss_2N is not None
-    dummy = n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
+    opts = rows.opts
+    row_loss_2N = None if stats is None else stats.row_loss_2N
+    dummy = rows.n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
     _domain_ce_fwd_kernel[(n_rows,)](
-        logits_NV,
-        logits_NV.stride(0),
-        grad_NV if grad_NV is not None else logits_NV,
-        grad_NV.stride(0) if grad_NV is not None else 0,
-        labels_N,
-        domain_ids_N,
-        weights_D if weights_D is not None else dummy,
-        n_valid,
-        grad_loss,
-        grad_sum_D if grad_sum_D is not None else dummy,
-        row_loss_2N if write_stats else dummy,
-        row_loss_2N.stride(0) if write_stats else 0,
-        saved_5N if saved_5N is not None else dummy,
-        saved_5N.stride(0) if saved_5N is not None else 0,
-        loss_sum_D if loss_sum_D is not None else dummy,
-        count_D if count_D is not None else dummy,
-        vocab,
-        num_domains,
-        opts.ignore_index,
-        float(opts.lse_square_scale),
-        float(opts.softcap) if opts.softcap is not None else 1.0,
+        logits_ptr=logits_NV,
+        logits_row_stride=logits_NV.stride(0),
+        grad_ptr=_pointer(grad_NV, logits_NV),
+        grad_row_stride=0 if grad_NV is None else grad_NV.stride(0),
+        labels_ptr=rows.labels_N,
+        domains_ptr=rows.domain_ids_N,
+        weights_ptr=_pointer(rows.weights_D, dummy),
+        n_valid_ptr=rows.n_valid,
+        grad_loss_ptr=upstream.grad_loss,
+        grad_sum_ptr=_pointer(upstream.grad_sum_D, dummy),
+        row_loss_ptr=_pointer(row_loss_2N, dummy),
+        row_loss_plane=_plane_stride(row_loss_2N),
+        saved_ptr=_pointer(saved_5N, dummy),
+        saved_plane=_plane_stride(saved_5N),
+        loss_sum_ptr=dummy if stats is None else stats.loss_sum_D,
+        count_ptr=dummy if stats is None else stats.count_D,
+        V=vocab,
+        D=rows.num_domains,
+        ignore_index=opts.ignore_index,
+        lse_square_scale=float(opts.lse_square_scale),
+        softcap=1.0 if opts.softcap is None else float(opts.softcap),
         BLOCK_V=block_v,
-        HAS_WEIGHTS=weights_D is not None,
-        HAS_GRAD_SUM=grad_sum_D is not None,
+        HAS_WEIGHTS=rows.weights_D is not None,
+        HAS_GRAD_SUM=upstream.grad_sum_D is not None,
         SOFTCAP=opts.softcap is not None,
-        WRITE_STATS=write_stats,
-        ATOMIC_STATS=write_stats and not opts.deterministic,
+        WRITE_STATS=stats is not None,
+        ATOMIC_STATS=stats is not None and not opts.deterministic,
         COMPUTE_GRAD=grad_NV is not None,
         SAVE_STATE=saved_5N is not None,
         num_warps=num_warps,
     )
 
 
-def reduce_per_domain(
-    row_ce_N: torch.Tensor,
-    labels_N: torch.Tensor,
-    domain_ids_N: torch.Tensor,
-    num_domains: int,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic (loss_sum [D], count [D]) from per-row losses: per-program partials, then a sum."""
+def reduce_per_domain(row_ce_N: torch.Tensor, rows: RowInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (loss_sum [D], count [D]) fp32 from the per-row losses ``row_ce_N`` [N] fp32:
+    per-program partials, then a sum."""
     n_rows = row_ce_N.shape[0]
-    block_d = triton.next_power_of_2(num_domains)
+    block_d = triton.next_power_of_2(rows.num_domains)
     block_n = max(16, min(1024, 8192 // block_d))
     n_programs = max(triton.cdiv(n_rows, block_n), 1)
-    partial_P2D = new_buffer((n_programs, 2, block_d), torch.float32, row_ce_N.device)
+    partial_P2D = new_buffer((n_programs, 2, block_d), torch.float32, row_ce_N.device)  # [P, 2, BD]
     _domain_reduce_kernel[(n_programs,)](
-        row_ce_N, labels_N, domain_ids_N, partial_P2D, n_rows, num_domains, ignore_index, block_n, block_d
+        row_ce_ptr=row_ce_N,
+        labels_ptr=rows.labels_N,
+        domains_ptr=rows.domain_ids_N,
+        partial_ptr=partial_P2D,
+        N=n_rows,
+        D=rows.num_domains,
+        ignore_index=rows.opts.ignore_index,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
-    total_2D = partial_P2D.sum(dim=0)
-    return total_2D[0, :num_domains], total_2D[1, :num_domains]
+    total_2D = partial_P2D.sum(dim=0)  # [2, BD]
+    return total_2D[0, : rows.num_domains], total_2D[1, : rows.num_domains]
 
 
-def finish_stats(
-    row_loss_2N: torch.Tensor,
-    n_valid: torch.Tensor,
-    labels_N: torch.Tensor,
-    domain_ids_N: torch.Tensor,
-    loss_sum_D: torch.Tensor,
-    count_D: torch.Tensor,
-    num_domains: int,
-    opts: CEOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [], loss_sum [D], count [D]) once every row is done; mean = sum / max(count, 1) on device."""
-    if opts.deterministic:
-        loss_sum_D, count_D = reduce_per_domain(
-            row_loss_2N[0], labels_N, domain_ids_N, num_domains, opts.ignore_index
-        )
-    loss = row_loss_2N[1].sum() / n_valid.clamp_min(1.0)
+def finish_stats(rows: RowInputs, stats: Stats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [], loss_sum [D], count [D]) fp32 once every row is done; mean = sum / max(count, 1) on
+    the device."""
+    loss_sum_D, count_D = stats.loss_sum_D, stats.count_D
+    if rows.opts.deterministic:
+        loss_sum_D, count_D = reduce_per_domain(stats.row_loss_2N[0], rows)
+    loss = stats.row_loss_2N[1].sum() / rows.n_valid.clamp_min(1.0)
     return loss, loss_sum_D, count_D
 
 
@@ -480,93 +542,67 @@ def domain_ce_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Forward (and the gradient for the expected upstream) of the per-domain cross-entropy.
 
-    Returns (loss [], loss_sum [D], count [D], grad [N, V] or None, saved [5, N] or None, n_valid []).
-    With ``inplace`` the gradient overwrites ``logits_NV``.
+    Returns (loss [] fp32, loss_sum [D] fp32, count [D] fp32, grad [N, V] in the logits' dtype or
+    None, saved [5, N] fp32 or None, n_valid [] fp32). With ``inplace`` the gradient overwrites
+    ``logits_NV``.
     """
     n_rows, _ = logits_NV.shape
     device = logits_NV.device
+    check_inplace_stride(logits_NV, inplace)
     if logits_NV.stride(1) != 1:
-        if inplace:
-            raise ValueError("inplace=True needs logits with unit stride along the vocabulary")
         logits_NV = logits_NV.contiguous()
-    labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss = forward_state(
-        labels_N, domain_ids_N, n_rows, num_domains, opts, device
-    )
+    rows, stats, upstream = forward_state(labels_N, domain_ids_N, weights_D, num_domains, opts, device)
     grad_NV = saved_5N = None
     if compute_grad:
         grad_NV = logits_NV if inplace else new_buffer(logits_NV.shape, logits_NV.dtype, device)
         saved_5N = new_buffer((NUM_SAVED, n_rows), torch.float32, device)
-    launch_forward(
-        logits_NV,
-        grad_NV,
-        labels_N,
-        domain_ids_N,
-        weights_D,
-        n_valid,
-        grad_loss,
-        None,
-        row_loss_2N,
-        saved_5N,
-        loss_sum_D,
-        count_D,
-        num_domains,
-        opts,
-    )
-    loss, loss_sum_D, count_D = finish_stats(
-        row_loss_2N, n_valid, labels_N, domain_ids_N, loss_sum_D, count_D, num_domains, opts
-    )
-    return loss, loss_sum_D, count_D, grad_NV, saved_5N, n_valid
+    launch_forward(logits_NV, rows, upstream, grad_NV=grad_NV, stats=stats, saved_5N=saved_5N)
+    loss, loss_sum_D, count_D = finish_stats(rows, stats)
+    return loss, loss_sum_D, count_D, grad_NV, saved_5N, rows.n_valid
 
 
 def domain_ce_backward(
-    grad_NV: torch.Tensor,
-    labels_N: torch.Tensor,
-    domain_ids_N: torch.Tensor,
-    weights_D: torch.Tensor | None,
-    n_valid: torch.Tensor,
-    saved_5N: torch.Tensor,
-    grad_loss: torch.Tensor,
-    grad_sum_D: torch.Tensor | None,
-    num_domains: int,
-    opts: CEOptions,
-) -> torch.Tensor:
-    """Turn the forward's gradient into the one for these upstream gradients (in place); returns it."""
+    grad_NV: torch.Tensor, rows: RowInputs, saved_5N: torch.Tensor, upstream: Upstream
+) -> None:
+    """Turn the forward's gradient ``grad_NV`` [N, V] into the one for ``upstream``, in place, from the
+    forward's per-row state ``saved_5N`` [5, N] fp32."""
     n_rows, vocab = grad_NV.shape
     if n_rows == 0:
-        return grad_NV
+        return
     block_v, num_warps = launch_config(vocab)
+    dummy = rows.n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
     _domain_ce_bwd_kernel[(n_rows,)](
-        grad_NV,
-        grad_NV.stride(0),
-        labels_N,
-        domain_ids_N,
-        weights_D if weights_D is not None else n_valid,
-        n_valid,
-        grad_loss,
-        grad_sum_D if grad_sum_D is not None else n_valid,
-        saved_5N,
-        saved_5N.stride(0),
-        vocab,
-        num_domains,
-        opts.ignore_index,
+        grad_ptr=grad_NV,
+        grad_row_stride=grad_NV.stride(0),
+        labels_ptr=rows.labels_N,
+        domains_ptr=rows.domain_ids_N,
+        weights_ptr=_pointer(rows.weights_D, dummy),
+        n_valid_ptr=rows.n_valid,
+        grad_loss_ptr=upstream.grad_loss,
+        grad_sum_ptr=_pointer(upstream.grad_sum_D, dummy),
+        saved_ptr=saved_5N,
+        saved_plane=saved_5N.stride(0),
+        V=vocab,
+        D=rows.num_domains,
+        ignore_index=rows.opts.ignore_index,
         BLOCK_V=block_v,
-        HAS_WEIGHTS=weights_D is not None,
-        HAS_GRAD_SUM=grad_sum_D is not None,
+        HAS_WEIGHTS=rows.weights_D is not None,
+        HAS_GRAD_SUM=upstream.grad_sum_D is not None,
         num_warps=num_warps,
     )
-    return grad_NV
 
 
 def upstream_gradients(
     grad_loss: torch.Tensor | None, grad_sum_D: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 contiguous upstream gradients; a missing ``loss`` gradient is 0."""
+) -> Upstream:
+    """The upstream gradients autograd passes (``loss`` [], ``loss_sum`` [D], either may be None) as
+    fp32 contiguous tensors; a missing ``loss`` gradient is 0."""
     if grad_loss is None:
         grad_loss = torch.zeros((), dtype=torch.float32, device=device)
     grad_loss = grad_loss.to(torch.float32).contiguous()
     if grad_sum_D is not None:
         grad_sum_D = grad_sum_D.to(torch.float32).contiguous()
-    return grad_loss, grad_sum_D
+    return Upstream(grad_loss=grad_loss, grad_sum_D=grad_sum_D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -609,19 +645,16 @@ class _DomainCrossEntropy(torch.autograd.Function):
             )
         labels_N, domain_ids_N, weights_D, n_valid, saved_5N = ctx.saved_tensors
         grad_NV, ctx.grad_NV = ctx.grad_NV, None
-        grad_loss, grad_sum_D = upstream_gradients(grad_loss, grad_sum_D, grad_NV.device)
-        domain_ce_backward(
-            grad_NV,
-            labels_N.contiguous(),
-            domain_ids_N.contiguous(),
-            weights_D,
-            n_valid,
-            saved_5N,
-            grad_loss,
-            grad_sum_D,
-            ctx.num_domains,
-            ctx.opts,
+        rows = RowInputs(
+            labels_N=labels_N.contiguous(),
+            domain_ids_N=domain_ids_N.contiguous(),
+            weights_D=weights_D,
+            n_valid=n_valid,
+            num_domains=ctx.num_domains,
+            opts=ctx.opts,
         )
+        upstream = upstream_gradients(grad_loss, grad_sum_D, grad_NV.device)
+        domain_ce_backward(grad_NV, rows, saved_5N, upstream)
         return (grad_NV, *nones)
 
 
@@ -650,8 +683,7 @@ def domain_cross_entropy_triton(
         softcap=softcap,
     )
     check_same_device(logits_NV.device, labels=labels_N, domain_ids=domain_ids_N)
-    if inplace and logits_NV.requires_grad and logits_NV.is_leaf:
-        raise ValueError("inplace=True overwrites the logits with their gradient: they must not be a leaf")
+    check_inplace(logits_NV, inplace)
     weights_D, opts = kernel_options(
         domain_weights_D,
         ignore_index=ignore_index,

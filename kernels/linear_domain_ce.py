@@ -18,9 +18,12 @@ from __future__ import annotations
 import torch
 import triton
 
+from .checks import check_call, check_chunk_size, check_projection_dtypes, check_same_device
 from .domain_ce import (
     CEOptions,
-    check_same_device,
+    RowInputs,
+    Stats,
+    Upstream,
     finish_stats,
     forward_state,
     kernel_options,
@@ -28,7 +31,7 @@ from .domain_ce import (
     new_buffer,
     upstream_gradients,
 )
-from .reference import DomainLoss, check_call
+from .reference import DomainLoss
 
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab: int) -> int:
@@ -41,16 +44,10 @@ def linear_pass(
     hidden_NH: torch.Tensor,
     weight_VH: torch.Tensor,
     bias_V: torch.Tensor | None,
-    labels_N: torch.Tensor,
-    domain_ids_N: torch.Tensor,
-    weights_D: torch.Tensor | None,
-    n_valid: torch.Tensor,
-    grad_loss: torch.Tensor,
-    grad_sum_D: torch.Tensor | None,
-    num_domains: int,
-    opts: CEOptions,
+    rows: RowInputs,
+    upstream: Upstream,
     *,
-    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    stats: Stats | None,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -59,9 +56,10 @@ def linear_pass(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """One chunked pass over the rows.
 
-    ``stats`` = (row_loss [2, N], loss_sum [D], count [D]) to fill, or None (a gradient-only pass).
-    Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) for the upstream gradients given,
-    each None when not needed; grad_weight is fp32 when ``weight_grad_fp32``, grad_bias always fp32.
+    ``stats`` are the forward statistics to fill, or None (a gradient-only pass).
+    Returns (grad_hidden [N, H], grad_weight [V, H], grad_bias [V]) for ``upstream``, each None when
+    not needed; grad_hidden is in hidden's dtype, grad_weight in weight's (fp32 when
+    ``weight_grad_fp32``), grad_bias always fp32.
     """
     n_rows, _ = hidden_NH.shape
     vocab = weight_VH.shape[0]
@@ -73,7 +71,6 @@ def linear_pass(
         accum_dtype = torch.float32 if weight_grad_fp32 else weight_VH.dtype
         grad_weight_VH = torch.zeros(weight_VH.shape, dtype=accum_dtype, device=device)
     grad_bias_V = torch.zeros(vocab, dtype=torch.float32, device=device) if need_bias else None
-    row_loss_2N, loss_sum_D, count_D = stats if stats is not None else (None, None, None)
 
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
@@ -84,19 +81,10 @@ def linear_pass(
             logits_CV = torch.addmm(bias_V, hidden_CH, weight_VH.t())
         launch_forward(
             logits_CV,
-            logits_CV if compute_grad else None,
-            labels_N[start:end],
-            domain_ids_N[start:end],
-            weights_D,
-            n_valid,
-            grad_loss,
-            grad_sum_D,
-            None if row_loss_2N is None else row_loss_2N[:, start:end],
-            None,
-            loss_sum_D,
-            count_D,
-            num_domains,
-            opts,
+            rows.chunk(start, end),
+            upstream,
+            grad_NV=logits_CV if compute_grad else None,
+            stats=None if stats is None else stats.chunk(start, end),
         )
         if not compute_grad:
             continue
@@ -130,29 +118,28 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
     ):
         ctx.set_materialize_grads(False)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        labels_N, domain_ids_N, n_valid, row_loss_2N, loss_sum_D, count_D, grad_loss = forward_state(
-            labels_N, domain_ids_N, hidden_NH.shape[0], num_domains, opts, hidden_NH.device
+        rows, stats, upstream = forward_state(
+            labels_N, domain_ids_N, weights_D, num_domains, opts, hidden_NH.device
         )
         config = dict(weight_grad_fp32=weight_grad_fp32, chunk_size=chunk_size)
-        inputs = (hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid)
         grads = linear_pass(
-            *inputs,
-            grad_loss,
-            None,
-            num_domains,
-            opts,
-            stats=(row_loss_2N, loss_sum_D, count_D),
+            hidden_NH,
+            weight_VH,
+            bias_V,
+            rows,
+            upstream,
+            stats=stats,
             need_hidden=need_hidden,
             need_weight=need_weight,
             need_bias=need_bias,
             **config,
         )
-        loss, loss_sum_D, count_D = finish_stats(
-            row_loss_2N, n_valid, labels_N, domain_ids_N, loss_sum_D, count_D, num_domains, opts
-        )
+        loss, loss_sum_D, count_D = finish_stats(rows, stats)
         ctx.mark_non_differentiable(count_D)
         ctx.grads = grads
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(
+            hidden_NH, weight_VH, bias_V, rows.labels_N, rows.domain_ids_N, weights_D, rows.n_valid
+        )
         ctx.num_domains, ctx.opts, ctx.config = num_domains, opts, config
         return loss, loss_sum_D, count_D
 
@@ -166,26 +153,33 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
                 "backward through the Triton linear_domain_cross_entropy runs once per forward "
                 "(use the reference backend for retain_graph=True)"
             )
-        inputs = ctx.saved_tensors  # hidden, weight, bias, labels, domain_ids, weights_D, n_valid
-        hidden_NH, weight_VH, bias_V = inputs[:3]
+        hidden_NH, weight_VH, bias_V, labels_N, domain_ids_N, weights_D, n_valid = ctx.saved_tensors
         dtypes = (hidden_NH.dtype, weight_VH.dtype, None if bias_V is None else bias_V.dtype)
+        opts: CEOptions = ctx.opts
         if grad_sum_D is None:
             # only `loss` has a gradient: a uniform factor on what forward computed
-            factor = grad_loss.to(torch.float32) / ctx.opts.grad_scale
+            factor = grad_loss.to(torch.float32) / opts.grad_scale
             grads = [None if g is None else g * factor for g in ctx.grads]
         else:
-            need = ctx.needs_input_grad[:3]
-            grad_loss, grad_sum_D = upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device)
+            need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+            rows = RowInputs(
+                labels_N=labels_N,
+                domain_ids_N=domain_ids_N,
+                weights_D=weights_D,
+                n_valid=n_valid,
+                num_domains=ctx.num_domains,
+                opts=opts,
+            )
             grads = linear_pass(
-                *inputs,
-                grad_loss,
-                grad_sum_D,
-                ctx.num_domains,
-                ctx.opts,
+                hidden_NH,
+                weight_VH,
+                bias_V,
+                rows,
+                upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device),
                 stats=None,
-                need_hidden=need[0],
-                need_weight=need[1],
-                need_bias=need[2],
+                need_hidden=need_hidden,
+                need_weight=need_weight,
+                need_bias=need_bias,
                 **ctx.config,
             )
         ctx.grads = None
@@ -223,18 +217,13 @@ def linear_domain_cross_entropy_triton(
     )
     device = hidden_NH.device
     check_same_device(device, weight=weight_VH, bias=bias_V, labels=labels_N, domain_ids=domain_ids_N)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if torch.is_autocast_enabled(device.type):
         # what F.linear would do under autocast: the projection runs in the autocast dtype
         dtype = torch.get_autocast_dtype(device.type)
         hidden_NH, weight_VH = hidden_NH.to(dtype), weight_VH.to(dtype)
         bias_V = None if bias_V is None else bias_V.to(dtype)
-    for name, t in (("weight", weight_VH), ("bias", bias_V)):
-        if t is not None and t.dtype != hidden_NH.dtype:
-            raise ValueError(f"{name} must have the dtype of hidden ({hidden_NH.dtype}), got {t.dtype}")
+    check_projection_dtypes(hidden_NH, weight_VH, bias_V)
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden_NH.shape[0], hidden_NH.shape[1], weight_VH.shape[0])
     weights_D, opts = kernel_options(

@@ -5,7 +5,7 @@ losses with one fp32 ``F.cross_entropy(reduction="none")`` and reduces them per 
 ``index_add`` (no Python loop over domains, no host synchronisation: nothing here calls ``.item()``
 or branches on tensor values).
 
-Contract (docs/DESIGN and ``aioli_fast.kernels``):
+Contract (docs/kernels.md, section API):
     inputs   logits [N, V] (any float dtype) or hidden [N, H] + weight [V, H] (+ bias [V]),
              labels [N] (int), domain_ids [N] (int, values in [0, num_domains)),
              ``ignore_index`` marks tokens that count nowhere.
@@ -25,11 +25,12 @@ Options (the fused kernels implement the same ones; each is tested against this 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .checks import check_call, check_inputs, check_linear_inputs
 
 
 class DomainLoss(NamedTuple):
@@ -43,96 +44,6 @@ class DomainLoss(NamedTuple):
     loss: torch.Tensor
     loss_sum: torch.Tensor
     count: torch.Tensor
-
-
-def check_inputs(
-    logits_or_hidden: torch.Tensor,
-    labels: torch.Tensor,
-    domain_ids: torch.Tensor,
-    num_domains: int,
-    name: str = "logits",
-) -> None:
-    """Validate shapes and dtypes (metadata only: never reads tensor values, so never syncs)."""
-    if logits_or_hidden.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [N, *], got shape {tuple(logits_or_hidden.shape)}")
-    if not logits_or_hidden.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {logits_or_hidden.dtype}")
-    n = logits_or_hidden.shape[0]
-    for what, t in (("labels", labels), ("domain_ids", domain_ids)):
-        if t.shape != (n,):
-            raise ValueError(f"{what} must have shape ({n},) to match {name}, got {tuple(t.shape)}")
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"{what} must be an integer tensor, got {t.dtype}")
-    if not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1:
-        raise ValueError(f"num_domains must be a positive int, got {num_domains!r}")
-
-
-def check_linear_inputs(
-    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None
-) -> None:
-    """Validate the projection's shapes (metadata only)."""
-    if weight_VH.dim() != 2 or weight_VH.shape[1] != hidden_NH.shape[1]:
-        raise ValueError(
-            f"weight must have shape [V, {hidden_NH.shape[1]}] to match hidden, got {tuple(weight_VH.shape)}"
-        )
-    if bias_V is not None and bias_V.shape != (weight_VH.shape[0],):
-        raise ValueError(f"bias must have shape ({weight_VH.shape[0]},), got {tuple(bias_V.shape)}")
-
-
-def check_options(
-    num_domains: int,
-    device: torch.device,
-    *,
-    domain_weights_D: torch.Tensor | None = None,
-    lse_square_scale: float = 0.0,
-    softcap: float | None = None,
-) -> None:
-    """Validate the loss options (metadata only, no host sync)."""
-    if isinstance(lse_square_scale, bool) or not isinstance(lse_square_scale, (int, float)):
-        raise ValueError(f"lse_square_scale must be a float >= 0, got {lse_square_scale!r}")
-    if not math.isfinite(lse_square_scale) or lse_square_scale < 0:
-        raise ValueError(f"lse_square_scale must be a finite float >= 0, got {lse_square_scale!r}")
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-            raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
-        if not math.isfinite(softcap) or softcap <= 0:
-            raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if domain_weights_D is not None:
-        if not isinstance(domain_weights_D, torch.Tensor) or not domain_weights_D.is_floating_point():
-            raise ValueError(f"domain_weights must be a floating-point tensor of shape ({num_domains},)")
-        if domain_weights_D.shape != (num_domains,):
-            raise ValueError(
-                f"domain_weights must have shape ({num_domains},), got {tuple(domain_weights_D.shape)}"
-            )
-        if domain_weights_D.device != device:
-            raise ValueError(f"domain_weights must be on {device}, got {domain_weights_D.device}")
-
-
-def check_call(
-    logits_or_hidden: torch.Tensor,
-    labels: torch.Tensor,
-    domain_ids: torch.Tensor,
-    num_domains: int,
-    *,
-    domain_weights_D: torch.Tensor | None,
-    lse_square_scale: float,
-    softcap: float | None,
-    projection: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-) -> None:
-    """:func:`check_inputs`, :func:`check_linear_inputs` for a ``projection`` (weight [V, H], bias [V]
-    or None) of hidden states, then :func:`check_options` (metadata only, no host sync)."""
-    if projection is None:
-        check_inputs(logits_or_hidden, labels, domain_ids, num_domains)
-    else:
-        check_inputs(logits_or_hidden, labels, domain_ids, num_domains, name="hidden")
-        check_linear_inputs(logits_or_hidden, *projection)
-    check_options(
-        num_domains,
-        logits_or_hidden.device,
-        domain_weights_D=domain_weights_D,
-        lse_square_scale=lse_square_scale,
-        softcap=softcap,
-    )
 
 
 def domain_cross_entropy_reference(
