@@ -13,6 +13,7 @@ ROOT = Path(__file__).parent
 PACKAGES = [
     "aioli_fast",
     "aioli_fast.data",
+    "aioli_fast.harness",
     "aioli_fast.mixing",
     "aioli_fast.train",
 ]
@@ -51,5 +52,10 @@ setup(
             "ruff>=0.5",
         ],
     },
-    entry_points={"console_scripts": ["aioli-fast=aioli_fast.cli:main"]},
+    entry_points={
+        "console_scripts": ["aioli-fast=aioli_fast.cli:main"],
+        # subcommands of aioli-fast from outside the core: the research harness's corpus, sweep and demo
+        # (another package adds its own the same way; docs/DECISIONS.md)
+        "aioli_fast.commands": ["harness=aioli_fast.harness.commands:add_commands"],
+    },
 )

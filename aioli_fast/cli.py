@@ -1,4 +1,6 @@
-"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, corpus, sweep, demo.
+"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, and the commands that
+packages add through the ``aioli_fast.commands`` entry points: corpus, sweep and demo come from the
+harness (:mod:`aioli_fast.harness.commands`; docs/DECISIONS.md).
 
 Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
 and exit status 2; nothing half-written is left looking complete.
@@ -13,8 +15,10 @@ from pathlib import Path
 from . import __version__
 from .errors import AioliError
 
+COMMAND_GROUP = "aioli_fast.commands"
 
-def _positive_int(text: str) -> int:
+
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -24,7 +28,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -135,51 +139,6 @@ def _cmd_skills_graph(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with mixing.method=skillit mixing.skills_graph={args.out}")
 
 
-def _cmd_corpus(args: argparse.Namespace) -> None:
-    from .corpora import build_corpus
-
-    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-    manifest = build_corpus(
-        args.out, domains, seq_len=args.seq_len, budget_bytes=args.budget_bytes, overwrite=args.overwrite
-    )
-    for entry in manifest["domains"]:
-        splits = ", ".join(f"{k} {v['sequences']}" for k, v in entry["splits"].items())
-        print(f"{entry['name']}: {entry['documents']} documents; sequences {splits}")
-    print(f"corpus in {Path(args.out) / 'corpus'}; what was read: {Path(args.out) / 'raw' / 'sources.json'}")
-
-
-def _cmd_sweep(args: argparse.Namespace) -> None:
-    from .sweep import collect_results, format_tables, load_spec, run_sweep, write_results
-
-    spec = load_spec(args.spec)
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    methods = split(args.methods) if args.methods else None
-    try:
-        seeds = [int(x) for x in split(args.seeds)] if args.seeds else None
-    except ValueError:
-        raise AioliError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    if args.tables_only:
-        if methods or seeds:
-            raise AioliError("--tables-only covers every method and seed of the spec: drop --methods/--seeds")
-        out = Path(args.out or Path("runs/sweeps") / spec.name)
-        if not out.is_dir():
-            raise AioliError(f"--tables-only: no sweep output folder {out}")
-        results = collect_results(spec, out)
-        if not results["methods"]:
-            raise AioliError(f"--tables-only: no finished run of this spec in {out}")
-        write_results(spec, out, results)
-        print(format_tables(spec, results))
-        return
-    run_sweep(spec, args.out, methods=methods, seeds=seeds)
-
-
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_demo(args.out, steps=args.steps, scale=args.scale, overrides=args.overrides, methods=methods)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aioli-fast", description="Online data mixing for LLM pretraining.")
     parser.add_argument("--version", action="version", version=f"aioli_fast {__version__}")
@@ -198,24 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     p.add_argument(
-        "--seq-len", type=_positive_int, default=512, help="tokens per training sequence (default 512)"
+        "--seq-len", type=positive_int, default=512, help="tokens per training sequence (default 512)"
     )
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of an HF tokenizer.json")
     p.add_argument("--eos-token", default=None, help="end-of-document token of an HF tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val (0.05)")
     p.add_argument("--test-fraction", type=float, default=0.05, help="fraction of documents for test (0.05)")
     p.add_argument(
-        "--shard-sequences", type=_positive_int, default=None, help="sequences per shard (default 1024)"
+        "--shard-sequences", type=positive_int, default=None, help="sequences per shard (default 1024)"
     )
     p.add_argument(
         "--shard-mb",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="largest shard size in MiB (instead of a count)",
     )
     p.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="tokenizer processes (default: 1 for inputs under 8 MiB, else one per CPU up to 8)",
     )
@@ -240,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="prepared corpus (default: the one the run trained on)")
     p.add_argument("--split", choices=("val", "test", "both"), default="test")
     p.add_argument("--domains", help="comma-separated subset of the corpus' domains")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--max-sequences", type=_positive_int, default=None, help="per domain (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-sequences", type=positive_int, default=None, help="per domain (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
@@ -256,54 +215,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML config of the run (model, data, optimizer)")
     p.add_argument(
-        "--steps", type=_positive_int, required=True, help="training steps of each single-domain run"
+        "--steps", type=positive_int, required=True, help="training steps of each single-domain run"
     )
     p.add_argument("--out", required=True, help="JSON file for the graph (details beside it)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.batch_size=8")
     p.set_defaults(func=_cmd_skills_graph)
 
-    p = sub.add_parser(
-        "corpus", help="build the real-text corpus of the sweeps from this Python installation"
-    )
-    p.add_argument("--out", required=True, help="folder: raw/ (collected text) and corpus/ (prepared)")
-    p.add_argument("--domains", help="comma-separated subset of python,cpp,licenses,reference,docstrings,"
-                   "fontmetrics (default all)")  # fmt: skip
-    p.add_argument("--seq-len", type=_positive_int, default=128)
-    p.add_argument("--budget-bytes", type=_positive_int, default=1_500_000, help="per domain")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace a corpus there with another seq_len or domains"
-    )
-    p.set_defaults(func=_cmd_corpus)
-
-    p = sub.add_parser(
-        "sweep", help="methods x seeds on a real-text corpus: tables and proportion plots (resumable)"
-    )
-    p.add_argument("spec", help="a sweep spec, e.g. configs/sweeps/text2.yaml (docs/benchmarks.md)")
-    p.add_argument("--out", help="output folder (default runs/sweeps/<spec name>)")
-    p.add_argument("--methods", help="comma-separated subset of the spec's methods (their references added)")
-    p.add_argument("--seeds", help="comma-separated subset of the spec's seeds")
-    p.add_argument(
-        "--tables-only", action="store_true", help="only write the tables from the runs already finished"
-    )
-    p.set_defaults(func=_cmd_sweep)
-
-    p = sub.add_parser(
-        "demo",
-        help="build a corpus from this Python installation, train stratified and Aioli, compare (< 5 min)",
-    )
-    p.add_argument("--out", default="runs/demo", help="folder for the corpus and the runs (runs/demo)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default 300)")
-    p.add_argument("--scale", type=_positive_float, default=1.0, help="corpus size factor (default 1.0)")
-    p.add_argument(
-        "--methods",
-        default="stratified,aioli",
-        help="comma-separated runs to train and compare: stratified, aioli (default both)",
-    )
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.batch_size=8"
-    )
-    p.set_defaults(func=_cmd_demo)
+    add_plugin_commands(sub)
     return parser
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+    """The subcommands other packages add: each entry point of the ``aioli_fast.commands`` group names a
+    function that takes ``sub`` and adds its subparser(s), each with its ``func`` (as above).
+
+    Called in the order of the entry points' names, after the commands of the core. One that cannot be
+    loaded is left out with a warning, so that it does not take the other commands down with it.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a broken plugin must not break training
+            print(f"aioli-fast: warning: commands {ep.name} ({ep.value}) not added: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

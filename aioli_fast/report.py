@@ -293,37 +293,69 @@ def plot_train_loss(runs: list[RunData], domains: list[str]) -> bytes:
     return _png(fig)
 
 
-def plot_proportions(runs: list[RunData], domains: list[str]) -> bytes:
-    """One panel per run: the logged proportions of every domain as stacked areas."""
+@dataclass
+class ProportionPanel:
+    """One panel of a proportions figure: per domain the proportion at each of ``steps`` and, optionally,
+    a band around it (``band[domain] = (low, high)``, e.g. the range over seeds)."""
+
+    title: str
+    steps: list[int]
+    values: dict[str, list[float]]
+    band: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+
+def run_panels(runs: list[RunData], domains: list[str]) -> list[ProportionPanel]:
+    """One panel per run: its logged proportions (a domain it does not log at 0)."""
+    panels = []
+    for run in runs:
+        records = [r for r in run.train if r.get("proportions")]
+        # a record's proportions are those of its window's last step: drawn over the window, back to the
+        # previous record (the first one back to step 0)
+        if records and records[0]["step"] > 0:
+            records = [{**records[0], "step": 0}, *records]
+        values = {d: [_value(r["proportions"].get(d)) for r in records] for d in domains}
+        values = {d: [0.0 if math.isnan(v) else v for v in row] for d, row in values.items()}
+        panels.append(ProportionPanel(f"{run.label} ({run.method})", [r["step"] for r in records], values))
+    return panels
+
+
+def plot_proportions(
+    panels: list[ProportionPanel], domains: list[str], *, stacked: bool = True, title: str | None = None
+) -> bytes:
+    """One panel per entry of ``panels``: the proportions of every domain over the steps, as stacked
+    areas (``stacked``, the report's runs) or as lines with their bands shaded (a sweep's means over
+    seeds, kept off 0 and 1 so that a proportion there stays visible)."""
     from matplotlib import colormaps
 
-    fig, axes = _new_figure(len(runs), columns=2, panel_width=5.6, panel_height=3.4)
+    fig, axes = _new_figure(len(panels), columns=2, panel_width=5.6, panel_height=3.4)
     cmap = colormaps["tab10" if len(domains) <= 10 else "tab20"]
     colors = [cmap(i % cmap.N) for i in range(len(domains))]
-    for ax, run in zip(axes, runs):
-        records = [r for r in run.train if r.get("proportions")]
-        if records:
-            # a record's proportions are those of its window's last step: drawn over the window, back
-            # to the previous record (the first one back to step 0)
-            if records[0]["step"] > 0:
-                records = [{**records[0], "step": 0}, *records]
-            steps = [r["step"] for r in records]
-            stacks = [[_value(r["proportions"].get(d)) for r in records] for d in domains]
-            stacks = [[0.0 if math.isnan(v) else v for v in row] for row in stacks]
+    for ax, panel in zip(axes, panels):
+        steps = panel.steps
+        if steps and stacked:
+            stacks = [panel.values[d] for d in domains]
             ax.stackplot(steps, stacks, labels=domains, colors=colors, alpha=0.85, step="pre")
-            ax.set_xlim(steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1)
+        elif steps:
+            for d, color in zip(domains, colors):
+                ax.plot(steps, panel.values[d], color=color, label=d, linewidth=1.4)
+                if d in panel.band:
+                    ax.fill_between(steps, *panel.band[d], color=color, alpha=0.18, linewidth=0)
         else:
             ax.text(0.5, 0.5, "no proportions logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{run.label} ({run.method})", fontsize=10)
+        if steps:
+            ax.set_xlim(steps[0], steps[-1] if steps[-1] > steps[0] else steps[0] + 1)
+        ax.set_ylim(*((0, 1) if stacked else (-0.02, 1.02)))
+        ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("proportion")
     handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:  # the first run logged none: draw the legend from the colours alone
+    if not handles:  # the first panel has none: draw the legend from the colours alone
         from matplotlib.patches import Patch
 
         handles, labels = [Patch(color=c) for c in colors], domains
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _png(fig)
 
 
@@ -464,7 +496,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path = "report") -> Repo
     out = ensure_writable_dir(out, "report directory")
     figures = {
         "train_loss.png": plot_train_loss(runs, domains),
-        "proportions.png": plot_proportions(runs, domains),
+        "proportions.png": plot_proportions(run_panels(runs, domains), domains),
     }
     if any(validation_points(run) for run in runs):
         figures["val_loss.png"] = plot_val_loss(runs, domains)

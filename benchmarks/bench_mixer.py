@@ -3,7 +3,7 @@
 1. Update time for k domains: the on-device update (G from the sequential drops, A = G·W⁻¹, normalise,
    exponentiated gradient; what ``AioliMixer`` runs once per round) against a host baseline written the
    way the published research code works (numpy, a Python loop over blocks, ``np.linalg.inv`` of W).
-2. Estimation error of A on the linear-law simulator (``aioli_fast.mixing.sim``), same planted A and the
+2. Estimation error of A on the linear-law simulator (``aioli_fast.harness.sim``), same planted A and the
    same training steps for every source, with the extra tokens each source evaluates per round:
    ``full_val`` (a whole validation split per measurement), ``probe`` (a small fixed probe), ``train``
    (the training batches themselves; zero extra tokens).
@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
+from aioli_fast.harness.sim import LinearLawSimulator, run_mixer
 from aioli_fast.mixing import build_mixer, lmo
-from aioli_fast.mixing.sim import LinearLawSimulator, run_mixer
 
 
 def device_update(L_nk, order, W_inv, p, A_prev, eta, ema):
@@ -126,7 +126,7 @@ def bench_estimation(seeds: int, k: int = 3) -> list[dict]:
             )
             run_mixer(mixer, sim, U)
             truth = lmo.normalize_mixing_matrix(sim.A0_kk.float())
-            errors.append(float((mixer.last_A_kk - truth).abs().mean()))
+            errors.append(float((mixer.last_A_DD - truth).abs().mean()))
         extra = eval_tokens * k * (R * k + 1)
         rows.append(
             {

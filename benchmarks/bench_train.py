@@ -19,7 +19,7 @@ shows the median of each column.
     python3 benchmarks/bench_train.py --preset h200 --repeats 3      # on a GPU
     python3 benchmarks/bench_train.py --preset h200 --validate-only   # check the configs, run nothing
 
-The data is the corpus ``aioli-fast demo`` builds (aioli_fast/demo.py), prepared at the preset's
+The data is the corpus ``aioli-fast demo`` builds (aioli_fast/harness/demo.py), prepared at the preset's
 sequence length and cached under ``--dir``; ``--corpus PATH`` uses an existing prepared corpus instead.
 """
 
@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from aioli_fast.config import config_from_dict
+from aioli_fast.fileio import say
 from aioli_fast.mixing import build_mixer
 
 METHODS = ("static", "train", "probe", "full_val")
@@ -149,10 +150,6 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _parse_pairs(pairs: list[str], what: str) -> dict:
     import yaml
 
@@ -230,13 +227,13 @@ def validate_configs(configs: dict[str, dict], domains: list[str]) -> dict:
 def demo_corpus(folder: Path, seq_len: int, scale: float) -> Path:
     """The ``aioli-fast demo`` corpus at ``seq_len``, prepared once under ``folder`` and reused."""
     from aioli_fast.data import prepare
-    from aioli_fast.demo import build_demo_sources
+    from aioli_fast.harness.demo import build_demo_sources
 
     corpus = folder / f"corpus-seq{seq_len}-scale{scale:g}"
     if (corpus / "manifest.json").is_file():
-        _say(f"using the cached demo corpus {corpus}")
+        say(f"using the cached demo corpus {corpus}")
         return corpus
-    _say(f"building the demo corpus (seq_len {seq_len}, scale {scale:g}) in {corpus} ...")
+    say(f"building the demo corpus (seq_len {seq_len}, scale {scale:g}) in {corpus} ...")
     sources = build_demo_sources(folder / f"raw-scale{scale:g}", scale=scale)
     prepare(
         sources,
@@ -386,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
     aioli_options = _parse_pairs(args.aioli, "--aioli")
     versions = _versions()
     machine = _machine(preset["device"])
-    _say("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    _say(
+    say("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    say(
         f"machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch threads "
         f"{machine['torch_threads']}" + (f", {machine['gpu']}" if "gpu" in machine else "")
     )
@@ -418,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = {m: configs[m] for m in methods}
     resolved = validate_configs(configs, domains)  # every config checked before anything runs
     first = resolved[methods[0]]
-    _say(
+    say(
         f"preset {args.preset}: model {first['model']['preset']}, {first['train']['steps']} steps x "
         f"{first['train']['batch_size']} sequences, {len(domains)} domains, configs valid for {methods}"
     )
@@ -437,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         "configs": resolved,
     }
     if args.validate_only:
-        _say(f"--validate-only: the {args.preset} configs are valid; nothing was run")
+        say(f"--validate-only: the {args.preset} configs are valid; nothing was run")
         return result
 
     if not preset["device"].startswith("cpu") and not torch.cuda.is_available():
@@ -445,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = _load_average()
     bench_start = time.perf_counter()
     if args.warmup_steps:
-        _say(f"warm-up: an untimed {args.warmup_steps}-step static run ...")
+        say(f"warm-up: an untimed {args.warmup_steps}-step static run ...")
         warm = method_configs(args.preset, corpus, domains, out_dir, seed=args.seed)["static"]
         warm["overrides"] = [*args.set, f"train.steps={args.warmup_steps}", "optim.warmup_steps=0"]
         run_one(warm, "warmup", args.verbose)
@@ -454,10 +451,10 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(args.repeats):
         order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for method in order:
-            _say(f"[repeat {r + 1}/{args.repeats}] {_label(method)}: training ...")
+            say(f"[repeat {r + 1}/{args.repeats}] {_label(method)}: training ...")
             rec = run_one(configs[method], f"{method}-r{r + 1}", args.verbose)
             runs[method].append(rec)
-            _say(
+            say(
                 f"[repeat {r + 1}/{args.repeats}] {_label(method)}: {rec['tokens']:,} tokens in "
                 f"{rec['wall_s']:.1f} s = {rec['tokens_per_s']:,.0f} tokens/s, {rec['measurements']} "
                 f"measurements ({rec['measurement_time_s']:.1f} s), test ppl {rec['test_ppl']}"
@@ -494,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        _say(f"results written to {path}")
+        say(f"results written to {path}")
     return result
 
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from aioli_fast.mixing.sim import LinearLawSimulator
+from aioli_fast.harness.sim import LinearLawSimulator
 
 
 def drive(mixer, sim: LinearLawSimulator, start: int, stop: int, record: list | None = None, micro: int = 1):

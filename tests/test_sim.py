@@ -3,7 +3,7 @@
 1. The simulator follows its law (L_{t+1} = L_t - A_t p_t + noise, A_t = A_0 · decay^t + drift) and its
    measurements have the stated noise.
 2. LearnParams recovers a planted A: with a fixed A (no drift, no decay) the normalised A that Aioli
-   estimates (``last_A_kk``) approaches the normalised planted A as the measurement noise shrinks. Stated
+   estimates (``last_A_DD``) approaches the normalised planted A as the measurement noise shrinks. Stated
    tolerance: max-abs error < 1e-4 at noise 0 (fp32 round-off only), and the error grows with the noise
    (roughly linearly: it is a linear function of the measurement errors), for the probe and train sources.
 3. Each mixer lowers the simulator's final average loss relative to stratified sampling in a scenario
@@ -18,8 +18,8 @@ import pytest
 import torch
 from mixing_helpers import drive
 
+from aioli_fast.harness.sim import LinearLawSimulator, run_mixer
 from aioli_fast.mixing import build_mixer, lmo
-from aioli_fast.mixing.sim import LinearLawSimulator, run_mixer
 
 D3 = ["a", "b", "c"]
 
@@ -128,7 +128,7 @@ def recovery_error(measurement: str, noise: float, seed: int = 0, rounds: int = 
     for r in range(rounds):
         drive(mixer, sim, r * U, (r + 1) * U)
         assert mixer.state_dict()["round_done"] == r
-        errors.append((mixer.last_A_kk - target).abs().max().item())
+        errors.append((mixer.last_A_DD - target).abs().max().item())
     return sum(errors) / rounds
 
 
@@ -150,7 +150,7 @@ def test_diagonal_ablation_recovers_a_planted_diagonal_A():
     )
     drive(mixer, sim, 0, 10)
     torch.testing.assert_close(
-        mixer.last_A_kk, torch.diag(torch.tensor([0.5, 1 / 6, 1 / 3])), atol=1e-5, rtol=0
+        mixer.last_A_DD, torch.diag(torch.tensor([0.5, 1 / 6, 1 / 3])), atol=1e-5, rtol=0
     )
 
 

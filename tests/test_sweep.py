@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from aioli_fast.cli import main
-from aioli_fast.corpora import DOMAINS, chunk_text, collect, dependency_closure
 from aioli_fast.errors import AioliError, ConfigError
-from aioli_fast.sweep import load_spec, plan, run_sweep
+from aioli_fast.harness.corpora import DOMAINS, chunk_text, collect
+from aioli_fast.harness.sources import dependency_closure
+from aioli_fast.harness.sweep import load_spec, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ from aioli_fast.data import load_manifest, prepare, read_shard
 from aioli_fast.errors import AioliError
 from aioli_fast.model import GPT, GPTConfig
 from aioli_fast.train import evaluate, format_table, load_checkpoint, save_checkpoint, train
-from aioli_fast.train.engine import build_optimizer
 from aioli_fast.train.components import lr_at
+from aioli_fast.train.engine import build_optimizer
 
 SEQ = 16
 CPU = torch.device("cpu")

@@ -359,7 +359,7 @@ def _chunks(files: list[Path], text_field: str, seed: int, bar) -> Iterator[tupl
         yield chunk, seed
 
 
-def _tokenize(files, text_field, seed, tok_args, pool, bar) -> tuple[list[float], list[np.ndarray]]:
+def _tokenize(files, text_field, seed, pool, bar) -> tuple[list[float], list[np.ndarray]]:
     hashes, ids = [], []
     chunks = _chunks(files, text_field, seed, bar)
     results = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
@@ -400,7 +400,6 @@ class _PrepareRun:
     """What every domain of one prepare run shares (``state`` is the staging state, updated in place)."""
 
     out: Path
-    tok_args: tuple
     seq_len: int
     fractions: dict
     shard_sequences: int
@@ -435,7 +434,7 @@ def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: lis
 
     bar = progress_bar(len(files), f"tokenize {name}", "file", run.progress)
     try:
-        hashes, docs_ids = _tokenize(files, run.text_field, run.seed, run.tok_args, run.pool, bar)
+        hashes, docs_ids = _tokenize(files, run.text_field, run.seed, run.pool, bar)
     finally:
         if bar is not None:
             bar.close()
@@ -529,7 +528,6 @@ def _prepare_into(
     try:
         run = _PrepareRun(
             out=out,
-            tok_args=tok_args,
             seq_len=seq_len,
             fractions=fractions,
             shard_sequences=shard_sequences,

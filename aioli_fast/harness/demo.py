@@ -19,23 +19,20 @@ the run, and the time each run took.
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import hashlib
 import json
-import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .config import config_from_dict
-from .data import prepare
-from .errors import AioliError
-from .fileio import atomic_write_bytes, ensure_writable_dir
-from .report import read_metrics
+from ..config import config_from_dict
+from ..data import prepare
+from ..errors import AioliError
+from ..fileio import atomic_write_bytes, ensure_writable_dir, say
+from ..report import read_metrics
+from .sources import license_files, python_code_files, reference_documents
 
 DEMO_SEQ_LEN = 128
 NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
@@ -89,80 +86,6 @@ def demo_config(method: str = "stratified") -> dict:
     return cfg
 
 
-def _stdlib_dir() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
-
-
-SKIP_CODE_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
-
-
-def python_code_files(budget_bytes: int) -> list[Path]:
-    """Standard-library ``.py`` files (no tests, no installed packages), sorted, within a byte budget."""
-    root = _stdlib_dir()
-    paths = []
-    for folder, subdirs, names in os.walk(root):
-        subdirs[:] = [d for d in subdirs if d not in SKIP_CODE_DIRS]  # prune: site-packages is large
-        paths.extend(Path(folder, n) for n in names if n.endswith(".py"))
-    files, total = [], 0
-    for path in sorted(paths):
-        size = path.stat().st_size
-        if size == 0 or total + size > budget_bytes:
-            continue
-        files.append(path)
-        total += size
-    return files
-
-
-def reference_documents(budget_bytes: int) -> list[str]:
-    """Language-reference topics from ``pydoc_data``; module docstrings of the stdlib as a fallback."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        topics = {}
-    docs = [topics[k] for k in sorted(topics)]
-    if not docs:
-        for path in sorted(_stdlib_dir().glob("*.py")):
-            try:
-                doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
-            except (SyntaxError, ValueError):
-                continue
-            if doc:
-                docs.append(doc)
-    out, total = [], 0
-    for doc in docs:
-        if total + len(doc) > budget_bytes:
-            break
-        out.append(doc)
-        total += len(doc)
-    return out
-
-
-def license_files(budget_bytes: int) -> list[Path]:
-    """Python's LICENSE.txt and the license files of installed packages, deduplicated by content."""
-    candidates = [_stdlib_dir() / "LICENSE.txt"]
-    seen_dirs = set()
-    for key in ("purelib", "platlib"):
-        site = Path(sysconfig.get_paths()[key])
-        if site in seen_dirs or not site.is_dir():
-            continue
-        seen_dirs.add(site)
-        for dist in sorted(site.glob("*.dist-info")):
-            for pattern in ("LICEN[CS]E*", "COPYING*", "licenses/**/*"):
-                candidates.extend(sorted(p for p in dist.glob(pattern) if p.is_file()))
-    files, hashes, total = [], set(), 0
-    for path in candidates:
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in hashes or not data.strip() or total + len(data) > budget_bytes:
-            continue
-        hashes.add(digest)
-        files.append(path)
-        total += len(data)
-    return files
-
-
 def noise_documents(n_docs: int, doc_bytes: int, seed: int = 0) -> list[str]:
     """Uniformly random printable ASCII documents."""
     rng = np.random.default_rng(seed)
@@ -213,7 +136,9 @@ def run_demo(
 
     Every run has the same model, seed, batch and steps; ``overrides`` apply to every run.
     """
-    from .train import train  # the demo sits above the training package
+    import torch
+
+    from ..train import build_run_mixer, train  # the demo sits above the training package
 
     if not scale > 0:
         raise AioliError(f"demo scale must be > 0, got {scale}")
@@ -234,9 +159,9 @@ def run_demo(
     start = time.perf_counter()
     total = 2 + len(methods)
     out = ensure_writable_dir(Path(out_dir), "demo output directory")
-    _say(f"[1/{total}] collecting the demo corpus under {out / 'raw'} ...")
+    say(f"[1/{total}] collecting the demo corpus under {out / 'raw'} ...")
     sources = build_demo_sources(out / "raw", scale=scale)
-    _say(f"[2/{total}] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...")
+    say(f"[2/{total}] preparing {len(sources)} domains (byte-level tokens, seq_len {DEMO_SEQ_LEN}) ...")
     prepare(
         sources,
         out / "corpus",
@@ -251,17 +176,20 @@ def run_demo(
         t = cfg.train
         how = {
             "stratified": "stratified proportions",
-            "aioli": f"Aioli (mixing.measurement={cfg.mixing.measurement or 'probe'})",
+            "aioli": f"Aioli (mixing.measurement={cfg.mixing.option('measurement') or 'probe'})",
         }[method]
         size = f"{t.steps} steps x {t.batch_size} x {DEMO_SEQ_LEN} tokens"
-        _say(f"[{n}/{total}] training with {how}: {size} ...")
+        say(f"[{n}/{total}] training with {how}: {size} ...")
         with contextlib.redirect_stdout(sys.stderr):  # the run's own table: the comparison is printed below
             result = train(cfg)
         finals[method], run_dirs[method] = result.final, result.run_dir
         histories[method] = read_metrics(result.run_dir / "metrics.jsonl")[0]  # the training records
     print(format_comparison(finals))
     if "aioli" in finals:
-        rounds = proportion_steps(configs["aioli"], len(finals["aioli"]["domains"]))
+        cfg, rounds = configs["aioli"], []
+        if cfg.mixing.method == "aioli":  # overrides may change it
+            mixer = build_run_mixer(cfg, finals["aioli"]["domains"], torch.device("cpu"))
+            rounds = mixer.exploit_spans(cfg.train.steps)  # the steps on each round's learned proportions
         print()
         print(format_proportions(finals["aioli"], histories["aioli"], rounds))
     print()
@@ -270,30 +198,6 @@ def run_demo(
     where = ", ".join(str(run_dirs[m] / "final.json") for m in finals)
     print(f"demo finished in {elapsed:.0f} s; results in {where}", flush=True)
     return finals
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def proportion_steps(cfg, num_domains: int) -> list[tuple[int, int]]:
-    """(first, last) step of the exploit phase of each Aioli round of ``cfg``'s run that reaches it.
-
-    The proportions Aioli learned in a round apply from the first step after its closing measurement to
-    the end of the round; the record logged at the end of the round shows them.
-    """
-    from .mixing.aioli import AioliMixer
-
-    opts = {**AioliMixer.OPTIONS, **{k: v for k, v in cfg.mixing.options().items() if v is not None}}
-    k = num_domains
-    prior, span = int(opts["prior_steps"]), int(opts["round_steps"])
-    learn = int(opts["sweeps"]) * k * int(opts["block_steps"])
-    closing = int(opts["measure_steps"]) if opts["measurement"] == "train" else 0
-    rounds, begin = [], prior
-    while begin + learn + closing + 1 < cfg.train.steps:
-        rounds.append((begin + learn + closing + 1, min(begin + span, cfg.train.steps) - 1))
-        begin += span
-    return rounds
 
 
 def _delta() -> str:

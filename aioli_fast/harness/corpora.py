@@ -14,27 +14,33 @@ Domains (``DOMAINS``; each collected into one ``.jsonl`` of documents, then prep
 - ``docstrings``: docstrings of networkx and sympy modules, classes and functions (prose with mathematics).
 - ``fontmetrics``: Adobe font metric files shipped with matplotlib (tabular numeric records).
 
-Every collector walks its files in sorted order and stops at a byte budget, so the prefix taken is
-deterministic. Documents are cut at line breaks into pieces of at most ``CHUNK_CHARS`` characters
-(:func:`chunk_text`) before the split, so val and test hold many pieces of many files.
+The collectors are those of :mod:`aioli_fast.harness.sources`: every one walks its files in sorted order
+and stops at a byte budget, so the prefix taken is deterministic. Documents are cut at line breaks into
+pieces of at most ``CHUNK_CHARS`` characters (:func:`chunk_text`) before the split, so val and test hold
+many pieces of many files.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
-import re
 import sys
-import sysconfig
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from .demo import python_code_files, reference_documents
-from .errors import AioliError
-from .fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from ..errors import AioliError
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
+from .sources import (
+    collect_cpp,
+    collect_docstrings,
+    collect_fontmetrics,
+    collect_licenses,
+    collect_python,
+    collect_reference,
+    dependency_closure,
+)
 
 DEFAULT_BUDGET_BYTES = 1_500_000
 CHUNK_CHARS = 4096
@@ -60,166 +66,6 @@ def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
     if current:
         pieces.append("".join(current))
     return [p for p in pieces if p.strip()]
-
-
-def _site_packages() -> list[Path]:
-    seen: list[Path] = []
-    for key in ("purelib", "platlib"):
-        path = Path(sysconfig.get_paths()[key])
-        if path.is_dir() and path not in seen:
-            seen.append(path)
-    return seen
-
-
-def _package_dir(name: str) -> Path | None:
-    """The folder of an importable package, without importing it (importing sympy takes seconds)."""
-    for site in _site_packages():
-        if (site / name / "__init__.py").is_file():
-            return site / name
-    for entry in sys.path:
-        if entry and (Path(entry) / name / "__init__.py").is_file():
-            return Path(entry) / name
-    return None
-
-
-def _take(paths: Iterable[Path], budget: int, max_file: int) -> list[Path]:
-    out, total = [], 0
-    for path in paths:
-        size = path.stat().st_size
-        if size == 0 or size > max_file or total + size > budget:
-            continue
-        out.append(path)
-        total += size
-    return out
-
-
-def _read(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
-
-
-def collect_python(budget: int) -> tuple[list[str], list[str]]:
-    files = python_code_files(budget)
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [_read(p) for p in files], [f"stdlib/{p.relative_to(root)}" for p in files]
-
-
-def collect_cpp(budget: int) -> tuple[list[str], list[str]]:
-    torch_dir = _package_dir("torch")
-    if torch_dir is None or not (torch_dir / "include").is_dir():
-        return [], []
-    root = torch_dir / "include"
-    paths = sorted(p for p in root.rglob("*.h") if p.is_file())
-    files = _take(paths, budget, max_file=64_000)
-    return [_read(p) for p in files], [f"torch/include/{p.relative_to(root)}" for p in files]
-
-
-def _required_here(requirement: str) -> str | None:
-    """The distribution a requirement names when it applies to this interpreter and platform without
-    extras (its environment marker evaluated), else None."""
-    try:
-        from packaging.requirements import InvalidRequirement, Requirement
-    except ImportError:  # packaging is a dependency of torch's; without it, markers are read as true
-        if "extra ==" in requirement:
-            return None
-        return re.split(r"[ ;<>=!~\[(]", requirement.strip(), maxsplit=1)[0]
-    try:
-        req = Requirement(requirement)
-    except InvalidRequirement:
-        return None
-    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-        return None
-    return req.name
-
-
-def dependency_closure(root: str = "aioli_fast") -> list[str]:
-    """The installed distributions ``root`` needs (its requirements without extras, recursively), sorted."""
-    seen: dict[str, metadata.Distribution] = {}
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        key = re.sub(r"[-_.]+", "-", name).lower()
-        if key in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue
-        seen[key] = dist
-        todo.extend(name for name in map(_required_here, dist.requires or []) if name)
-    return sorted(seen)
-
-
-def collect_licenses(budget: int) -> tuple[list[str], list[str]]:
-    """Python's LICENSE.txt and the license files of this package's installed dependencies (only those,
-    so that other packages installed beside it do not change the corpus), deduplicated by content."""
-    candidates = [(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", "stdlib/LICENSE.txt")]
-    for key in dependency_closure():
-        dist = metadata.distribution(key)
-        for entry in sorted(dist.files or [], key=str):
-            name = str(entry)
-            if ".dist-info/" in name and re.search(r"(LICEN[CS]E|COPYING|/licenses/)", name):
-                candidates.append((Path(entry.locate()), name))
-    docs, names, hashes, total = [], [], set(), 0
-    for path, name in candidates:
-        if not path.is_file():
-            continue
-        text = _read(path)
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        if digest in hashes or not text.strip() or total + len(text) > budget:
-            continue
-        hashes.add(digest)
-        docs.append(text)
-        names.append(name)
-        total += len(text)
-    return docs, names
-
-
-def collect_reference(budget: int) -> tuple[list[str], list[str]]:
-    docs = reference_documents(budget)
-    return docs, [f"pydoc_data.topics ({len(docs)} topics)"]
-
-
-def _docstrings_of(path: Path) -> list[str]:
-    try:
-        tree = ast.parse(path.read_bytes())
-    except (SyntaxError, ValueError):
-        return []
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= 200:  # one-line docstrings carry little text
-                out.append(doc)
-    return out
-
-
-def collect_docstrings(budget: int) -> tuple[list[str], list[str]]:
-    docs, names, total = [], [], 0
-    for package in ("networkx", "sympy"):
-        root = _package_dir(package)
-        if root is None:
-            continue
-        for path in sorted(root.rglob("*.py")):
-            if "tests" in path.relative_to(root).parts:
-                continue
-            found = [d for d in _docstrings_of(path) if total + len(d) <= budget]
-            if not found:
-                if total >= budget * 0.99:
-                    return docs, names
-                continue
-            docs.extend(found)
-            total += sum(len(d) for d in found)
-            names.append(f"{package}/{path.relative_to(root)}")
-    return docs, names
-
-
-def collect_fontmetrics(budget: int) -> tuple[list[str], list[str]]:
-    mpl = _package_dir("matplotlib")
-    if mpl is None:
-        return [], []
-    root = mpl / "mpl-data" / "fonts"
-    files = _take(sorted(root.rglob("*.afm")), budget, max_file=200_000)
-    return [_read(p) for p in files], [f"matplotlib/mpl-data/fonts/{p.relative_to(root)}" for p in files]
 
 
 DOMAINS: dict[str, tuple[str, Callable[[int], tuple[list[str], list[str]]]]] = {
@@ -308,7 +154,7 @@ def build_corpus(
     A corpus already at ``out`` with another seq_len or other domains is replaced only with ``overwrite``
     (sweeps that share it would otherwise change under each other).
     """
-    from .data import prepare
+    from ..data import prepare
 
     out = Path(out)
     names = list(DOMAINS) if domains is None else list(domains)

@@ -23,29 +23,27 @@ import copy
 import datetime
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from .config import RunConfig, config_from_dict, dump_config, read_yaml_mapping
-from .errors import AioliError, ConfigError
-from .fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
-from .train.loop import build_run_mixer
-from .train.trainer import TrainingInterrupted
+from ..config import RunConfig, config_from_dict, dump_config, merge_mappings, read_yaml_mapping
+from ..errors import AioliError, ConfigError
+from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, say
+from ..report import ProportionPanel, plot_proportions, read_metrics
+from ..train import TrainingInterrupted, build_run_mixer
 
 SPEC_KEYS = {
-    "name", "description", "corpus", "domains", "seeds", "base", "methods", "baseline",
-    "skills_graph_steps", "poor_prior_note",
+    "name", "description", "corpus", "domains", "seeds", "base", "methods", "baseline", "skills_graph_steps",
 }  # fmt: skip
 CORPUS_KEYS = {"path", "seq_len", "budget_bytes"}
 RUN_OWNED_KEYS = ("data.path", "data.domains", "train.seed", "train.name", "train.out_dir")
@@ -63,7 +61,6 @@ class SweepSpec:
     description: str = ""
     skills_graph_steps: int = 40
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _refs(value: Any) -> list[tuple[str, str | None]]:
@@ -76,16 +73,6 @@ def _refs(value: Any) -> list[tuple[str, str | None]]:
         kind, _, target = value[1:].partition(":")
         return [(kind, target or None)]
     return []
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -168,31 +155,16 @@ def load_spec(path: str | Path) -> SweepSpec:
         if any(kind in ("run", "skills_graph") for kind, _ in _refs(over)):
             continue  # a mixer given a file made by the sweep (a reference run, a graph) reads it when built
         try:
-            build_run_mixer(cfg, spec.domains, torch.device("cpu"))
+            mixer = build_run_mixer(cfg, spec.domains, torch.device("cpu"))
         except ConfigError as exc:
             raise ConfigError(f"{path}: method {method!r}: {exc}") from exc
-        window = learn_params_window(cfg, len(spec.domains))
-        if window is not None and window(cfg.train.steps - 1):
+        if cfg.mixing.method == "aioli" and mixer.in_learn_params(cfg.train.steps - 1):
             raise ConfigError(
                 f"{path}: method {method!r}: the last step ({cfg.train.steps}) falls inside LearnParams, "
                 "so the run would end on a block mixture instead of the learned proportions; change "
                 "train.steps or mixing.round_steps"
             )
     return spec
-
-
-def learn_params_window(cfg: RunConfig, k: int):
-    """For Aioli, a function step -> whether that step trains a LearnParams block mixture; else None."""
-    if cfg.mixing.method != "aioli":
-        return None
-    from .mixing import MIXERS
-
-    o = {**MIXERS["aioli"].OPTIONS, **{a: b for a, b in cfg.mixing.options().items() if b is not None}}
-    learn = int(o["sweeps"]) * k * int(o["block_steps"])
-    if o["measurement"] == "train":
-        learn += int(o["measure_steps"])  # the closing measurement trains on the previous proportions
-    prior, rounds = int(o["prior_steps"]), int(o["round_steps"])
-    return lambda step: step >= prior and (step - prior) % rounds < learn
 
 
 def corpus_dir(spec: SweepSpec, out: Path) -> Path:
@@ -225,7 +197,7 @@ def _resolve(value: Any, seed: int, out: Path, placeholders: bool, domains: list
 
 def run_config(spec: SweepSpec, method: str, seed: int, out: Path, placeholders: bool = False) -> RunConfig:
     """The full training config of one run (references resolved against ``out``)."""
-    data = _merge(spec.base, spec.methods[method])
+    data = merge_mappings(spec.base, spec.methods[method])
     data = _resolve(data, seed, out, placeholders, spec.domains)
     data.setdefault("data", {})
     data["data"]["path"] = str(corpus_dir(spec, out) / "corpus")
@@ -238,10 +210,6 @@ def run_config(spec: SweepSpec, method: str, seed: int, out: Path, placeholders:
     except ConfigError as exc:
         raise ConfigError(f"sweep method {method!r}: {exc}") from exc
     return cfg
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _sha256(data: bytes) -> str:
@@ -282,11 +250,19 @@ def _run_done(directory: Path, cfg: RunConfig, stamp: dict) -> bool:
         saved = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return saved.get("config") == dump_config(cfg) and saved.get("inputs") == stamp
+    return _same_config(saved.get("config"), cfg) and saved.get("inputs") == stamp
+
+
+def _same_config(text: Any, cfg: RunConfig) -> bool:
+    """Whether ``text`` (a dumped config) holds the same keys and values as ``cfg``, in any order."""
+    try:
+        return isinstance(text, str) and yaml.safe_load(text) == cfg.to_dict()
+    except yaml.YAMLError:
+        return False
 
 
 def learn_graph(spec: SweepSpec, out: Path) -> Path:
-    from .train.skills import learn_skills_graph
+    from ..train.skills import learn_skills_graph
 
     path = out / "skills_graph.json"
     cfg = run_config(_graph_spec(spec), "graph", spec.seeds[0], out)
@@ -301,7 +277,7 @@ def learn_graph(spec: SweepSpec, out: Path) -> Path:
     if path.is_file() and record.is_file() and json.loads(record.read_text(encoding="utf-8")) == made_from:
         return path
     start = time.perf_counter()
-    _say(f"sweep {spec.name}: learning the skills graph ({spec.skills_graph_steps} steps per domain) ...")
+    say(f"sweep {spec.name}: learning the skills graph ({spec.skills_graph_steps} steps per domain) ...")
     with _quiet(out / "skills" / "skills_graph.log"):
         learn_skills_graph(cfg, spec.skills_graph_steps, path)
     atomic_write_json(out / "skills" / "timing.json", {"wall_s": time.perf_counter() - start})
@@ -348,8 +324,8 @@ def run_sweep(
     seeds: list[int] | None = None,
 ) -> dict:
     """Run every (method, seed) not yet finished, then write the tables; returns the results mapping."""
+    from ..train import train
     from .corpora import build_corpus
-    from .train import train
 
     out = ensure_writable_dir(Path(out or Path("runs/sweeps") / spec.name), "sweep output folder")
     full = spec  # the tables cover every seed of the spec, whatever subset this call runs
@@ -361,7 +337,7 @@ def run_sweep(
         spec.seeds = [s for s in full.seeds if s in seeds]
     todo_methods = plan(spec, methods)
     corpus = corpus_dir(spec, out)
-    _say(f"sweep {spec.name}: corpus {corpus} (domains {', '.join(spec.domains)})")
+    say(f"sweep {spec.name}: corpus {corpus} (domains {', '.join(spec.domains)})")
     build_corpus(
         corpus,
         seq_len=int(spec.corpus.get("seq_len", 128)),
@@ -381,31 +357,31 @@ def run_sweep(
             stamp = inputs_stamp(spec, method, seed, out)
         except AioliError as exc:
             failures.append((method, seed, str(exc)))
-            _say(f"{head}: cannot start: {exc}")
+            say(f"{head}: cannot start: {exc}")
             continue
         if _run_done(directory, cfg, stamp):
-            _say(f"{head}: done before, kept")
+            say(f"{head}: done before, kept")
             continue
         saved = directory / "config.yaml"
         if (directory / "final.json").is_file() or (
-            saved.is_file() and saved.read_text(encoding="utf-8") != dump_config(cfg)
+            saved.is_file() and not _same_config(saved.read_text(encoding="utf-8"), cfg)
         ):
             # finished from another config or other inputs, or begun from another config: start afresh
-            _say(f"{head}: the spec or its inputs changed since it ran; running it again")
+            say(f"{head}: the spec or its inputs changed since it ran; running it again")
             shutil.rmtree(directory)
-        _say(f"{head}: training {cfg.train.steps} steps ...")
+        say(f"{head}: training {cfg.train.steps} steps ...")
         start = time.perf_counter()
         try:
             with _quiet(log):
                 result = train(cfg)
         except (KeyboardInterrupt, TrainingInterrupted):
-            _say("stopped; the same command continues the sweep (a run resumes from its last checkpoint)")
+            say("stopped; the same command continues the sweep (a run resumes from its last checkpoint)")
             raise
         except Exception as exc:  # one run's failure must not lose the others: record it, go on
             with open(log, "a", encoding="utf-8") as fh:
                 traceback.print_exc(file=fh)
             failures.append((method, seed, f"{type(exc).__name__}: {exc}"))
-            _say(f"    failed: {type(exc).__name__}: {exc} (traceback in {log})")
+            say(f"    failed: {type(exc).__name__}: {exc} (traceback in {log})")
             continue
         wall = time.perf_counter() - start
         record = {
@@ -417,9 +393,7 @@ def run_sweep(
         }
         atomic_write_json(directory / "sweep_run.json", record)
         avg = result.final["average"]
-        _say(
-            f"    test ppl {avg['test_ppl']:.3f}, {result.final['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s"
-        )
+        say(f"    test ppl {avg['test_ppl']:.3f}, {result.final['tokens_per_s']:,.0f} tokens/s, {wall:.0f} s")
     results = collect_results(full, out)
     write_results(full, out, results)
     print(format_tables(full, results))
@@ -445,8 +419,6 @@ def _median(values: list[float]) -> float | None:
 
 def collect_results(spec: SweepSpec, out: Path) -> dict:
     """Read every finished run of the spec under ``out`` into one mapping (also written as results.json)."""
-    from .report import read_metrics
-
     methods: dict[str, dict] = {}
     stale = []
     for method in spec.methods:
@@ -467,7 +439,12 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
             final = json.loads(final_path.read_text(encoding="utf-8"))
             timing = json.loads((directory / "sweep_run.json").read_text(encoding="utf-8"))
             train_records = read_metrics(directory / "metrics.jsonl", tolerate_partial_last_line=True)[0]
-            window = learn_params_window(cfg, len(spec.domains))
+            # Aioli's LearnParams steps (block mixtures, the closing train measurement), from the mixer
+            in_learn_params = (
+                build_run_mixer(cfg, spec.domains, torch.device("cpu")).in_learn_params
+                if cfg.mixing.method == "aioli"
+                else lambda step: False
+            )
             seeds[seed] = {
                 "test_ppl": final["average"]["test_ppl"],
                 "val_ppl": final["average"]["val_ppl"],
@@ -484,7 +461,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
                 "history": [
                     {"step": r["step"], "proportions": r["proportions"]}
                     for r in train_records
-                    if r.get("proportions") and not (window and window(r["step"] - 1))
+                    if r.get("proportions") and not in_learn_params(r["step"] - 1)
                 ],
             }
         if seeds:
@@ -608,14 +585,9 @@ def format_tables(spec: SweepSpec, results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
-    """One panel per method whose proportions move: per domain the mean over seeds, their range shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    moving = []
+def proportion_panels(spec: SweepSpec, results: dict) -> list[ProportionPanel]:
+    """One panel per method whose proportions move: per domain the mean over seeds, their range as band."""
+    panels = []
     for method, entry in results["methods"].items():
         histories = [v["history"] for v in entry["seeds"].values() if v["history"]]
         spans = [
@@ -623,44 +595,17 @@ def plot_proportions(spec: SweepSpec, results: dict) -> bytes | None:
             for h in histories
             for d in spec.domains
         ]
-        if spans and max(spans) > 1e-6:
-            moving.append((method, histories))
-    if not moving:
-        return None
-    cols = min(3, len(moving))
-    rows = math.ceil(len(moving) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.2 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for ax, (method, histories) in zip(axes.flat, moving):
+        if not spans or max(spans) <= 1e-6:
+            continue
         length = min(len(h) for h in histories)
-        steps = [r["step"] for r in histories[0][:length]]
-        for i, d in enumerate(spec.domains):
-            per_seed = [[h[t]["proportions"][d] for t in range(length)] for h in histories]
-            mean = [statistics.fmean(col) for col in zip(*per_seed)]
-            ax.plot(steps, mean, color=colors(i % 10), label=d, linewidth=1.4)
-            if len(per_seed) > 1:
-                lo = [min(col) for col in zip(*per_seed)]
-                hi = [max(col) for col in zip(*per_seed)]
-                ax.fill_between(steps, lo, hi, color=colors(i % 10), alpha=0.18, linewidth=0)
-        ax.set_title(method, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("proportion")
-        ax.set_ylim(-0.02, 1.02)  # a proportion at 0 or 1 stays visible
-    for ax in list(axes.flat)[len(moving) :]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(
-        f"{spec.name}: proportions over training (mean over seeds, range shaded; Aioli: LearnParams "
-        "blocks left out)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+        panel = ProportionPanel(method, [r["step"] for r in histories[0][:length]], {})
+        for d in spec.domains:
+            per_step = list(zip(*([h[t]["proportions"][d] for t in range(length)] for h in histories)))
+            panel.values[d] = [statistics.fmean(col) for col in per_step]
+            if len(histories) > 1:
+                panel.band[d] = ([min(col) for col in per_step], [max(col) for col in per_step])
+        panels.append(panel)
+    return panels
 
 
 def write_results(spec: SweepSpec, out: Path, results: dict) -> None:
@@ -677,8 +622,13 @@ def write_results(spec: SweepSpec, out: Path, results: dict) -> None:
         "",
     ]
     body = format_tables(spec, results)
-    png = plot_proportions(spec, results)
-    if png is not None:
+    panels = proportion_panels(spec, results)
+    if panels:
+        title = (
+            f"{spec.name}: proportions over training (mean over seeds, range shaded; Aioli: LearnParams "
+            "blocks left out)"
+        )
+        png = plot_proportions(panels, spec.domains, stacked=False, title=title)
         atomic_write_bytes(out / "proportions.png", png)
         body += "\n\n![proportions over training](proportions.png)\n"
     atomic_write_bytes(out / "results.md", ("\n".join(header) + body + "\n").encode("utf-8"))
