@@ -18,9 +18,16 @@ def write_alphabet_domain(folder: Path, alphabet: str, n_docs: int, seed: int) -
 
 
 def prepare_alphabet_corpus(
-    root: Path, alphabets: dict[str, str], docs: int, *, seq_len: int = 8, shard_sequences: int = 16
+    root: Path,
+    alphabets: dict[str, str],
+    docs: int,
+    *,
+    seq_len: int = 8,
+    shard_sequences: int = 16,
+    val_fraction: float = 0.0,
 ) -> Path:
-    """A prepared corpus (train split only) whose domains use disjoint alphabets; returns its folder."""
+    """A prepared corpus (train split, and val when asked) whose domains use disjoint alphabets; domain
+    d has ``docs + 10·d`` documents. Returns its folder."""
     from aioli_fast.data.prepare import prepare
 
     rng = np.random.default_rng(0)
@@ -36,7 +43,7 @@ def prepare_alphabet_corpus(
         domains,
         root / "corpus",
         seq_len=seq_len,
-        val_fraction=0.0,
+        val_fraction=val_fraction,
         test_fraction=0.0,
         shard_sequences=shard_sequences,
         progress=False,

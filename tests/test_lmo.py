@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from mixing_helpers import loop_loss_drops
 
 from aioli_fast.errors import ConfigError
 from aioli_fast.mixing import lmo
@@ -173,19 +174,6 @@ def test_losses_from_sums_is_batched():
 
 
 # ---- accumulate_loss_drops -------------------------------------------------------------------------
-
-
-def loop_loss_drops(L: list[list[float]], order: list[int], k: int) -> list[list[float]]:
-    """G by explicit loops: mean over blocks on j of L_prev[i] - L_new[i], finite drops only, else 0."""
-    sums = [[0.0] * k for _ in range(k)]
-    counts = [[0] * k for _ in range(k)]
-    for n, j in enumerate(order):
-        for i in range(k):
-            drop = L[n][i] - L[n + 1][i]
-            if math.isfinite(drop):
-                sums[i][j] += drop
-                counts[i][j] += 1
-    return [[sums[i][j] / counts[i][j] if counts[i][j] else 0.0 for j in range(k)] for i in range(k)]
 
 
 @pytest.mark.parametrize("k, R", [(2, 4), (3, 4), (7, 2)], ids=["k2R4", "k3R4", "k7R2"])

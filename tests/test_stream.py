@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import prepare_alphabet_corpus
 
-from aioli_fast.data.prepare import prepare
 from aioli_fast.data.shards import Manifest, load_manifest
 from aioli_fast.data.stream import (
     MixtureStream,
@@ -37,27 +37,9 @@ DOMAINS = list(ALPHABETS)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Prepared corpus: 3 domains, 4-7 train shards of up to 16 sequences each, and a val split."""
-    root = tmp_path_factory.mktemp("stream")
-    rng = np.random.default_rng(0)
-    domains = {}
-    for d, (name, alphabet) in enumerate(ALPHABETS.items()):
-        folder = root / "raw" / name
-        folder.mkdir(parents=True)
-        for i in range(30 + 10 * d):
-            doc = "".join(rng.choice(list(alphabet), size=int(rng.integers(10, 40))))
-            (folder / f"{i:03d}.txt").write_text(doc)
-        domains[name] = [str(folder)]
-    prepare(
-        domains,
-        root / "corpus",
-        seq_len=SEQ_LEN,
-        val_fraction=0.15,
-        test_fraction=0.0,
-        shard_sequences=16,
-        seed=0,
-        progress=False,
+    return prepare_alphabet_corpus(
+        tmp_path_factory.mktemp("stream"), ALPHABETS, docs=30, seq_len=SEQ_LEN, val_fraction=0.15
     )
-    return root / "corpus"
 
 
 @pytest.fixture(scope="module")

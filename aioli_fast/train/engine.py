@@ -295,19 +295,3 @@ class DeepSpeedEngine(_Engine):
         with gathered:
             state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
         return state if dist.get_rank() == 0 else {}
-
-
-def build_engine(
-    backend: str,
-    model: GPT,
-    cfg: RunConfig,
-    device: torch.device,
-    precision: str,
-    micro: int,
-    micro_steps: int,
-    world_size: int,
-):
-    """The engine of ``backend`` (``torch`` or ``deepspeed``) around ``model``."""
-    if backend == "torch":
-        return TorchEngine(model, cfg, device, precision, micro_steps)
-    return DeepSpeedEngine(model, cfg, device, precision, micro, micro_steps, world_size)

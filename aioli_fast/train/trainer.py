@@ -54,7 +54,7 @@ from .components import (
     select_domains,
 )
 from .device import resolve_precision
-from .engine import build_engine, init_distributed, resolve_backend
+from .engine import DeepSpeedEngine, TorchEngine, init_distributed, resolve_backend
 from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
 from .logger import MetricsLog
 from .resume import prepare_run_dir
@@ -135,9 +135,12 @@ class _Run:
         self.per_rank, self.micro, self.micro_steps = batch_layout(cfg, info.world_size)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg, self.manifest)
-        self.engine = build_engine(
-            backend, model, cfg, device, precision, self.micro, self.micro_steps, info.world_size
-        )
+        if backend == "torch":
+            self.engine = TorchEngine(model, cfg, device, precision, self.micro_steps)
+        else:
+            self.engine = DeepSpeedEngine(
+                model, cfg, device, precision, self.micro, self.micro_steps, info.world_size
+            )
         self.model = self.engine.module
         self.lockstep = backend == "deepspeed" and cfg.engine.zero_stage == 3
         self.mixer = build_run_mixer(cfg, self.domains, device)
