@@ -221,11 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.batch_size=8")
     p.set_defaults(func=_cmd_skills_graph)
 
-    add_plugin_commands(sub)
+    if not add_plugin_commands(sub):
+        parser.epilog = NO_PLUGINS_HINT
     return parser
 
 
-def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
+NO_PLUGINS_HINT = (
+    f"no commands from the {COMMAND_GROUP} entry points are registered (aioli-fast corpus, sweep and demo "
+    "come that way): install the package (python3 install.py, or pip install -e .) to add them"
+)
+
+
+def add_plugin_commands(sub: argparse._SubParsersAction) -> int:
     """The subcommands other packages add: each entry point of the ``aioli_fast.commands`` group names a
     function that takes ``sub`` and adds its subparser(s), each with its ``func`` (as above).
 
@@ -234,16 +241,24 @@ def add_plugin_commands(sub: argparse._SubParsersAction) -> None:
     """
     from importlib.metadata import entry_points
 
-    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+    found = sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name)
+    for ep in found:
         try:
             ep.load()(sub)
         except Exception as exc:  # a broken plugin must not break training
             print(f"aioli-fast: warning: commands {ep.name} ({ep.value}) not added: {exc}", file=sys.stderr)
+    return len(found)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # an unknown command may be one that installing the package would add
+        if exc.code not in (0, None) and parser.epilog == NO_PLUGINS_HINT:
+            print(f"aioli-fast: {NO_PLUGINS_HINT}", file=sys.stderr)
+        raise
     try:
         args.func(args)
     except AioliError as exc:

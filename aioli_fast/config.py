@@ -91,7 +91,8 @@ class MixingSection:
         if not isinstance(data, dict):
             raise ConfigError(f"{prefix}: expected a mapping, got {type(data).__name__} {data!r}")
         hints = typing.get_type_hints(cls)
-        types_by_name = option_types(data.get("method", cls.method))
+        method = data.get("method", cls.method)
+        types_by_name = option_types(method if isinstance(method, str) else None)
         fixed: dict[str, Any] = {}
         settings: dict[str, Any] = {}
         for key, value in data.items():

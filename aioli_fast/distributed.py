@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -78,19 +78,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-_HOST_GROUPS: dict[int, Any] = {}
+_HOST_GROUP: list = []  # [(the default group it was made for, the gloo group)]
 
 
 def host_group():
     """A process group whose collectives run on CPU tensors (gloo), for agreements that must not wait
     for the accelerator: the default group when it is gloo, else a gloo group over the same ranks, made
-    once per process (every rank makes it at the same call, as ``new_group`` requires)."""
+    at the first call (every rank must make that call at the same point, as ``new_group`` requires:
+    the trainer makes it at start-up) and made again if the default group is replaced."""
     if dist.get_backend() == "gloo":
         return None  # the default group
-    key = id(dist.group.WORLD)
-    if key not in _HOST_GROUPS:
-        _HOST_GROUPS[key] = dist.new_group(backend="gloo")
-    return _HOST_GROUPS[key]
+    if not _HOST_GROUP or _HOST_GROUP[0][0] is not dist.group.WORLD:
+        _HOST_GROUP[:] = [(dist.group.WORLD, dist.new_group(backend="gloo"))]
+    return _HOST_GROUP[0][1]
 
 
 def any_rank(flag: bool) -> bool:

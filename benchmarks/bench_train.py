@@ -43,7 +43,7 @@ import torch
 
 from aioli_fast.config import config_from_dict
 from aioli_fast.fileio import say
-from aioli_fast.mixing import build_mixer
+from aioli_fast.train import build_run_mixer
 
 METHODS = ("static", "train", "probe", "full_val")
 # the demo's four domains, for checking a preset's configs without a corpus
@@ -215,11 +215,7 @@ def validate_configs(configs: dict[str, dict], domains: list[str]) -> dict:
     resolved = {}
     for method, entry in configs.items():
         cfg = config_from_dict(entry["config"], entry["overrides"])
-        options = {k: v for k, v in cfg.mixing.options().items() if v is not None}
-        options.setdefault("seed", cfg.train.seed)
-        if cfg.mixing.method == "static":
-            options.pop("seed")
-        build_mixer(cfg.mixing.method, domains, proportions=cfg.mixing.proportions, **options)
+        build_run_mixer(cfg, list(domains), torch.device("cpu"))
         resolved[method] = cfg.to_dict()
     return resolved
 

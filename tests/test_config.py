@@ -74,6 +74,8 @@ def test_unknown_key_names_it_and_the_nearest(data, expected):
         ({"data": {"path": "x", "domains": "a"}}, "data.domains: expected a list"),
         ({"mixing": {"proportions": {"a": "x"}}}, "mixing.proportions.a: expected float"),
         ({"train": 3}, "train: expected a mapping"),
+        ({"mixing": {"method": ["aioli"], "eta": 0.1}}, "mixing.method: expected str, got list"),
+        ({"mixing": {"method": "aioli", "eta": "fast"}}, "mixing.eta: expected float, got str 'fast'"),
     ],
     ids=[
         "str-for-int",
@@ -83,6 +85,8 @@ def test_unknown_key_names_it_and_the_nearest(data, expected):
         "str-for-list",
         "bad-dict-value",
         "scalar-for-section",
+        "list-for-method",
+        "str-for-mixer-option",
     ],
 )
 def test_wrong_type_is_rejected(data, expected):

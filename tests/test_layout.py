@@ -156,3 +156,20 @@ def test_the_harness_commands_are_registered():
     loaded = ast.literal_eval(out.stdout)
     assert "aioli_fast.harness.commands" in loaded
     assert not [m for m in loaded if m.startswith("torch") or m.endswith((".sweep", ".demo", ".corpora"))]
+
+
+def test_without_registered_entry_points_an_unknown_command_says_how_to_get_them(monkeypatch, capsys):
+    import pytest
+
+    from aioli_fast import cli
+
+    monkeypatch.setattr(cli, "COMMAND_GROUP", "aioli_fast.commands_of_no_installed_package")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'demo'" in err
+    assert "install the package (python3 install.py, or pip install -e .) to add them" in err
+    with pytest.raises(SystemExit) as exit_info:  # the core's commands are all there
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0 and "install the package" not in capsys.readouterr().err

@@ -4,8 +4,9 @@ A mixer owns the mixture proportions of a run. All state lives in tensors on the
 nothing in ``observe`` or in an update reads device values on the host: the only read is the one the
 data stream needs, :meth:`Mixer.host_proportions`, once per change of the proportions.
 
-Every call the training loop makes is declared on :class:`Mixer` with a default that does nothing, so a
-mixer overrides only what it uses. Per optimizer step ``step`` (the global step), in this order:
+Every call the training loop makes is declared on :class:`Mixer` with a default that does nothing (or
+refuses a measurement the method does not take), so a mixer overrides only what it uses. Per
+optimizer step ``step`` (the global step), in this order:
 
     if mixer.measurement_due(step):                       # probe / full_val measurement sources only
         mixer.observe_measurement(step, *evaluate_probe())

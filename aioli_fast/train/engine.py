@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, merge_mappings
-from ..distributed import DistInfo
+from ..distributed import DistInfo, group_info
 from ..errors import ConfigError
 from ..model import GPT, ModelOutput
 from .device import autocast_context
@@ -294,4 +294,4 @@ class DeepSpeedEngine(_Engine):
             gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gathered:
             state = {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
-        return state if dist.get_rank() == 0 else {}
+        return state if group_info().is_main else {}

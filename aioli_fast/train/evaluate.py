@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..data import Manifest, load_manifest, sequential_batches
+from ..distributed import all_reduce_
 from ..errors import AioliError
 from ..model import GPT
 from .checkpoint import load_checkpoint
@@ -76,7 +76,7 @@ def measure_losses(
     finally:
         model.train(was_training)
     if world_size > 1 and all_reduce:
-        dist.all_reduce(both_2D, op=dist.ReduceOp.SUM)
+        all_reduce_(both_2D)
     return both_2D[0], both_2D[1]
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import MixtureStream, load_manifest
-from ..distributed import all_reduce_, any_rank, barrier, launch_info
+from ..distributed import all_reduce_, any_rank, barrier, host_group, launch_info
 from ..errors import AioliError, ConfigError
 from ..fileio import atomic_write_json, progress_bar, say
 from ..mixing import MIXERS
@@ -174,6 +174,8 @@ class _Run:
             rank=info.rank,
             world_size=info.world_size,
         )
+        if info.world_size > 1 and cfg.checkpoint.on_sigterm:
+            host_group()  # made now, by every rank, for the per-step agreement on stopping
         self.run_dir = Path(t.out_dir) / (t.name or "run")
         ck_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
         self.checkpoints = RunCheckpoints(ck_dir, cfg.checkpoint.keep_last, info.rank)
