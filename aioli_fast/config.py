@@ -163,6 +163,7 @@ class TrainSection:
     overwrite: bool = False
     progress: bool = True
     on_nan: str = "stop"  # stop | skip (a step whose loss or gradients are not finite is not applied)
+    max_skipped_fraction: float = 0.05  # on_nan=skip: more skipped steps than this share of steps fails
     tensorboard: str = "auto"  # auto (when the tensorboard package is installed) | on | off
 
 
@@ -253,6 +254,12 @@ class RunConfig:
             ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
             ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
             ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+            (
+                "train.max_skipped_fraction",
+                t.max_skipped_fraction,
+                0 <= t.max_skipped_fraction <= 1,
+                "in [0, 1]",
+            ),
             ("eval.batch_size", e.batch_size, e.batch_size >= 1, ">= 1"),
             ("eval.every", e.every, e.every >= 0, ">= 0"),
             (
@@ -385,7 +392,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({yaml_problem(exc)})") from exc
     return key.strip().split("."), value
 
 
@@ -425,15 +432,44 @@ def merge_mappings(base: dict, over: dict) -> dict:
     return out
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: where (line and column, 1-based) and what, without the echoed source."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        context = f"{exc.context}, " if exc.context else ""
+        return f"{where}{context}{exc.problem}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"character {exc.position}: {' '.join(str(exc).splitlines()[0].split())}"
+    return " ".join(str(exc).split())
+
+
 def read_yaml_mapping(path: str | Path, what: str) -> dict:
-    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the problem."""
+    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the problem.
+
+    The file must be UTF-8 text (a BOM is allowed); anything else, or a file that cannot be read, is a
+    ConfigError naming the file (and the first byte that is not UTF-8).
+    """
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise ConfigError(f"{what} {path} is not a file")
         raise ConfigError(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
+            f"save the {what} as UTF-8"
+        ) from exc
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -122,12 +122,23 @@ def on_rank0(fn: Callable[[], T], rank: int) -> T:
         except Exception as exc:  # noqa: BLE001 - every failure must reach the other ranks
             error = exc
     if is_multiprocess():
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        box = [(result, message)]
+        # a user-facing error reaches the other ranks with its type and message, anything else as text
+        if error is None:
+            sent = None
+        elif isinstance(error, AioliError):
+            sent = (type(error), str(error))
+        else:
+            sent = (AioliError, f"rank 0 failed: {type(error).__name__}: {error}")
+        box = [(result, sent)]
         dist.broadcast_object_list(box, src=0)
-        result, message = box[0]
-        if message is not None and rank != 0:
-            raise AioliError(f"rank 0 failed: {message}")
+        result, sent = box[0]
+        if sent is not None and rank != 0:
+            kind, message = sent
+            try:
+                raised = kind(message)
+            except TypeError:  # an error type whose constructor takes other arguments
+                raised = AioliError(message)
+            raise raised
     if error is not None:
         raise error
     return result

@@ -4,8 +4,8 @@ A run directory is what ``aioli-fast train`` writes: ``config.yaml`` (always, wr
 ``metrics.jsonl`` (training and evaluation records, see :mod:`aioli_fast.train.logger`) and, once the run
 has finished, ``final.json``. A run without ``final.json`` (still training, stopped or crashed) is
 reported as *unfinished* from its metrics; a last metrics line without its newline in such a run is
-the one being written and is ignored. Anything else that cannot be read is an :class:`AioliError`
-naming the file (and line).
+the one being written and is ignored. Anything else that cannot be read, and a field the report reads
+that has the wrong type, is an :class:`AioliError` naming the file (and line, and field).
 
 The report (``--out``, default ``./report``) holds ``report.md`` and the figures it links, with
 relative links so the folder can be moved or committed as a whole:
@@ -16,7 +16,9 @@ relative links so the folder can be moved or committed as a whole:
 - ``val_loss.png`` (when a run has evaluation records or a final validation): validation loss, one panel
   for the average and one per domain, one line per run; a finished run's last point is its final.json.
 
-Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state). Domains are matched
+The report is all or nothing: everything is read, checked and drawn before the first file is written,
+and the files are renamed into place together (``report.md`` last), so a failure leaves ``--out`` as it
+was. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot state). Domains are matched
 across runs by name, in the order they are first seen.
 """
 
@@ -26,14 +28,16 @@ import io
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+from .config import yaml_problem
 from .errors import AioliError
-from .fileio import atomic_write_bytes, ensure_writable_dir
+from .fileio import ensure_writable_dir
 
 FIGURES = ("train_loss.png", "proportions.png", "val_loss.png")
 
@@ -130,6 +134,107 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+class _Damaged(Exception):
+    """A field of a run file that is not what the report reads there (the message names the field)."""
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (str, int, float)):
+        text = repr(value)
+        return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+    return type(value).__name__
+
+
+def _fail(field_name: str, rule: str, value: Any) -> NoReturn:
+    raise _Damaged(f"'{field_name}' must be {rule}, got {_describe(value)}")
+
+
+def _mapping(value: Any, field_name: str, *, null: bool = False) -> dict:
+    if value is None and null:
+        return {}
+    if not isinstance(value, dict):
+        _fail(field_name, "a mapping or null" if null else "a mapping", value)
+    return value
+
+
+def _number_or_null(value: Any, field_name: str) -> None:
+    if value is not None and not _is_number(value):
+        _fail(field_name, "a number or null", value)
+
+
+def _count(value: Any, field_name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        _fail(field_name, "a non-negative integer", value)
+
+
+def _names(value: Any, field_name: str, *, null: bool = False) -> None:
+    if value is None and null:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _fail(field_name, "a list of names or null" if null else "a list of names", value)
+
+
+def _string(value: Any, field_name: str) -> None:
+    if not isinstance(value, str):
+        _fail(field_name, "a string", value)
+
+
+def _check_results(value: Any, field_name: str) -> None:
+    """An evaluation result: ``{"domains": {d: {"loss", "ppl", ...}}, "average": {"loss", "ppl"}}``."""
+    results = _mapping(value, field_name)
+    if "domains" in results:
+        for domain, per_domain in _mapping(results["domains"], f"{field_name}.domains").items():
+            per_domain = _mapping(per_domain, f"{field_name}.domains.{domain}")
+            for key in ("loss", "ppl"):
+                if key in per_domain:
+                    _number_or_null(per_domain[key], f"{field_name}.domains.{domain}.{key}")
+    if "average" in results:
+        average = _mapping(results["average"], f"{field_name}.average")
+        for key in ("loss", "ppl"):
+            if key in average:
+                _number_or_null(average[key], f"{field_name}.average.{key}")
+
+
+def _check_final(final: dict) -> None:
+    """The fields of final.json that the report reads; a field that is absent is taken from elsewhere
+    (the metrics, the config), one that is there must have the type the trainer writes."""
+    for key in ("steps", "tokens"):
+        if key in final:
+            _count(final[key], key)
+    if "tokens_per_s" in final:
+        _number_or_null(final["tokens_per_s"], "tokens_per_s")
+    if "domains" in final:
+        _names(final["domains"], "domains")
+    if "proportions" in final:
+        for domain, value in _mapping(final["proportions"], "proportions").items():
+            _number_or_null(value, f"proportions.{domain}")
+    if "mixer" in final:
+        mixer = _mapping(final["mixer"], "mixer")
+        if "method" in mixer:
+            _string(mixer["method"], "mixer.method")
+    for split in ("val", "test"):
+        if split in final:
+            _check_results(final[split], split)
+    if "average" in final:
+        for key, value in _mapping(final["average"], "average").items():
+            _number_or_null(value, f"average.{key}")
+
+
+def _check_config(config: dict) -> None:
+    """The keys of config.yaml that the report reads (a section may be null: the defaults)."""
+    data = _mapping(config.get("data"), "data", null=True)
+    mixing = _mapping(config.get("mixing"), "mixing", null=True)
+    train = _mapping(config.get("train"), "train", null=True)
+    if "domains" in data:
+        _names(data["domains"], "data.domains", null=True)
+    if "method" in mixing:
+        _string(mixing["method"], "mixing.method")
+    if "steps" in train and (not isinstance(train["steps"], int) or isinstance(train["steps"], bool)):
+        _fail("train.steps", "an integer", train["steps"])
+
+
 def _check_record(record: Any) -> str | None:
     """Why ``record`` is not a valid metrics record, or None when it is."""
     if not isinstance(record, dict):
@@ -146,6 +251,14 @@ def _check_record(record: Any) -> str | None:
         return f"'loss' must be a number, got {record['loss']!r}"
     if "eval" in record and not isinstance(record["eval"], dict):
         return "'eval' must be an object of splits"
+    try:
+        for key in ("tokens", "tokens_per_s"):
+            if key in record:
+                _number_or_null(record[key], key)
+        if "eval" in record and "val" in record["eval"]:
+            _check_results(record["eval"]["val"], "eval.val")
+    except _Damaged as exc:
+        return str(exc)
     return None
 
 
@@ -206,13 +319,28 @@ def load_run(path: str | Path) -> RunData:
     if not config_path.is_file():
         raise AioliError(f"{path} is not a run directory: it has no config.yaml")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise AioliError(f"cannot read {config_path}: {exc}") from exc
+        raw = config_path.read_bytes()
+    except OSError as exc:
+        raise AioliError(f"cannot read {config_path}: {exc.strerror or exc}") from exc
+    try:
+        config = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AioliError(f"{config_path} is damaged: not UTF-8 text (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise AioliError(f"{config_path} is damaged: not valid YAML ({yaml_problem(exc)})") from exc
     if not isinstance(config, dict):
         raise AioliError(f"{config_path} is damaged: expected a mapping of config sections")
+    try:
+        _check_config(config)
+    except _Damaged as exc:
+        raise AioliError(f"{config_path} is damaged: {exc}") from None
     final_path = path / "final.json"
     final = _read_json(final_path) if final_path.exists() else None
+    if final is not None:
+        try:
+            _check_final(final)
+        except _Damaged as exc:
+            raise AioliError(f"{final_path} is damaged: {exc}") from None
     train, evals = [], []
     metrics_path = path / "metrics.jsonl"
     if metrics_path.exists():
@@ -481,8 +609,10 @@ class Report:
 def write_report(run_dirs: list[str | Path], out: str | Path = "report") -> Report:
     """Read ``run_dirs``, write the figures and ``report.md`` to the folder ``out``.
 
-    Figures of an earlier report in ``out`` that this one does not draw are removed, so report.md and
-    the folder agree.
+    All or nothing: every run is read and checked and every file drawn before anything is written; the
+    files are then written beside their places and renamed into them, report.md last. A failure leaves
+    ``out`` as it was. Figures of an earlier report in ``out`` that this one does not draw are removed,
+    so report.md and the folder agree.
     """
     if not run_dirs:
         raise AioliError("no run directory given")
@@ -493,19 +623,53 @@ def write_report(run_dirs: list[str | Path], out: str | Path = "report") -> Repo
         raise AioliError("the report needs matplotlib: pip install 'matplotlib>=3.7'") from None
     _label_runs(runs)
     domains = _all_domains(runs)
-    out = ensure_writable_dir(out, "report directory")
-    figures = {
+    out = Path(out)
+    files = {
         "train_loss.png": plot_train_loss(runs, domains),
         "proportions.png": plot_proportions(run_panels(runs, domains), domains),
     }
     if any(validation_points(run) for run in runs):
-        figures["val_loss.png"] = plot_val_loss(runs, domains)
-    for name in FIGURES:
-        if name in figures:
-            atomic_write_bytes(out / name, figures[name])
-        else:
-            (out / name).unlink(missing_ok=True)
-    report = out / "report.md"
-    text = render_markdown(runs, domains, list(figures), out)
-    atomic_write_bytes(report, text.encode("utf-8"))
-    return Report(report, [out / name for name in figures], runs)
+        files["val_loss.png"] = plot_val_loss(runs, domains)
+    figures = list(files)
+    files["report.md"] = render_markdown(runs, domains, figures, out).encode("utf-8")
+    _write_files(out, files, stale=[name for name in FIGURES if name not in files])
+    return Report(out / "report.md", [out / name for name in figures], runs)
+
+
+def _write_files(out: Path, files: dict[str, bytes], stale: list[str]) -> None:
+    """Write ``files`` (name -> content, renamed into place in this order) into the folder ``out`` and
+    remove the files named by ``stale``, all or nothing: nothing is replaced unless every file has been
+    written in full; an :class:`AioliError` otherwise, with ``out`` as it was."""
+    created = not out.exists()
+    out = ensure_writable_dir(out, "report directory")
+    for name in [*files, *stale]:
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            raise AioliError(f"{target} is in the way: a folder where the report writes a file")
+    staged: dict[str, str] = {}
+    done = False
+    try:
+        for name, data in files.items():
+            fd, staged[name] = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        last = list(files)[-1]
+        for name in files:
+            if name == last:
+                for old in stale:
+                    (out / old).unlink(missing_ok=True)
+            os.replace(staged[name], out / name)
+            del staged[name]
+        done = True
+    except OSError as exc:
+        raise AioliError(f"cannot write the report to {out}: {exc.strerror or exc}") from exc
+    finally:
+        for tmp in staged.values():
+            Path(tmp).unlink(missing_ok=True)
+        if created and not done:
+            try:
+                out.rmdir()  # made for this report, which was not written
+            except OSError:
+                pass

@@ -1,5 +1,7 @@
 """Config loading: typed sections, unknown keys with suggestions, wrong types, overrides, presets."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,74 @@ def test_a_mixer_registered_outside_the_package_takes_its_options_from_yaml(tmp_
         config_from_dict(yaml.safe_load(written)).to_dict()
         == config_from_dict({"data": {"path": "c"}}).to_dict()
     )
+
+
+NOT_UTF8 = b"train:\n  steps: 3\n# caf\xe9 latin-1\n"  # byte 23 (0xe9) is not UTF-8
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_from_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(NOT_UTF8)
+    proc = subprocess.run(
+        [sys.executable, "-m", "aioli_fast", "train", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"aioli-fast train: error: {bad} is not UTF-8 text")
+    assert "byte 23" in proc.stderr
+
+
+@pytest.mark.parametrize("reader", ["config file", "sweep spec"])
+@pytest.mark.parametrize(
+    "data", [NOT_UTF8, "train: {steps: 3}\n".encode("utf-16")], ids=["latin-1", "utf-16"]
+)
+def test_every_yaml_reader_says_a_file_is_not_utf8(tmp_path, reader, data):
+    from aioli_fast.harness.sweep import load_spec
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(data)
+    load = load_config if reader == "config file" else load_spec
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as err:
+        load(bad)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_config_file_is_a_config_error(tmp_path):
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("train: {steps: 3}\n")
+    locked.chmod(0)
+    try:
+        with pytest.raises(ConfigError, match=f"cannot read config file {re.escape(str(locked))}"):
+            load_config(locked)
+    finally:
+        locked.chmod(0o600)
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {re.escape(str(tmp_path))} is not a file"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train: [1, 2\n", "line 2, column 1: while parsing a flow sequence, expected ',' or ']'"),
+        ("train:\n  steps: 3: 4\n", "line 2, column 11: mapping values are not allowed here"),
+        ("train: {steps: 3}\n\x07\n", "unacceptable character #x0007"),
+    ],
+    ids=["unclosed", "colon", "control-character"],
+)
+def test_invalid_yaml_is_one_line_naming_where(tmp_path, text, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(f"{bad} is not valid YAML: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)

@@ -306,3 +306,146 @@ def test_config_of_the_run_is_read(runs):
     run = load_run(runs / "static")
     assert run.config == yaml.safe_load((runs / "static" / "config.yaml").read_text())
     assert run.method == "static" and run.domains == DOMAINS and run.finished and run.status() == "finished"
+
+
+@pytest.fixture(scope="module")
+def previous_report(runs, tmp_path_factory):
+    """A complete report of the static run, to be copied into --out before a report that fails."""
+    out = tmp_path_factory.mktemp("previous") / "report"
+    write_report([runs / "static"], out)
+    return out
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[last] = value
+
+
+DAMAGED_FIELDS = [
+    # (file, dotted field, wrong value, what the message says)
+    ("final.json", "average", "oops", "'average' must be a mapping, got str"),
+    ("final.json", "tokens_per_s", [1, 2], "'tokens_per_s' must be a number or null, got list"),
+    ("final.json", "steps", None, "'steps' must be a non-negative integer, got null"),
+    ("final.json", "tokens", "12", "'tokens' must be a non-negative integer, got str"),
+    ("final.json", "domains", "ab", "'domains' must be a list of names, got str"),
+    ("final.json", "proportions", {"ab": "half", "xyz": 0.5}, "'proportions.ab' must be a number or null"),
+    ("final.json", "mixer", [], "'mixer' must be a mapping, got list"),
+    ("final.json", "mixer.method", None, "'mixer.method' must be a string, got null"),
+    ("final.json", "test", None, "'test' must be a mapping, got null"),
+    ("final.json", "val.domains.ab", "x", "'val.domains.ab' must be a mapping, got str"),
+    ("final.json", "val.domains", [], "'val.domains' must be a mapping, got list"),
+    ("final.json", "val.average.loss", [2.0], "'val.average.loss' must be a number or null, got list"),
+    ("final.json", "test.domains.xyz.ppl", "1.5", "'test.domains.xyz.ppl' must be a number or null"),
+    # metrics.jsonl: eval.* in the first evaluation record, anything else in the first training record
+    ("metrics.jsonl", "tokens", "many", "'tokens' must be a number or null, got str"),
+    ("metrics.jsonl", "tokens_per_s", {}, "'tokens_per_s' must be a number or null, got dict"),
+    ("metrics.jsonl", "eval.val.domains", "x", "'eval.val.domains' must be a mapping, got str"),
+    ("metrics.jsonl", "eval.val", None, "'eval.val' must be a mapping, got null"),
+    ("metrics.jsonl", "eval.val.average", [1], "'eval.val.average' must be a mapping, got list"),
+    ("config.yaml", "data", "corpus", "'data' must be a mapping or null, got str"),
+    ("config.yaml", "mixing", ["static"], "'mixing' must be a mapping or null, got list"),
+    ("config.yaml", "train.steps", [12], "'train.steps' must be an integer, got list"),
+    ("config.yaml", "data.domains", "ab", "'data.domains' must be a list of names or null, got str"),
+    ("config.yaml", "mixing.method", None, "'mixing.method' must be a string, got null"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, field, value, expected", DAMAGED_FIELDS, ids=[f"{n}:{f}={v!r}" for n, f, v, _ in DAMAGED_FIELDS]
+)
+def test_a_wrong_type_in_a_run_file_is_one_line_and_leaves_the_report_as_it_was(
+    runs, previous_report, tmp_path, capsys, name, field, value, expected
+):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs / "strat", damaged)
+    path = damaged / name
+    where = f"{path} is damaged: "
+    if name == "final.json":
+        final = json.loads(path.read_text())
+        _set(final, field, value)
+        path.write_text(json.dumps(final))
+    elif name == "config.yaml":
+        config = yaml.safe_load(path.read_text())
+        _set(config, field, value)
+        path.write_text(yaml.safe_dump(config))
+    else:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        kind = "eval" if field.startswith("eval.") else "loss"
+        number = next(i for i, r in enumerate(records) if kind in r)
+        _set(records[number], field, value)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        where = f"{path}:{number + 1}: damaged metrics record: "
+    out = tmp_path / "out"
+    shutil.copytree(previous_report, out)
+    before = folder_bytes(out)
+
+    err = _report_error(capsys, runs / "static", damaged, "--out", out)
+    assert where + expected in err
+    assert folder_bytes(out) == before  # no figure replaced, report.md as it was
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no temporary file left
+
+    fresh = tmp_path / "fresh"
+    _report_error(capsys, damaged, "--out", fresh)
+    assert not fresh.exists()
+
+
+@pytest.mark.parametrize("blocked", ["report.md", "proportions.png", "val_loss.png"])
+def test_a_report_that_cannot_be_written_whole_leaves_the_previous_one(
+    runs, previous_report, tmp_path, capsys, blocked
+):
+    """A name of the report taken by a folder: one line, and nothing of the previous report replaced."""
+    out = tmp_path / "out"
+    shutil.copytree(previous_report, out)
+    (out / blocked).unlink(missing_ok=True)
+    (out / blocked).mkdir()
+    (out / blocked / "keep").write_text("mine")
+    before = folder_bytes(out)
+
+    err = _report_error(capsys, runs / "strat", "--out", out)
+    assert f"{out / blocked} is in the way" in err
+    assert folder_bytes(out) == before and (out / blocked / "keep").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, blocked])
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"train: [1, 2\n", "is damaged: not valid YAML (line 2, column 1: while parsing a flow sequence"),
+        (b"train:\n  steps: 12 # caf\xe9\n", "is damaged: not UTF-8 text (byte 24)"),
+    ],
+    ids=["yaml", "latin-1"],
+)
+def test_a_config_yaml_that_cannot_be_parsed_is_one_line(runs, tmp_path, capsys, content, expected):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs / "static", damaged)
+    (damaged / "config.yaml").write_bytes(content)
+    err = _report_error(capsys, damaged, "--out", tmp_path / "out")
+    assert f"{damaged / 'config.yaml'} {expected}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nulls_the_trainer_may_write_are_reported_as_missing(runs, tmp_path):
+    """tokens_per_s null (no time measured), a null config section (the defaults), a null per-domain
+    loss: no error, a dash in the table."""
+    run = tmp_path / "nulls"
+    shutil.copytree(runs / "static", run)
+    final = json.loads((run / "final.json").read_text())
+    final["tokens_per_s"] = None
+    final["test"]["domains"]["ab"]["ppl"] = None
+    (run / "final.json").write_text(json.dumps(final))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    tables = parse_tables(write_report([run], tmp_path / "out").path.read_text())
+    assert tables["Summary"]["nulls"]["tokens/s"] == "–"
+    assert tables["Per-domain test perplexity"]["nulls"]["ab"] == "–"
+    assert (
+        tables["Per-domain test perplexity"]["nulls"]["xyz"]
+        == f"{final['test']['domains']['xyz']['ppl']:.3f}"
+    )

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ from ..model import GPT, GPTConfig
 CHECKPOINT_FORMAT = 1
 RUN_CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class CheckpointWriteError(AioliError, OSError):
+    """A checkpoint could not be written (the message says why and what is still intact); an OSError
+    too, since that is what it reports."""
 
 
 def save_checkpoint(
@@ -177,7 +183,12 @@ class RunCheckpoints:
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = exc
         if not all_ok(error is None, device):
-            raise error or AioliError(f"another rank failed to write its part of checkpoint {final}")
+            on_rank0(lambda: shutil.rmtree(partial, ignore_errors=True), self.rank)
+            if error is None:
+                raise CheckpointWriteError(f"another rank failed to write its part of checkpoint {final}")
+            if isinstance(error, (OSError, RuntimeError)):  # torch reports a failed write as RuntimeError
+                raise self._write_error(final, error) from error
+            raise error
         ranks = gather_objects(to_cpu({**own, "rng": rng_state()}))
 
         def finish() -> None:
@@ -193,8 +204,63 @@ class RunCheckpoints:
                 if old not in keep:
                     shutil.rmtree(old, ignore_errors=True)
 
-        on_rank0(finish, self.rank)
+        def finish_or_clean_up() -> None:
+            try:
+                finish()
+            except (OSError, RuntimeError) as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise self._write_error(final, exc) from exc
+
+        on_rank0(finish_or_clean_up, self.rank)
         return final
+
+    def _write_error(self, final: Path, exc: BaseException) -> CheckpointWriteError:
+        """One line for a checkpoint that could not be written (a full disk, a file-size limit, ...)."""
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        try:
+            free = f"; {shutil.disk_usage(self.folder).free / 2**20:,.0f} MiB free there"
+        except OSError:
+            free = ""
+        previous = self.latest()
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        return CheckpointWriteError(f"could not write checkpoint {final} ({first}{free}); {kept}")
+
+    def remove(self, path: Path) -> None:
+        """Delete the checkpoint at ``path`` (rank 0); ``latest`` then names the newest one left."""
+        shutil.rmtree(path, ignore_errors=True)
+        pointer = self.folder / "latest"
+        left = self.step_dirs()
+        if left:
+            atomic_write_bytes(pointer, (left[-1].name + "\n").encode("utf-8"))
+        else:
+            pointer.unlink(missing_ok=True)
+
+    def candidates(self) -> list[Path]:
+        """Complete checkpoints to resume from, the one ``latest`` names first, then newest first."""
+        named = self.latest()
+        return [*([named] if named else []), *(p for p in reversed(self.step_dirs()) if p != named)]
+
+    @staticmethod
+    def damage(path: Path) -> str | None:
+        """Why the checkpoint at ``path`` cannot be loaded, or None when it looks complete.
+
+        ``trainer.pt`` is read whole; every other ``.pt`` file (the engine's model and optimizer state)
+        is checked for a complete zip directory, which torch writes last: a truncated or overwritten
+        file fails that check without reading the tensors.
+        """
+        try:
+            RunCheckpoints.load_trainer_state(path)
+        except AioliError as exc:
+            return str(exc)
+        for file in sorted(Path(path).rglob("*.pt")):
+            if file.name == "trainer.pt":
+                continue
+            try:
+                with zipfile.ZipFile(file):
+                    pass
+            except (OSError, zipfile.BadZipFile) as exc:
+                return f"{file.relative_to(path)} is damaged or truncated ({type(exc).__name__}: {exc})"
+        return None
 
     @staticmethod
     def load_trainer_state(path: str | Path) -> dict:

@@ -8,6 +8,7 @@ The loop itself is :mod:`aioli_fast.train.trainer`.
 from __future__ import annotations
 
 import math
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import Manifest
-from ..errors import AioliError, ConfigError
+from ..errors import AioliError, ConfigError, DataError
 from ..mixing import MIXERS, Mixer, build_mixer
 from ..mixing.doge import gradient_alignment
 from ..model import GPT, preset_config
@@ -155,6 +156,27 @@ def domain_alignment(
     out = model(input_ids, labels, domain_ids, num_domains, loss_backend="reference")
     train_loss_D = out.loss_sum / out.count.clamp_min(1)
     return gradient_alignment(list(model.parameters()), train_loss_D, val_loss)
+
+
+def check_held_out_shards(manifest: Manifest, domains: list[str], splits: list[str]) -> None:
+    """Read the first member header of every shard of the held-out ``splits`` (one small read each), so
+    a damaged val/test shard stops the run at start-up rather than at the final evaluation. Sizes are
+    checked by :meth:`Manifest.check_files`; ``aioli-fast verify`` checks every byte."""
+    for domain in domains:
+        for split in splits:
+            for shard in manifest.split_shards(domain, split):
+                try:
+                    with tarfile.open(shard.path, mode="r:") as tar:
+                        first = tar.next()
+                except (OSError, tarfile.TarError) as exc:
+                    first, reason = None, f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = "it holds no member"
+                if first is None:
+                    raise DataError(
+                        f"{split} shard {shard.path} of domain {domain!r} is damaged ({reason}); "
+                        "run `aioli-fast verify` on the corpus, and prepare it again"
+                    )
 
 
 def held_out_splits(manifest: Manifest, domains: list[str]) -> tuple[list[str], list[str]]:

@@ -113,6 +113,8 @@ class _Engine:
     """What both engines share: the optimizer's learning rate, set by the loop every step."""
 
     optimizer: torch.optim.Optimizer
+    #: whether skipped steps are part of normal training (fp16 loss scaling skips overflowing steps)
+    loss_scaling: bool = False
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:  # ZeRO's optimizers pass their groups through
@@ -261,6 +263,10 @@ class DeepSpeedEngine(_Engine):
     @property
     def skipped_steps(self) -> int:
         return int(self.engine.skipped_steps)
+
+    @property
+    def loss_scaling(self) -> bool:
+        return bool(self.config.get("fp16", {}).get("enabled", False))
 
     def forward(self, *args, **kwargs) -> ModelOutput:
         # bf16 runs hold bf16 weights (DeepSpeed's bf16 mode); the loss kernels compute in fp32

@@ -113,6 +113,11 @@ def probe_batches(
     ]
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows (a diverged model), NaN for a NaN loss."""
+    return math.exp(loss) if loss < 700 else (math.inf if loss == loss else loss)
+
+
 def evaluate(
     model: GPT,
     manifest: Manifest,
@@ -146,7 +151,7 @@ def evaluate(
     results = {}
     for name, total, n in zip(domains, loss_sum_D.tolist(), count_D.tolist()):
         loss = total / n if n else float("nan")
-        results[name] = {"loss": loss, "ppl": math.exp(loss) if n else float("nan"), "tokens": int(n)}
+        results[name] = {"loss": loss, "ppl": perplexity(loss) if n else float("nan"), "tokens": int(n)}
     losses = [r["loss"] for r in results.values()]
     ppls = [r["ppl"] for r in results.values()]
     return {

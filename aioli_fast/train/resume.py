@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import RunConfig, dump_config
 from ..distributed import DistInfo, on_rank0
 from ..errors import AioliError, ConfigError
-from ..fileio import atomic_write_bytes, ensure_writable_dir
+from ..fileio import atomic_write_bytes, ensure_writable_dir, say
 from .checkpoint import RunCheckpoints
 
 # Config keys that may differ between a checkpoint and the run resuming it; every other key must match.
@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = (
     "train.name",
     "train.tensorboard",
     "train.on_nan",
+    "train.max_skipped_fraction",
     "train.device",
     "data.path",
     "data.num_workers",
@@ -79,11 +80,14 @@ def prepare_run_dir(
         if resume == "never" or (resume == "auto" and finished):
             checkpoint = None
         elif resume == "auto":
-            checkpoint = checkpoints.latest()
+            checkpoint = newest_loadable(checkpoints)
         else:
             checkpoint = Path(resume)
             if not (checkpoint / "trainer.pt").is_file():
                 raise ConfigError(f"checkpoint.resume={resume}: not a run checkpoint (no trainer.pt there)")
+            reason = RunCheckpoints.damage(checkpoint)
+            if reason is not None:
+                raise ConfigError(f"checkpoint.resume={resume} cannot be loaded: {reason}")
         step = None if checkpoint is None else check_resumable(checkpoint, cfg, info.world_size, engine_kind)
         ensure_writable_dir(run_dir, "run directory")
         stale = ["final.json", "model.pt", "config.yaml"]
@@ -101,6 +105,26 @@ def prepare_run_dir(
 
     checkpoint = on_rank0(decide, info.rank)
     return None if checkpoint is None else Path(checkpoint)
+
+
+def newest_loadable(checkpoints: RunCheckpoints) -> Path | None:
+    """The newest checkpoint of the run that can be loaded; each damaged one passed over is named on
+    stderr with the reason. None when the run has none; ConfigError when it has only damaged ones."""
+    skipped = []
+    for candidate in checkpoints.candidates():
+        reason = RunCheckpoints.damage(candidate)
+        if reason is None:
+            if skipped:
+                say(f"resuming from the previous complete checkpoint, {candidate}")
+            return candidate
+        skipped.append(candidate)
+        say(f"warning: checkpoint {candidate} cannot be loaded, passed over: {reason}")
+    if skipped:
+        raise ConfigError(
+            f"no checkpoint in {checkpoints.folder} can be loaded (see above); "
+            "set checkpoint.resume=never to start afresh"
+        )
+    return None
 
 
 def check_resumable(checkpoint: Path, cfg: RunConfig, world_size: int, engine_kind: str) -> int:

@@ -35,17 +35,18 @@ import torch
 
 from ..config import RunConfig
 from ..data import MixtureStream, load_manifest
-from ..distributed import all_reduce_, any_rank, barrier, host_group, launch_info
+from ..distributed import all_reduce_, any_rank, barrier, host_group, launch_info, on_rank0
 from ..errors import AioliError, ConfigError
 from ..fileio import atomic_write_json, progress_bar, say
 from ..mixing import MIXERS
-from .checkpoint import RunCheckpoints, save_checkpoint, set_rng_state
+from .checkpoint import CheckpointWriteError, RunCheckpoints, save_checkpoint, set_rng_state
 from .components import (
     RunResult,
     TrainingError,
     batch_layout,
     build_model,
     build_run_mixer,
+    check_held_out_shards,
     device_for,
     domain_alignment,
     held_out_splits,
@@ -66,12 +67,23 @@ class TrainingInterrupted(AioliError):
 
     exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by the signal
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(
-            f"stopped by SIGTERM after step {step}; checkpoint {checkpoint} written. "
-            "Run the same command again to resume."
-        )
+    def __init__(self, step: int, checkpoint: Path, *, evaluating: bool = False):
+        if evaluating:
+            message = (
+                f"stopped by SIGTERM during the final evaluation; training is complete (step {step}) and "
+                f"checkpoint {checkpoint} holds it. Run the same command again to evaluate."
+            )
+        else:
+            message = (
+                f"stopped by SIGTERM after step {step}; checkpoint {checkpoint} written. "
+                "Run the same command again to resume."
+            )
+        super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
+class _Preempted(Exception):
+    """Raised by the SIGTERM handler while the run cannot stop at a step boundary (the final evaluation)."""
 
 
 class _SigtermFlag:
@@ -79,6 +91,7 @@ class _SigtermFlag:
 
     def __init__(self, enabled: bool):
         self.raised = False
+        self.interrupt = False  # raise _Preempted at once instead of waiting for the loop to look
         self._previous = None
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
 
@@ -89,6 +102,8 @@ class _SigtermFlag:
 
     def _handle(self, signum, frame) -> None:
         self.raised = True
+        if self.interrupt:
+            raise _Preempted
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
@@ -132,6 +147,7 @@ class _Run:
         if cfg.eval.every and "val" not in self.eval_splits:
             raise ConfigError(f"eval.every={cfg.eval.every} needs a val split: {self.eval_notes[0]}")
         self.manifest.check_files(self.domains, ["train", *self.eval_splits])
+        check_held_out_shards(self.manifest, self.domains, self.eval_splits)
         self.per_rank, self.micro, self.micro_steps = batch_layout(cfg, info.world_size)
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         model = build_model(cfg, self.manifest)
@@ -194,6 +210,7 @@ class _Run:
         self.skipped_before = 0
         self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
         self.resumed_from = None
+        self.resumed_checkpoint: Path | None = None
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -265,11 +282,19 @@ class _Run:
     def _resume(self, checkpoint: Path) -> None:
         state = RunCheckpoints.load_trainer_state(checkpoint)
         own = state["ranks"][self.info.rank]
-        self.engine.load(checkpoint)
+        try:
+            self.engine.load(checkpoint)
+        except (OSError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AioliError(
+                f"cannot load the model and optimizer state of checkpoint {checkpoint} ({first}); name an "
+                "earlier checkpoint with checkpoint.resume=PATH, or set checkpoint.resume=never"
+            ) from exc
         self.mixer.load_state_dict(own["mixer"])
         self.stream.load_state_dict(state["stream"])
         loop = state["loop"]
         self.step = self.resumed_from = state["step"]
+        self.resumed_checkpoint = checkpoint
         self.total_tokens = loop["total_tokens"]
         self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
         self.scheduled_until = loop["scheduled_until"]
@@ -313,14 +338,15 @@ class _Run:
             bar,
         )
         start = time.perf_counter()
-        try:
-            with log, _SigtermFlag(cfg.checkpoint.on_sigterm) as sigterm:
-                self._loop(log, bar, sigterm)
-        finally:
-            self.stream.close()
-            if bar is not None:
-                bar.close()
-        return self._finish(time.perf_counter() - start)
+        with _SigtermFlag(cfg.checkpoint.on_sigterm) as sigterm:
+            try:
+                with log:
+                    self._loop(log, bar, sigterm)
+            finally:
+                self.stream.close()
+                if bar is not None:
+                    bar.close()
+            return self._finish(time.perf_counter() - start, sigterm)
 
     def _loop(self, log: MetricsLog, bar, sigterm: _SigtermFlag) -> None:
         self.train_start = self.window_start = time.perf_counter()
@@ -426,17 +452,37 @@ class _Run:
             )
 
     def _check_finite(self, done: int, totals: WindowTotals | None = None) -> None:
-        """Under ``train.on_nan=stop``: a step whose loss was not finite stops the run (before a save).
+        """Stop a run that diverged, before it is logged as fine or saved (every rank decides alike).
 
-        ``totals`` is the window all-reduced over ranks (reduced here when not given), so that every rank
-        decides alike.
+        ``train.on_nan=stop``: a step whose loss was not finite, or that DeepSpeed skipped because its
+        gradients were not, stops the run. ``skip``: more skipped steps than
+        ``train.max_skipped_fraction`` of the run's steps stop it. ``totals`` is the window all-reduced
+        over ranks (reduced here when not given).
         """
+        t = self.cfg.train
+        skipped = self.engine.skipped_steps + self.skipped_before
+        if t.on_nan == "skip":
+            allowed = int(t.max_skipped_fraction * t.steps)
+            if skipped > allowed:
+                raise TrainingError(
+                    f"train.on_nan=skip has skipped {skipped} of {done} steps, more than "
+                    f"train.max_skipped_fraction={t.max_skipped_fraction} of the run's {t.steps} steps "
+                    f"({allowed}): the run has diverged; lower optim.lr or check the data"
+                )
+            return
         if totals is None:
             totals = self.window.reduced().totals()
-        if self.cfg.train.on_nan == "stop" and totals.non_finite_steps > 0:
+        # the window sums every rank's steps: a step counts once, however many ranks saw it not finite
+        bad = -(-totals.non_finite_steps // self.info.world_size)
+        if bad:
             raise TrainingError(
-                f"the training loss was not finite (NaN or inf) on {totals.non_finite_steps} step(s) up to "
+                f"the training loss was not finite (NaN or inf) on {bad} step(s) up to "
                 f"step {done}; lower optim.lr, check the data, or set train.on_nan=skip"
+            )
+        if skipped and not self.engine.loss_scaling:
+            raise TrainingError(
+                f"the gradients were not finite on {skipped} step(s) up to step {done} (DeepSpeed skipped "
+                "them); lower optim.lr, check the data, or set train.on_nan=skip"
             )
 
     def _check_ranks_agree(self, host_p: list[float]) -> None:
@@ -502,26 +548,85 @@ class _Run:
             lockstep=self.lockstep,
         )
 
-    def _finish(self, train_time: float) -> RunResult:
-        cfg, t = self.cfg, self.cfg.train
-        state = self.engine.full_state_dict()
-        if self.main:
+    def _checkpoint_before_evaluation(self) -> Path | None:
+        """A run checkpoint of the finished training, unless the last step's is already there, so that a
+        run stopped during the final evaluation (or while writing model.pt) resumes straight into it.
+
+        Written whatever ``checkpoint.every`` says; with ``every: 0`` it is deleted once ``final.json``
+        is written. If it cannot be written (a full disk), the run goes on without it and says so.
+        """
+        if self.last_saved == self.cfg.train.steps:
+            return None
+        self._check_finite(self.step)
+        try:
+            path = self.checkpoints.save(
+                self.step, self.engine, self._shared_state(), self._own_state(), self.device
+            )
+        except CheckpointWriteError as exc:
+            self._say(f"warning: {exc}; going on to model.pt and the evaluation without it")
+            return None
+        self.last_saved = self.step
+        self._say(f"training saved in {path}: stopped from here on, the same command only evaluates")
+        return path
+
+    def _write_model(self, state: dict, end_checkpoint: Path | None) -> None:
+        """``model.pt`` (rank 0), or one line saying why not and what of the run is still on disk."""
+        path = self.run_dir / "model.pt"
+        try:
             save_checkpoint(
-                self.run_dir / "model.pt",
+                path,
                 self.model,
-                step=t.steps,
+                step=self.cfg.train.steps,
                 domains=self.domains,
-                config=cfg.to_dict(),
+                config=self.cfg.to_dict(),
                 tokenizer=self.manifest.tokenizer,
                 state=state,
             )
+        except (OSError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            kept = end_checkpoint or self.checkpoints.latest()
+            then = (
+                f"checkpoint {kept} holds the run: free space and run the same command again to write "
+                "model.pt and evaluate"
+                if kept is not None and kept.name == f"step_{self.cfg.train.steps:08d}"
+                else "nothing of the finished training could be saved"
+            )
+            raise TrainingError(f"could not write {path} ({first}); {then}") from exc
+
+    def _finish(self, train_time: float, sigterm: _SigtermFlag) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        end_checkpoint = self._checkpoint_before_evaluation()
+        state = self.engine.full_state_dict()
+        on_rank0(lambda: self._write_model(state, end_checkpoint), self.info.rank)
         for note in self.eval_notes:
             self._say(note)
         results = {}
-        for split in self.eval_splits:
-            if t.progress:
-                self._say(f"evaluating on {split} ...")
-            results[split] = self._evaluate(split)
+        sigterm.interrupt = True  # from here a SIGTERM stops at once: the training is on disk
+        try:
+            if sigterm.raised:
+                raise _Preempted
+            for split in self.eval_splits:
+                if t.progress:
+                    self._say(f"evaluating on {split} ...")
+                results[split] = self._evaluate(split)
+        except _Preempted:
+            raise TrainingInterrupted(
+                t.steps, end_checkpoint or self.checkpoints.latest(), evaluating=True
+            ) from None
+        finally:
+            sigterm.interrupt = False
+        diverged = [
+            split
+            for split, res in results.items()
+            if not (math.isfinite(res["average"]["loss"]) and math.isfinite(res["average"]["ppl"]))
+        ]
+        if diverged:
+            skipped = self.engine.skipped_steps + self.skipped_before
+            raise TrainingError(
+                f"the final {' and '.join(diverged)} perplexity is not finite: the model has diverged "
+                f"({skipped} step(s) skipped by train.on_nan={t.on_nan}); {self.run_dir / 'model.pt'} is "
+                "kept for inspection and no final.json is written, so the run does not count as finished"
+            )
         host_p = self.mixer.host_proportions(t.steps - 1)  # those of the last step trained
         final = {
             "steps": t.steps,
@@ -552,5 +657,9 @@ class _Run:
             atomic_write_json(self.run_dir / "final.json", final)
             if results:
                 print(format_table(results.get("val"), results.get("test")), flush=True)
+            guard = end_checkpoint or (self.resumed_checkpoint if self.resumed_from == t.steps else None)
+            ours = guard is not None and guard.resolve().parent == self.checkpoints.folder.resolve()
+            if ours and not cfg.checkpoint.every:
+                self.checkpoints.remove(guard)  # it only guarded the evaluation
         barrier()
         return RunResult(self.run_dir, final)
