@@ -218,3 +218,43 @@ def test_a_global_batch_the_processes_cannot_share_is_refused(root):
     assert result.returncode != 0
     assert "train.micro_batch_size=4 must divide the batch of each process" in result.stderr
     assert not (root / "runs" / "odd" / "metrics.jsonl").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _environ(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def test_a_rank_whose_peer_died_says_so_in_one_line(root):
+    name = "peer-lost"
+    proc = torchrun(root, name, "train.steps=400", "engine.zero_stage=2", wait=False)
+    metrics = root / "runs" / name / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 10:  # past the checkpoint of step 8
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before a process could be killed"
+    rank1 = next(pid for pid in _children(proc.pid) if b"RANK=1" in _environ(pid))
+    os.kill(rank1, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    rank0 = [line for line in err.splitlines() if "rank 0 of 2 lost contact with the other processes" in line]
+    assert len(rank0) == 1, err[-4000:]
+    assert "another process has probably died" in rank0[0]
+    assert (
+        f"Run the same launch command again to resume from {root / 'runs' / name / 'checkpoints'}" in rank0[0]
+    )
+    assert "[rank0]: Traceback" not in err  # the launcher's own report of the dead process follows

@@ -25,6 +25,8 @@ engine's own checkpoint shards, which every rank writes.
 from __future__ import annotations
 
 import math
+import os
+import re
 import signal
 import threading
 import time
@@ -131,7 +133,46 @@ def train(cfg: RunConfig) -> RunResult:
         # the process group lives as long as the process: DeepSpeed caches its groups, so a group that
         # was destroyed and made again would leave it holding stale ones
         init_distributed(cfg, info, device)
-    return _Run(cfg, info, backend, device, precision).run()
+    try:
+        return _Run(cfg, info, backend, device, precision).run()
+    except RuntimeError as exc:
+        if info.world_size > 1 and raised_in_collective(exc):
+            raise PeerLostError(cfg, info, exc) from exc
+        raise
+
+
+def checkpoint_folder(cfg: RunConfig) -> Path:
+    """Where the run of ``cfg`` keeps its run checkpoints."""
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir)
+    return Path(cfg.train.out_dir) / (cfg.train.name or "run") / "checkpoints"
+
+
+class PeerLostError(AioliError):
+    """A collective failed in a job of several processes: another process has died or cannot be reached."""
+
+    def __init__(self, cfg: RunConfig, info, cause: BaseException):
+        lines = str(cause).strip().splitlines() or [type(cause).__name__]
+        # the first sentence, without the "[file.cc:line]" of the C++ source that raised it
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]
+        latest = RunCheckpoints(checkpoint_folder(cfg), cfg.checkpoint.keep_last, info.rank).latest()
+        resume = f"from {latest}" if latest is not None else "afresh (there is no checkpoint yet)"
+        super().__init__(
+            f"rank {info.rank} of {info.world_size} lost contact with the other processes ({reason}); "
+            "another process has probably died: see its log. Run the same launch command again to resume "
+            + resume
+        )
+
+
+def raised_in_collective(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside ``torch.distributed`` (a collective whose peers are gone)."""
+    marker = f"{os.sep}torch{os.sep}distributed{os.sep}"
+    tb = exc.__traceback__
+    while tb is not None:
+        if marker in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 class _Run:
@@ -193,8 +234,7 @@ class _Run:
         if info.world_size > 1 and cfg.checkpoint.on_sigterm:
             host_group()  # made now, by every rank, for the per-step agreement on stopping
         self.run_dir = Path(t.out_dir) / (t.name or "run")
-        ck_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
-        self.checkpoints = RunCheckpoints(ck_dir, cfg.checkpoint.keep_last, info.rank)
+        self.checkpoints = RunCheckpoints(checkpoint_folder(cfg), cfg.checkpoint.keep_last, info.rank)
         D = len(self.domains)
         # loop state (saved in checkpoints)
         self.step = 0
