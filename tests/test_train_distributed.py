@@ -258,3 +258,17 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(root):
         f"Run the same launch command again to resume from {root / 'runs' / name / 'checkpoints'}" in rank0[0]
     )
     assert "[rank0]: Traceback" not in err  # the launcher's own report of the dead process follows
+
+
+def test_a_non_finite_step_is_counted_once_over_the_processes(root):
+    diverging = ("optim.lr=1e6", "optim.grad_clip=0", "train.steps=8", "checkpoint.every=0")
+    result = torchrun(root, "nan-count", "engine.zero_stage=0", *diverging)
+    assert result.returncode != 0
+    assert "the training loss was not finite (NaN or inf) on 1 step(s) up to step 3" in result.stderr, (
+        result.stderr[-3000:]
+    )
+    # ZeRO >= 1 skips a step whose gradients are not finite by itself: on_nan=stop stops there too
+    result = torchrun(root, "nan-skipped", "engine.zero_stage=1", *diverging)
+    assert result.returncode != 0
+    assert "the gradients were not finite on 1 step(s) up to step 2 (DeepSpeed skipped them)" in result.stderr
+    assert not (root / "runs" / "nan-skipped" / "final.json").exists()
