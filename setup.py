@@ -45,7 +45,11 @@ setup(
         "flash": ["flash-attn>=2.5"],
         "hf": ["tokenizers>=0.15"],
         "bench": ["pytest-benchmark>=4.0"],
+        # the training stacks aioli_fast plugs into (aioli_fast.integrations, per-domain evaluation)
+        "integrations": ["transformers>=5.0", "accelerate>=1.0"],
         "dev": [
+            "transformers>=5.0",
+            "accelerate>=1.0",
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "tokenizers>=0.15",

@@ -8,7 +8,7 @@ average of the per-domain perplexities).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 from ..data import Manifest, load_manifest, sequential_batches
 from ..distributed import all_reduce_
 from ..errors import AioliError
+from ..kernels import DomainLoss, domain_cross_entropy, linear_domain_cross_entropy
 from ..model import GPT
 from .checkpoint import load_checkpoint
 from .device import autocast_context, resolve_device, resolve_precision
@@ -24,9 +25,38 @@ from .device import autocast_context, resolve_device, resolve_precision
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]
 
 
+def domain_loss_of(model: Callable) -> Callable[..., DomainLoss]:
+    """``(input_ids [B, T], labels [B, T], domain_ids [B], D) -> DomainLoss`` for a model of any kind.
+
+    ``model(input_ids)`` may return logits ``[B, T, V]``, an object with ``.logits`` (a Hugging Face
+    ``CausalLMOutput``), or ``(hidden [B, T, H], weight [V, H])`` for the fused linear loss (``weight``:
+    the output projection, for example ``lm_head.weight``). The per-domain loss is computed by the
+    package's kernels, so the statistics are those ``aioli-fast train`` reports.
+    """
+
+    def loss(input_ids, labels, domain_ids, num_domains: int) -> DomainLoss:
+        out = model(input_ids)
+        doms_N = domain_ids.to(torch.int32).repeat_interleave(labels.shape[1])
+        labels_N = labels.reshape(-1)
+        if isinstance(out, tuple) and len(out) == 2:
+            hidden, weight = out
+            return linear_domain_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]), weight, labels_N, doms_N, num_domains
+            )
+        logits = getattr(out, "logits", out)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise AioliError(
+                "a model given to evaluate must return logits [B, T, V] (or an object with .logits), or "
+                f"(hidden [B, T, H], weight [V, H]); got {type(out).__name__}"
+            )
+        return domain_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels_N, doms_N, num_domains)
+
+    return loss
+
+
 @torch.no_grad()
 def measure_losses(
-    model: GPT,
+    model: GPT | Callable,
     batches: Batches,
     num_domains: int,
     *,
@@ -48,8 +78,11 @@ def measure_losses(
     ``lockstep`` (DeepSpeed ZeRO-3, whose forward is a collective) makes every rank run the same number
     of forwards: a rank with one batch fewer repeats one and discards the result.
     """
-    was_training = model.training
-    model.eval()
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    was_training = module.training if isinstance(module, torch.nn.Module) else None
+    if was_training is not None:
+        module.eval()
+    loss_of = model if isinstance(model, GPT) else domain_loss_of(model)
     both_2D = torch.zeros(2, num_domains, device=device)
     done, seen, spare = 0, 0, None
 
@@ -57,7 +90,7 @@ def measure_losses(
         tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
         ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
         with autocast_context(device, precision):
-            return model(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
+            return loss_of(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
 
     try:
         for index, (samples, domain_ids) in enumerate(batches):
@@ -74,7 +107,8 @@ def measure_losses(
             for _ in range(-(-seen // world_size) - done):
                 forward(*spare)  # keeps the collective forwards of ZeRO-3 in step; result unused
     finally:
-        model.train(was_training)
+        if was_training is not None:
+            module.train(was_training)
     if world_size > 1 and all_reduce:
         all_reduce_(both_2D)
     return both_2D[0], both_2D[1]
@@ -119,7 +153,7 @@ def perplexity(loss: float) -> float:
 
 
 def evaluate(
-    model: GPT,
+    model: GPT | Callable,
     manifest: Manifest,
     domains: Sequence[str],
     split: str,
@@ -133,6 +167,10 @@ def evaluate(
     lockstep: bool = False,
 ) -> dict:
     """Loss and perplexity of every domain on ``split``.
+
+    ``model`` is the package's GPT, or any model as a callable of the input ids (see
+    :func:`domain_loss_of`: logits, an output with ``.logits``, or hidden states and the output weight);
+    an ``nn.Module`` (or a bound method of one) is put in eval mode for the evaluation.
 
     Returns:
         ``{"domains": {name: {"loss", "ppl", "tokens"}}, "average": {"loss", "ppl"}}``.
