@@ -14,6 +14,7 @@ PACKAGES = [
     "aioli_fast",
     "aioli_fast.data",
     "aioli_fast.harness",
+    "aioli_fast.integrations",
     "aioli_fast.mixing",
     "aioli_fast.train",
 ]
@@ -46,10 +47,11 @@ setup(
         "hf": ["tokenizers>=0.15"],
         "bench": ["pytest-benchmark>=4.0"],
         # the training stacks aioli_fast plugs into (aioli_fast.integrations, per-domain evaluation)
-        "integrations": ["transformers>=5.0", "accelerate>=1.0"],
+        "integrations": ["transformers>=5.0", "accelerate>=1.0", "lightning>=2.4"],
         "dev": [
             "transformers>=5.0",
             "accelerate>=1.0",
+            "lightning>=2.4",
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "tokenizers>=0.15",

@@ -80,9 +80,18 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 def _cmd_verify(args: argparse.Namespace) -> None:
     from .data import load_manifest
+    from .errors import DataError
 
-    count = load_manifest(args.corpus).verify_checksums(progress=not args.quiet)
-    print(f"{args.corpus}: {count} shards match their checksums")
+    check = load_manifest(args.corpus).verify(progress=not args.quiet)
+    for line in check.lines:
+        print(f"aioli-fast verify: {line}", file=sys.stderr)
+    if check.problems:
+        n = check.problems
+        raise DataError(
+            f"{args.corpus}: {n} problem{'s' if n > 1 else ''} found in {check.shards} shards and the "
+            "manifest (above); training would reject this corpus or read other data than it describes"
+        )
+    print(f"{args.corpus}: {check.shards} shards match their checksums and the manifest")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("verify", help="check every shard of a corpus against the manifest's sha256")
+    p = sub.add_parser(
+        "verify", help="check every shard of a corpus against the manifest (sha256, samples, counts)"
+    )
     p.add_argument("corpus", help="a corpus folder made by prepare")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_verify)

@@ -3,10 +3,10 @@ progress output of long commands (a tqdm bar on a terminal, lines otherwise)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +17,37 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     A crash (or an exception in ``write``) leaves the previous ``path``, if any, untouched and no
-    temporary file behind.
+    temporary file behind. The file gets the mode of any new file (0666 less the process umask, like
+    ``open``), not ``mkstemp``'s 0600. An ``OSError`` without a file name (a ``write`` that failed on a
+    full disk) is given ``path`` as its file name, so the message says which file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)
         raise
+
+
+def _create_temporary(path: Path) -> str:
+    """Create a new, empty file beside ``path`` under a unique hidden name; returns its name.
+
+    Like ``tempfile.mkstemp`` (``O_EXCL``, a random name) but created with mode 0666, so that the kernel
+    applies the umask as it does to every other file the user creates.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp"
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -6,6 +6,8 @@ import io
 import re
 from pathlib import Path
 
+import pytest
+
 from aioli_fast.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +58,47 @@ def test_the_new_method_example_in_the_mixing_docs_runs():
         MIXERS.pop("greedy", None)
     proportions = ast.literal_eval(out.getvalue().strip())
     assert abs(sum(proportions) - 1) < 1e-3 and proportions[0] > 0.6  # towards the higher-loss domain
+
+
+def _python_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line, code) of every ```python block of a markdown file."""
+    blocks, lines = [], path.read_text().splitlines()
+    start = None
+    for number, line in enumerate(lines, 1):
+        if start is None and line.strip() == "```python":
+            start = number
+        elif start is not None and line.strip() == "```":
+            blocks.append((start + 1, "\n".join(lines[start : number - 1]) + "\n"))
+            start = None
+    return blocks
+
+
+def _runnable(page: Path) -> list[tuple[int, str]]:
+    """The blocks that are not marked ``# fragment`` (on their first line)."""
+    return [(line, code) for line, code in _python_blocks(page) if not code.startswith("# fragment")]
+
+
+DOC_PAGES = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if _runnable(p)]
+
+
+def test_the_docs_have_runnable_python_blocks():
+    assert {p.name for p in DOC_PAGES} >= {"mixing.md", "using-the-pieces.md"}
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=[p.name for p in DOC_PAGES])
+def test_every_python_block_of_a_page_runs_or_is_marked_a_fragment(page, tmp_path, monkeypatch):
+    """The blocks of a page run top to bottom in one namespace, in an empty folder, as a reader would
+    paste them; a block whose first line is ``# fragment`` shows an API and is not run."""
+    from aioli_fast.mixing import MIXERS
+
+    runnable = _runnable(page)
+    monkeypatch.chdir(tmp_path)
+    registered = dict(MIXERS)  # a page may register a mixer: the registry is restored afterwards
+    namespace = {"__name__": "docs_example"}
+    for line, code in runnable:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+        finally:
+            MIXERS.clear()
+            MIXERS.update(registered)

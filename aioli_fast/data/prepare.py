@@ -4,9 +4,10 @@ For each domain: expand its inputs (files, folders, globs; ``.txt``-like files a
 ``.jsonl`` files one document per line from a text field; ``.gz`` is read transparently), assign every
 document to train/val/test by a hash of its content (deterministic, independent of file order; a
 held-out split too short for one sequence is topped up with the train documents nearest its hash
-range), tokenize, append an end-of-document token, and pack the documents of one split of
-one domain, in the order of their hashes, into fixed-length samples (a sample never mixes domains or
-splits). The tail that does not fill a sample is dropped and counted in the manifest.
+range, passing over documents too large to move), tokenize, append an end-of-document token, and pack
+the documents of one split of one domain, in the order of their hashes, into fixed-length samples (a
+sample never mixes domains or splits). The tail that does not fill a sample is dropped and counted in
+the manifest.
 
 Scale: documents are read in this process and tokenized by a pool of worker processes in chunks (results
 in order, so the corpus does not depend on the number of workers). The corpus is built in a hidden
@@ -19,6 +20,7 @@ into place when every domain is done.
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import hashlib
@@ -26,6 +28,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -36,7 +39,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import AioliError, DataError
-from ..fileio import atomic_write_json, ensure_writable_dir, progress_bar
+from ..fileio import atomic_write, atomic_write_json, ensure_writable_dir, progress_bar, say
 from .shards import (
     DOMAIN_NAME_RE,
     FORMAT_VERSION,
@@ -45,7 +48,7 @@ from .shards import (
     token_dtype,
     write_shard,
 )
-from .tokenizers import get_tokenizer
+from .tokenizers import get_tokenizer, replace_surrogates
 
 STATE_NAME = ".prepare-state.json"
 CHUNK_DOCUMENTS = 256  # documents per tokenization task
@@ -53,6 +56,11 @@ AUTO_PARALLEL_BYTES = 8 << 20  # inputs smaller than this are tokenized in this 
 MAX_AUTO_WORKERS = 8
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+
+# A top-up (see assign_splits) moves at most TOPUP_SHARE x the split's fraction of the domain's tokens,
+# or TOPUP_MIN_SEQUENCES samples' worth when that is more (a small domain must still fill one sample).
+TOPUP_SHARE = 2
+TOPUP_MIN_SEQUENCES = 2
 
 
 SKIPPED_DIRS = {"__pycache__"}
@@ -130,8 +138,8 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}: no string field {text_field!r} in this record")
-                # JSON may carry lone surrogates ("\\ud800"), which are not text: replace them
-                yield text.encode("utf-8", errors="replace").decode("utf-8")
+                # JSON may carry lone surrogates ("\\ud800"), which are not text: U+FFFD instead
+                yield replace_surrogates(text)
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
@@ -153,27 +161,80 @@ def _split_by_hash(u: float, val_fraction: float, test_fraction: float) -> str:
     return "val" if u < test_fraction + val_fraction else "train"
 
 
+@dataclass
+class TopUp:
+    """What :func:`assign_splits` did for a held-out split that its hash range left too short.
+
+    ``moved``: the train documents moved into it (none when ``filled`` is False: the documents that may
+    be moved could not fill one sequence, and the split is left as its hash range made it).
+    ``passed_over``: train documents nearer its range that were too large to move (more than ``limit``
+    tokens in all).
+    """
+
+    split: str
+    tokens: int  # what the split got from its hash range
+    documents: int
+    limit: int
+    moved: list[int]
+    moved_tokens: int
+    passed_over: list[int]
+    filled: bool
+
+
+def topup_limit(fraction: float, domain_tokens: int, seq_len: int) -> int:
+    """The most tokens a top-up may move into a held-out split of ``fraction``."""
+    return max(int(TOPUP_SHARE * fraction * domain_tokens), TOPUP_MIN_SEQUENCES * (seq_len + 1))
+
+
 def assign_splits(
     hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float]
-) -> list[str]:
+) -> tuple[list[str], list[TopUp]]:
     """Split of each document: by hash, then topped up so every held-out split can fill one sequence.
 
     Documents go to test when their hash is below ``fractions["test"]``, to val below the sum of both.
     A domain with few, long documents can leave a held-out split too short for one sequence; such a split
     then also takes the train documents with the lowest hashes (the ones nearest its hash range) until
-    it holds more than ``seq_len`` tokens. Still a function of the content and the seed only.
+    it holds more than ``seq_len`` tokens, passing over a document that would make the top-up move more
+    than :func:`topup_limit` tokens (one huge document must not take most of the domain out of train).
+    When the documents that fit cannot fill one sequence nothing is moved. Still a function of the
+    content and the seed only. Returns the splits and what each top-up did.
     """
     splits = [_split_by_hash(u, fractions["val"], fractions["test"]) for u in hashes]
+    domain_tokens = sum(lengths)
+    topups = []
     for split in ("test", "val"):
         if fractions[split] == 0:
             continue
         total = sum(n for n, s in zip(lengths, splits) if s == split)
+        if total > seq_len:
+            continue
+        topup = TopUp(
+            split=split,
+            tokens=total,
+            documents=sum(s == split for s in splits),
+            limit=topup_limit(fractions[split], domain_tokens, seq_len),
+            moved=[],
+            moved_tokens=0,
+            passed_over=[],
+            filled=False,
+        )
         for i in sorted((i for i, s in enumerate(splits) if s == "train"), key=lambda i: hashes[i]):
             if total > seq_len:
                 break
-            splits[i] = split
+            if topup.moved_tokens + lengths[i] > topup.limit:
+                topup.passed_over.append(i)
+                continue
+            topup.moved.append(i)
+            topup.moved_tokens += lengths[i]
             total += lengths[i]
-    return splits
+        topup.filled = total > seq_len
+        if topup.filled:
+            for i in topup.moved:
+                splits[i] = split
+        else:
+            topup.moved, topup.moved_tokens = [], 0
+        topups.append(topup)
+    return splits, topups
 
 
 def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -275,7 +336,6 @@ def prepare(
     created = not final.exists()
     ensure_writable_dir(final)
     out = final.parent / f".{final.name}.partial"
-    out.mkdir(exist_ok=True)
     settings = {
         "format_version": FORMAT_VERSION,
         "seq_len": seq_len,
@@ -287,27 +347,48 @@ def prepare(
         "seed": seed,
     }
     try:
-        manifest = _prepare_into(
-            out,
-            inputs,
-            tok,
-            (tokenizer, eos_token),
-            seq_len,
-            val_fraction,
-            test_fraction,
-            shard_sequences,
-            text_field,
-            seed,
-            progress,
-            workers,
-            settings,
-        )
-        _replace_folder(out, final)
+        try:
+            out.mkdir(exist_ok=True)
+            manifest = _prepare_into(
+                out,
+                inputs,
+                tok,
+                (tokenizer, eos_token),
+                seq_len,
+                val_fraction,
+                test_fraction,
+                shard_sequences,
+                text_field,
+                seed,
+                progress,
+                workers,
+                settings,
+            )
+            _replace_folder(out, final)
+        except OSError as exc:  # a full disk, a file-size limit, a quota: one line, not a traceback
+            raise DataError(_os_error_message(exc, out)) from exc
     except BaseException:
         if created and final.exists() and not any(final.iterdir()):
             final.rmdir()
         raise
     return manifest
+
+
+OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some space within your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)",
+}
+
+
+def _os_error_message(exc: OSError, staging: Path) -> str:
+    """One line for an OSError while building the corpus: the file, what the errno means, what to do."""
+    code = errno.errorcode.get(exc.errno or 0)
+    what = f"{exc.strerror or exc}" + (f" ({code})" if code else "")
+    where = f"{exc.filename}: " if exc.filename else ""
+    advice = OS_ERROR_ADVICE.get(exc.errno, "fix the cause")
+    kept = f"what is finished is kept in {staging}" if staging.is_dir() else "nothing was kept"
+    return f"{where}{what}; {kept}: {advice} and run the same command again to continue"
 
 
 def _replace_folder(new: Path, final: Path) -> None:
@@ -334,6 +415,30 @@ def _init_worker(name: str, eos_token: str | None) -> None:
     _WORKER_TOKENIZER = get_tokenizer(name, eos_token=eos_token)
 
 
+def _init_pool_worker(name: str, eos_token: str | None) -> None:
+    # Ctrl-C sends SIGINT to every process of the terminal's process group. The parent handles it (it
+    # stops the pool); a worker that took it would print a traceback, and could die holding the task
+    # queue's lock, which hangs Pool.terminate(). SIGINT is blocked from before the fork (_start_pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _init_worker(name, eos_token)
+
+
+def _start_pool(workers: int, tok_args: tuple):
+    """A pool of ``workers`` tokenizer processes that ignore SIGINT (the parent stops them)."""
+    ctx = multiprocessing.get_context("spawn" if sys.platform == "win32" else "fork")
+    # blocked while the workers are forked, so that none takes a Ctrl-C before its initializer runs; a
+    # Ctrl-C that arrives meanwhile is delivered to this process when the mask is restored
+    mask = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if mask else None
+    try:
+        return ctx.Pool(workers, initializer=_init_pool_worker, initargs=tok_args)
+    finally:
+        if mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _encode_chunk(task: tuple[list[str], int]) -> list[tuple[float, np.ndarray]]:
     """(content hash, token ids + end of document as int64 [n]) of each document of a chunk."""
     texts, seed = task
@@ -344,12 +449,16 @@ def _encode_chunk(task: tuple[list[str], int]) -> list[tuple[float, np.ndarray]]
     ]
 
 
-def _chunks(files: list[Path], text_field: str, seed: int, bar) -> Iterator[tuple[list[str], int]]:
+def _chunks(
+    files: list[Path], text_field: str, seed: int, bar, origins: list[int]
+) -> Iterator[tuple[list[str], int]]:
+    """Tasks of documents to tokenize; appends the index of each document's file to ``origins``."""
     chunk: list[str] = []
-    for path in files:
+    for f, path in enumerate(files):
         for text in iter_documents(path, text_field):
             if text.strip():
                 chunk.append(text)
+                origins.append(f)
             if len(chunk) == CHUNK_DOCUMENTS:
                 yield chunk, seed
                 chunk = []
@@ -359,15 +468,16 @@ def _chunks(files: list[Path], text_field: str, seed: int, bar) -> Iterator[tupl
         yield chunk, seed
 
 
-def _tokenize(files, text_field, seed, pool, bar) -> tuple[list[float], list[np.ndarray]]:
-    hashes, ids = [], []
-    chunks = _chunks(files, text_field, seed, bar)
+def _tokenize(files, text_field, seed, pool, bar) -> tuple[list[float], list[np.ndarray], list[int]]:
+    """(content hash, token ids + end of document, index of its file) of every document, in read order."""
+    hashes, ids, origins = [], [], []
+    chunks = _chunks(files, text_field, seed, bar, origins)
     results = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
     for encoded in results:
         for h, doc in encoded:
             hashes.append(h)
             ids.append(doc)
-    return hashes, ids
+    return hashes, ids, origins
 
 
 def _fingerprint(settings: dict, name: str, files: list[Path]) -> str:
@@ -434,13 +544,22 @@ def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: lis
 
     bar = progress_bar(len(files), f"tokenize {name}", "file", run.progress)
     try:
-        hashes, docs_ids = _tokenize(files, run.text_field, run.seed, run.pool, bar)
+        hashes, docs_ids, origins = _tokenize(files, run.text_field, run.seed, run.pool, bar)
     finally:
         if bar is not None:
             bar.close()
     if not docs_ids:
         raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
-    assigned = assign_splits(hashes, [len(d) for d in docs_ids], run.seq_len, run.fractions)
+    lengths = [len(d) for d in docs_ids]
+    assigned, topups = assign_splits(hashes, lengths, run.seq_len, run.fractions)
+
+    def doc_name(i: int) -> str:
+        path = files[origins[i]]
+        return f"a document of {path}" if path.name.endswith(JSONL_SUFFIXES) else str(path)
+
+    # before any shard is written: every split can fill one sequence (else an error), and what a top-up
+    # did or a lopsided split is said
+    _check_splits(name, assigned, lengths, topups, run.seq_len, run.fractions, doc_name, run.progress)
     order = sorted(range(len(docs_ids)), key=lambda i: hashes[i])
     splits = {}
     for split in SPLITS:
@@ -450,15 +569,7 @@ def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: lis
         # documents' content only, not on file names or read order.
         members = [docs_ids[i] for i in order if assigned[i] == split]
         tokens = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
-        samples = pack(tokens, run.seq_len)
-        if len(samples) == 0:
-            need = f"more than {run.seq_len} tokens"
-            raise AioliError(
-                f"domain {name!r}: the {split} split has {len(tokens)} tokens from {len(members)} "
-                f"document(s), {need} are needed for one sequence; add text, lower --seq-len"
-                + ("" if split == "train" else f" or change --{split}-fraction")
-            )
-        samples = samples.astype(run.dtype)
+        samples = pack(tokens, run.seq_len).astype(run.dtype)
         shards = []
         for i, start in enumerate(range(0, len(samples), run.shard_sequences)):
             chunk = samples[start : start + run.shard_sequences]
@@ -498,6 +609,89 @@ def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: lis
     return entry
 
 
+def _share(tokens: int, domain_tokens: int) -> str:
+    share = 100 * tokens / max(domain_tokens, 1)
+    return f"{share:.0f}%" if share >= 10 else f"{share:.2g}%"
+
+
+def _check_splits(
+    name: str,
+    assigned: list[str],
+    lengths: list[int],
+    topups: list[TopUp],
+    seq_len: int,
+    fractions: dict,
+    doc_name,
+    progress: bool,
+) -> None:
+    """Raise AioliError when a split cannot fill one sequence; say what top-ups did (a warning when one
+    passed over documents too large to move, or a held-out split holds more than train)."""
+    tokens = dict.fromkeys(SPLITS, 0)
+    documents = dict.fromkeys(SPLITS, 0)
+    for n, split in zip(lengths, assigned):
+        tokens[split] += n
+        documents[split] += 1
+    domain_tokens = sum(lengths)
+    wanted = [s for s in SPLITS if s == "train" or fractions[s] > 0]
+    short = [s for s in wanted if tokens[s] <= seq_len]
+    blocked = sorted(
+        (t for t in topups if not t.filled and t.passed_over), key=lambda t: SPLITS.index(t.split)
+    )
+    if short and (short[0] == "train" or not blocked):
+        split = short[0]
+        advice = "add text, lower --seq-len" + ("" if split == "train" else f" or change --{split}-fraction")
+        raise AioliError(
+            f"domain {name!r}: the {split} split has {tokens[split]} tokens from {documents[split]} "
+            f"document(s), more than {seq_len} tokens are needed for one sequence; {advice}"
+        )
+    if short:  # only documents too large to move could fill a held-out split
+        nearest = min((t.passed_over[0] for t in blocked), key=lambda i: lengths[i])
+        several = len(blocked) > 1
+        names = " and ".join(t.split for t in blocked) + (" splits" if several else " split")
+        held = " and ".join(str(t.tokens) for t in blocked)
+        ranges = "their hash ranges hold" if several else "its hash range holds"
+        flags = " ".join(f"--{t.split}-fraction 0" for t in blocked)
+        limits = {f"{t.limit:,}" for t in blocked}
+        limit = (
+            f"{limits.pop()} tokens here"
+            if len(limits) == 1
+            else ", ".join(f"{t.limit:,} tokens for {t.split}" for t in blocked)
+        )
+        raise AioliError(
+            f"domain {name!r}: the {names} cannot be filled: {ranges} {held} "
+            f"tokens, more than {seq_len} are needed for one sequence, and the train documents that could "
+            f"fill {'them' if several else 'it'} are too large to move (the nearest, {doc_name(nearest)}, "
+            f"holds {lengths[nearest]:,} tokens, {_share(lengths[nearest], domain_tokens)} of the domain; "
+            f"a top-up moves at most {TOPUP_SHARE} x the split's fraction of the domain's tokens or "
+            f"{TOPUP_MIN_SEQUENCES} sequences: {limit}); split large inputs into several documents (a "
+            f".jsonl file holds one per line) or pass {flags} (for every domain)"
+        )
+    for t in topups:
+        moved = (
+            f"domain {name!r}: the {t.split} split got {t.tokens} tokens from its hash range, too few for "
+            f"one sequence; moved {len(t.moved)} train document(s) into it ({t.moved_tokens:,} tokens, "
+            f"{_share(t.moved_tokens, domain_tokens)} of the domain)"
+        )
+        if t.passed_over:
+            largest = max(t.passed_over, key=lambda i: lengths[i])
+            say(
+                f"warning: {moved}, passing over {len(t.passed_over)} nearer document(s) too large to move "
+                f"(the largest, {doc_name(largest)}, holds {lengths[largest]:,} tokens, "
+                f"{_share(lengths[largest], domain_tokens)} of the domain; a top-up moves at most "
+                f"{t.limit:,} tokens); to hold out part of a large document, split it into several documents"
+            )
+        elif progress:
+            say(moved)
+    for split in wanted[1:]:
+        if tokens[split] > tokens["train"]:  # the hash range took a large document
+            largest = max((i for i, s in enumerate(assigned) if s == split), key=lambda i: lengths[i])
+            say(
+                f"warning: domain {name!r}: the {split} split holds {_share(tokens[split], domain_tokens)} "
+                f"of the domain's tokens, more than train, as the hash of {doc_name(largest)} "
+                f"({lengths[largest]:,} tokens) falls in its range; split large inputs into several documents"
+            )
+
+
 def _prepare_into(
     out,
     inputs,
@@ -521,8 +715,7 @@ def _prepare_into(
     keep = set(inputs)
     for stale in [p for p in out.iterdir() if p.is_dir() and p.name not in keep]:
         shutil.rmtree(stale)  # a domain of an earlier attempt that this run does not have
-    ctx = multiprocessing.get_context("spawn" if sys.platform == "win32" else "fork")
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=tok_args) if workers > 1 else None
+    pool = _start_pool(workers, tok_args) if workers > 1 else None
     if pool is None:
         _init_worker(*tok_args)
     try:
@@ -546,11 +739,11 @@ def _prepare_into(
         if pool is not None:
             pool.terminate()
             pool.join()
-    (out / STATE_NAME).unlink(missing_ok=True)
 
     tokenizer_spec = tok.spec()
     if tokenizer_spec["kind"] == "hf":  # the corpus carries its tokenizer: it can be moved as a whole
-        shutil.copyfile(tokenizer_spec["path"], out / "tokenizer.json")
+        source = tokenizer_spec["path"]
+        atomic_write(out / "tokenizer.json", lambda tmp: shutil.copyfile(source, tmp))
         tokenizer_spec["path"] = "tokenizer.json"
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -565,4 +758,6 @@ def _prepare_into(
         "domains": domain_entries,
     }
     atomic_write_json(manifest_path, manifest)
+    # only now: a failure before this point (a full disk) leaves the state, so a re-run reuses every shard
+    (out / STATE_NAME).unlink(missing_ok=True)
     return manifest

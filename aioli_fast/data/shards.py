@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SAMPLE_EXT = ".tokens.npy"
 DOMAIN_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
+PROBLEMS_PER_SHARD = 3  # verify lists this many problems of one shard, then counts the rest
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -160,6 +161,16 @@ def read_shard(
     return content.keys, content.tokens.astype(np.int64)
 
 
+@dataclass
+class CorpusCheck:
+    """What :meth:`Manifest.verify` found: one line per problem (each naming the file; past
+    ``PROBLEMS_PER_SHARD`` problems of one shard, one line counts the rest), and the totals."""
+
+    shards: int
+    problems: int
+    lines: list[str]
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path
@@ -235,6 +246,130 @@ class Manifest:
         if bar is not None:
             bar.close()
         return len(shards)
+
+    def verify(self, progress: bool = True) -> CorpusCheck:
+        """Check the whole corpus as training would, and more.
+
+        The manifest must agree with itself (``sample_len`` = ``seq_len`` + 1, ``eos_id`` below
+        ``vocab_size``, the tokenizer's vocabulary and end-of-document id, each split's counts with its
+        shards', an HF ``tokenizer.json`` with its sha256) and every shard of every split with the
+        manifest: it exists with the recorded size and sha256, and every sample is a ``.npy`` array of
+        ``seq_len + 1`` ids below ``vocab_size``, as many as the manifest counts. Every problem is one line
+        naming the file (at most ``PROBLEMS_PER_SHARD`` per shard, then a count of the rest).
+        """
+        lines = self._check_manifest()
+        total = len(lines)
+        shards = [s for group in self.shards.values() for s in group]
+        decode = self.seq_len >= 1 and self.vocab_size >= 1  # else no sample can be checked
+        bar = progress_bar(len(shards), "verify", "shard", progress)
+        for shard in shards:
+            found = self._check_shard(shard, decode)
+            total += len(found)
+            lines += found[:PROBLEMS_PER_SHARD]
+            if len(found) > PROBLEMS_PER_SHARD:
+                lines.append(
+                    f"{shard.path}: and {len(found) - PROBLEMS_PER_SHARD} more problem(s) in this shard"
+                )
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return CorpusCheck(len(shards), total, lines)
+
+    def _check_manifest(self) -> list[str]:
+        raw, where = self.raw, self.root / MANIFEST_NAME
+        problems = []
+        if self.seq_len < 1 or self.vocab_size < 1:
+            problems.append(
+                f"{where}: seq_len {self.seq_len} and vocab_size {self.vocab_size} must be positive"
+            )
+        if raw.get("sample_len", self.sample_len) != self.sample_len:
+            problems.append(
+                f"{where}: sample_len {raw['sample_len']} is not seq_len + 1 = {self.sample_len} "
+                "(seq_len edited?)"
+            )
+        if not 0 <= self.eos_id < self.vocab_size:
+            problems.append(f"{where}: eos_id {self.eos_id} is not below vocab_size {self.vocab_size}")
+        for key in ("vocab_size", "eos_id"):
+            if key in self.tokenizer and self.tokenizer[key] != getattr(self, key):
+                problems.append(
+                    f"{where}: the tokenizer's {key} is {self.tokenizer[key]}, the manifest's "
+                    f"{getattr(self, key)}"
+                )
+        if self.tokenizer.get("kind") == "hf" and not Path(self.tokenizer.get("path", "")).is_absolute():
+            file = self.root / self.tokenizer.get("path", "tokenizer.json")
+            if not file.is_file():
+                problems.append(f"{where}: the corpus' tokenizer {file} is missing")
+            elif hashlib.sha256(file.read_bytes()).hexdigest() != self.tokenizer.get("sha256"):
+                problems.append(f"{file} does not match the tokenizer's sha256 in the manifest (replaced?)")
+        names = [d["name"] for d in raw["domains"]]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"{where}: domain {name!r} is listed {names.count(name)} times")
+        for dom in raw["domains"]:
+            for split, info in dom["splits"].items():
+                try:
+                    problems += self._check_counts(dom["name"], split, info)
+                except (KeyError, TypeError, ValueError) as exc:
+                    problems.append(
+                        f"{where}: domain {dom['name']!r}: the {split} split's counts are not valid "
+                        f"({type(exc).__name__}: {exc})"
+                    )
+        return problems
+
+    def _check_counts(self, name: str, split: str, info: dict) -> list[str]:
+        """A split's counts in the manifest agree with its shards' and with seq_len."""
+        problems = []
+        label = f"{self.root / MANIFEST_NAME}: domain {name!r}: the {split} split's"
+        counted = sum(int(s["sequences"]) for s in info["shards"])
+        if "sequences" in info and int(info["sequences"]) != counted:
+            problems.append(
+                f"{label} sequences ({info['sequences']}) are not the sum over its shards ({counted})"
+            )
+        if counted and "tokens" in info and "dropped_tokens" in info:
+            packed = int(info["tokens"]) - int(info["dropped_tokens"])
+            if packed != counted * self.seq_len + 1:
+                problems.append(
+                    f"{label} tokens - dropped_tokens ({packed}) are not sequences x seq_len + 1 "
+                    f"({counted} x {self.seq_len} + 1)"
+                )
+        return problems
+
+    def _check_shard(self, shard: ShardInfo, decode: bool = True) -> list[str]:
+        try:
+            size = shard.path.stat().st_size
+        except OSError:
+            return [f"shard not found: {shard.path}"]
+        problems = []
+        if shard.size is not None and size != shard.size:
+            problems.append(
+                f"shard {shard.path} has {size} bytes, the manifest says {shard.size} "
+                "(truncated or replaced?)"
+            )
+        try:
+            digest = hashlib.sha256()
+            with open(shard.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            return [*problems, f"cannot read shard {shard.path}: {exc.strerror or exc}"]
+        if digest.hexdigest() != shard.sha256:
+            problems.append(f"shard {shard.path} does not match its sha256 in the manifest (damaged?)")
+        if not decode:
+            return problems
+        content = decode_shard(
+            shard.path,
+            sample_len=self.sample_len,
+            vocab_size=self.vocab_size,
+            expected=shard.sequences,
+            strict=False,
+        )
+        problems += content.problems
+        dtype = self.raw.get("dtype")
+        if dtype is not None and content.good.any() and content.tokens.dtype.name != dtype:
+            problems.append(
+                f"{shard.path}: samples of dtype {content.tokens.dtype.name}, the manifest says {dtype}"
+            )
+        return problems
 
     def num_sequences(self, domain: str, split: str) -> int:
         return sum(s.sequences for s in self.split_shards(domain, split))

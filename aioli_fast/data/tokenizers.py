@@ -7,12 +7,21 @@ produced its token ids, and ``load_tokenizer(spec)`` rebuilds it.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from ..errors import AioliError
 
 # Special tokens tried, in order, as end-of-document marker of an HF tokenizer.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
+
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate (JSON may carry ``"\\ud800"``, which is not text) replaced by
+    U+FFFD, which UTF-8 encodes as EF BF BD. (``str.encode(errors="replace")`` would give ``?``.)"""
+    return _SURROGATE_RE.sub("\ufffd", text) if _SURROGATE_RE.search(text) else text
 
 
 class ByteTokenizer:
@@ -23,7 +32,10 @@ class ByteTokenizer:
     eos_id = 256
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8", errors="replace"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError:  # a lone surrogate
+            return list(replace_surrogates(text).encode("utf-8"))
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -67,7 +79,7 @@ class HFTokenizer:
             )
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(replace_surrogates(text), add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])

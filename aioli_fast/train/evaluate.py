@@ -186,6 +186,13 @@ def evaluate(
         world_size=world_size,
         lockstep=lockstep,
     )
+    return domain_results(domains, loss_sum_D, count_D)
+
+
+def domain_results(domains: Sequence[str], loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> dict:
+    """Per-domain token-loss sums and counts (already reduced over ranks) as :func:`evaluate`'s result:
+    per domain the mean loss, its perplexity and the tokens; the average loss and perplexity over
+    domains (a domain without tokens is NaN)."""
     results = {}
     for name, total, n in zip(domains, loss_sum_D.tolist(), count_D.tolist()):
         loss = total / n if n else float("nan")

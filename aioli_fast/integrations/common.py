@@ -1,0 +1,443 @@
+"""What every adapter shares: :class:`OnlineMixing`, a corpus, a mixer and this rank's stream.
+
+An adapter owns the framework's side (when a step's batch is needed, where the loss is computed, how
+checkpoints are written); ``OnlineMixing`` owns the mixing side, with no framework imported:
+
+- :meth:`OnlineMixing.draw` runs the mixer's pre-step calls for optimizer step ``s`` (a probe or
+  full-validation measurement when due, a LearnParams schedule, new proportions) and returns this
+  rank's stream batch of ``s``. It must be called after step ``s - 1`` has been observed: the adapters
+  draw lazily, when the framework asks for the first micro-batch of ``s``, never ahead.
+- :meth:`OnlineMixing.loss` computes the per-domain loss of a micro-batch from logits
+  (:func:`~aioli_fast.kernels.domain_cross_entropy`) and, for training batches, feeds the mixer.
+- :meth:`OnlineMixing.train_logs` and :meth:`OnlineMixing.evaluate_domains` give the per-domain numbers
+  an adapter adds to the framework's logs; both are collective (every rank calls them).
+- :meth:`OnlineMixing.state_dict` / :meth:`OnlineMixing.load_state_dict` hold this rank's mixer and
+  stream state, checked on load against the step, the domains and the number of processes.
+
+Drawing a batch never touches the global RNG (the stream's reader processes start under a forked RNG),
+so a framework that restores its RNG on resume gets the dropout of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import Manifest, MixtureStream, load_manifest
+from ..data.stream import Batch
+from ..distributed import all_reduce_sum, to_cpu
+from ..errors import AioliError, ConfigError
+from ..kernels import DomainLoss, domain_cross_entropy
+from ..mixing import Mixer, build_mixer
+from ..mixing.base import accumulate
+from ..train.evaluate import domain_results, evaluate, measure_losses, probe_batches, split_batches
+
+STATE_VERSION = 1
+
+#: a function of token ids ``[B, T]`` returning logits ``[B, T, V]`` (or an output with ``.logits``)
+LogitsFn = Callable[[torch.Tensor], Any]
+
+__all__ = [
+    "STATE_VERSION",
+    "CorpusSplit",
+    "OnlineMixing",
+    "domain_metrics",
+    "logits_from",
+    "model_logits",
+    "reduced_metrics",
+]
+
+
+def logits_from(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a mapping with ``"logits"`` or an object with ``.logits``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    raise AioliError(
+        f"cannot find logits in a model output of type {type(out).__name__}: return a tensor [B, T, V], "
+        "a mapping with 'logits' or an object with .logits, or pass a logits function"
+    )
+
+
+def model_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM: ``model(input_ids=..., use_cache=False)`` for a Hugging Face model (one
+    whose ``config`` has ``use_cache``), ``model(input_ids)`` otherwise."""
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        return logits_from(model(input_ids=input_ids, use_cache=False))
+    return logits_from(model(input_ids))
+
+
+def domain_metrics(res: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """:func:`~aioli_fast.train.evaluate`'s result as flat log keys: ``<prefix>_loss/<domain>``,
+    ``<prefix>_ppl/<domain>``, ``<prefix>_domains_loss`` and ``<prefix>_domains_ppl``."""
+    metrics: dict[str, float] = {}
+    for name, r in res["domains"].items():
+        metrics[f"{prefix}_loss/{name}"] = r["loss"]
+        metrics[f"{prefix}_ppl/{name}"] = r["ppl"]
+    metrics[f"{prefix}_domains_loss"] = res["average"]["loss"]
+    metrics[f"{prefix}_domains_ppl"] = res["average"]["ppl"]
+    return metrics
+
+
+def reduced_metrics(domains: Sequence[str], sums_2D: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Per-domain metrics of this rank's ``[2, D]`` loss sums and token counts, summed over all ranks
+    (collective); empty when no rank counted a token."""
+    both = all_reduce_sum(sums_2D)
+    if not bool(both[1].sum() > 0):
+        return {}
+    return domain_metrics(domain_results(domains, both[0], both[1]), prefix)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``model.eval()`` inside, the previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _manifest(corpus: str | Path | Manifest) -> Manifest:
+    return corpus if isinstance(corpus, Manifest) else load_manifest(corpus)
+
+
+class CorpusSplit:
+    """A held-out split of a prepared corpus as tensors, in the stream's convention: ``input_ids``
+    ``[S, T]``, ``labels`` ``[S, T]`` (already the next tokens, not to be shifted again) and
+    ``domain_ids`` ``[S]`` indexing ``domains`` (default: all of the corpus, in its order)."""
+
+    def __init__(
+        self,
+        corpus: str | Path | Manifest,
+        split: str = "val",
+        domains: Sequence[str] | None = None,
+        max_sequences: int | None = None,
+    ):
+        manifest = _manifest(corpus)
+        domains = list(domains) if domains is not None else list(manifest.domains)
+        parts = list(split_batches(manifest, domains, split, 1024, max_sequences))
+        if not parts:
+            raise AioliError(f"the corpus has no {split} sequences for domains {domains}")
+        samples = torch.from_numpy(np.concatenate([s for s, _ in parts]).astype(np.int64))
+        self.input_ids = samples[:, :-1].contiguous()
+        self.labels = samples[:, 1:].contiguous()
+        self.domain_ids = torch.from_numpy(np.concatenate([d for _, d in parts]).astype(np.int32))
+
+    def __len__(self) -> int:
+        return len(self.domain_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "domain_ids": self.domain_ids[i]}
+
+
+class OnlineMixing:
+    """A prepared corpus drawn by this rank's :class:`~aioli_fast.data.MixtureStream` in the proportions
+    a mixer learns online; the framework-neutral part of every adapter (module docstring).
+
+    Args:
+        corpus: the folder written by ``aioli-fast prepare`` (or its loaded ``Manifest``).
+        step_rows: sequences this rank trains on per optimizer step (micro-batch x accumulation).
+        mixer: a method name (built on ``device`` with ``mixer_options`` and ``proportions``) or a built
+            :class:`~aioli_fast.mixing.Mixer` over the same domains.
+        domains: the corpus domains to train on, in domain-id order (default: all).
+        seed, assignment, num_workers, prefetch_factor: the stream's (:class:`MixtureStream`).
+        eval_split: the held-out split of per-domain evaluation and of probe / full-validation
+            measurements (``None``, or a split the corpus lacks: neither).
+        eval_max_sequences, eval_batch_size: per domain at most this many sequences, in batches of
+            this size, for evaluation and full-validation measurements.
+        probe_sequences: sequences per domain of the fixed probe (``measurement: probe``).
+        rank, world_size: this process among the data-parallel ranks.
+        lockstep: every rank runs the same number of forward passes in evaluation (sharded models).
+        framework: the adapter's name, for messages.
+    """
+
+    def __init__(
+        self,
+        corpus: str | Path | Manifest,
+        *,
+        step_rows: int,
+        device: torch.device | str,
+        mixer: str | Mixer = "aioli",
+        mixer_options: Mapping[str, Any] | None = None,
+        domains: Sequence[str] | None = None,
+        proportions: Mapping[str, float] | None = None,
+        seed: int = 0,
+        assignment: str = "categorical",
+        eval_split: str | None = "val",
+        eval_max_sequences: int | None = None,
+        eval_batch_size: int = 8,
+        probe_sequences: int = 16,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        lockstep: bool = False,
+        framework: str = "this adapter",
+    ):
+        manifest = _manifest(corpus)
+        domains = list(domains) if domains is not None else list(manifest.domains)
+        unknown = [d for d in domains if d not in manifest.domains]
+        if unknown:
+            raise ConfigError(f"domains {unknown} are not in the corpus (it has {list(manifest.domains)})")
+        if step_rows < 1:
+            raise ConfigError(f"a step needs at least one sequence per rank, got {step_rows}")
+        if eval_split is not None and not all((d, eval_split) in manifest.shards for d in domains):
+            eval_split = None  # the corpus has no such split: no per-domain evaluation
+        self.manifest, self.domains = manifest, domains
+        self.device = torch.device(device)
+        self.eval_split, self.eval_max_sequences = eval_split, eval_max_sequences
+        self.eval_batch_size, self.probe_sequences = eval_batch_size, probe_sequences
+        self.rank, self.world_size, self.lockstep = rank, world_size, lockstep
+        self.step_rows = step_rows
+        if isinstance(mixer, Mixer):
+            if mixer.domains != domains:
+                raise ConfigError(f"the mixer is for domains {mixer.domains}, the corpus side has {domains}")
+            if mixer_options or proportions:
+                raise ConfigError("mixer_options and proportions are for a mixer given by name")
+            self.mixer = mixer
+        else:
+            self.mixer = build_mixer(
+                mixer, domains, device=self.device, proportions=proportions, **dict(mixer_options or {})
+            )
+        if self.mixer.needs_gradients or self.mixer.needs_reference_model:
+            raise ConfigError(
+                f"mixing method '{self.mixer.name}' needs per-domain gradients or a reference model, which "
+                f"{framework} does not compute; use `aioli-fast train` (DoReMi works with a .json reference)"
+            )
+        if self.mixer.measurement in ("probe", "full_val") and eval_split is None:
+            raise ConfigError(
+                f"mixing measurement '{self.mixer.measurement}' needs a held-out split in the corpus; "
+                "use measurement='train'"
+            )
+        warning = self.mixer.train_measurement_warning(step_rows * world_size)
+        if warning:
+            warnings.warn(warning, stacklevel=3)
+        self.stream = MixtureStream(
+            manifest,
+            domains,
+            step_rows,
+            self.mixer.host_proportions(0),
+            seed=seed,
+            assignment=assignment,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
+            rank=rank,
+            world_size=world_size,
+        )
+        self._probe: list | None = None
+        self._scheduled_until = 0  # the stream holds a block of host-known mixtures up to this step
+        self._proportions_D: torch.Tensor | None = None  # the mixer's tensor last handed to the stream
+        self.host_proportions: list[float] = self.mixer.host_proportions(0)  # of the last step drawn
+        self.step_tokens = 0  # counted tokens of this rank's batch of the step drawn last
+        self._window_2D = torch.zeros(2, len(domains), device=self.device)
+
+    # ------------------------------------------------------------------------------------------- data
+
+    def check_vocab(self, vocab_size: int | None) -> None:
+        """Refuse a model whose vocabulary is smaller than the corpus tokenizer's."""
+        if isinstance(vocab_size, int) and vocab_size < self.manifest.vocab_size:
+            raise ConfigError(
+                f"the model's vocabulary ({vocab_size}) is smaller than the corpus tokenizer's "
+                f"({self.manifest.vocab_size})"
+            )
+
+    def draw(self, step: int, logits_fn: LogitsFn, model: torch.nn.Module | None = None) -> Batch:
+        """The mixer's pre-step calls, then this rank's stream batch of optimizer step ``step``.
+
+        ``logits_fn`` gives the logits of held-out batches for a measurement (run in eval mode of
+        ``model`` when it is given, under ``torch.no_grad``)."""
+        if self.stream.step != step:
+            raise AioliError(
+                f"the mixture stream is at step {self.stream.step} but training at step {step}: resume from "
+                "a checkpoint that holds the adapter's mixer and stream state, and do not reuse an adapter "
+                "that has trained"
+            )
+        mixer = self.mixer
+        if mixer.measurement_due(step):
+            mixer.observe_measurement(step, *self._measure(logits_fn, model))
+        schedule = mixer.schedule(step)
+        if schedule:
+            self.stream.set_schedule(schedule, start=step)
+            self._scheduled_until = step + len(schedule)
+        current = mixer.proportions(step)
+        if current is not self._proportions_D:
+            self._proportions_D = current
+            host_p = mixer.host_proportions(step)
+            if step >= self._scheduled_until:
+                self.stream.set_proportions(host_p, step=step)
+        self.host_proportions = [float(p) for p in self.stream.proportions]
+        with torch.random.fork_rng(devices=[]):
+            # starting the stream's reader processes draws from the global RNG, which would change the
+            # model's dropout after a resume (the readers start at another step): keep it out
+            batch = next(self.stream)
+        self.step_tokens = int(batch.labels.ne(-100).sum())
+        return batch
+
+    def micro_batches(self, batch: Batch, rows: int) -> list[dict[str, torch.Tensor]]:
+        """A step batch as micro-batches of ``rows`` sequences (dicts of ``input_ids``, ``labels``,
+        ``domain_ids``)."""
+        return [
+            {
+                "input_ids": batch.input_ids[start : start + rows],
+                "labels": batch.labels[start : start + rows],
+                "domain_ids": batch.domain_ids[start : start + rows],
+            }
+            for start in range(0, len(batch.domain_ids), rows)
+        ]
+
+    def _measure(
+        self, logits_fn: LogitsFn, model: torch.nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of a probe / full-validation measurement (the mixer all-reduces it)."""
+        D = len(self.domains)
+        if self.mixer.measurement == "probe":
+            if self._probe is None:
+                per_process = -(-D * self.probe_sequences // self.world_size)
+                self._probe = probe_batches(
+                    self.manifest, self.domains, self.eval_split, self.probe_sequences, per_process
+                )
+            batches = self._probe
+        else:
+            batches = split_batches(
+                self.manifest, self.domains, self.eval_split, self.eval_batch_size, self.eval_max_sequences
+            )
+        with eval_mode(model) if model is not None else contextlib.nullcontext():
+            return measure_losses(
+                logits_fn,
+                batches,
+                D,
+                device=self.device,
+                rank=self.rank,
+                world_size=self.world_size,
+                lockstep=self.lockstep,
+                all_reduce=False,
+            )
+
+    # ------------------------------------------------------------------------------------------- loss
+
+    def domain_loss(self, logits: Any, labels: torch.Tensor, domain_ids: torch.Tensor) -> DomainLoss:
+        """Per-domain loss of a micro-batch: ``logits`` ``[B, T, V]`` (or a model output holding them),
+        ``labels`` ``[B, T]`` already the next tokens (``-100`` ignored), ``domain_ids`` ``[B]`` or
+        ``[B, T]``."""
+        logits = logits_from(logits)
+        doms_N = domain_ids.to(device=logits.device, dtype=torch.int32)
+        doms_N = doms_N.reshape(-1) if doms_N.dim() == 2 else doms_N.repeat_interleave(labels.shape[1])
+        return domain_cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), doms_N, len(self.domains)
+        )
+
+    def observe(self, step: int, out: DomainLoss) -> None:
+        """Feed a training micro-batch's per-domain loss to the mixer and the log window."""
+        loss_sum_D = out.loss_sum.detach()
+        self.mixer.observe(step, loss_sum_D, out.count)
+        accumulate(self._window_2D, loss_sum_D, out.count)
+
+    def step_loss(self, out: DomainLoss) -> torch.Tensor:
+        """A training micro-batch's token-loss sum over the tokens of this rank's whole step batch: the
+        micro-batches of a step sum to the mean token loss of the step, with or without accumulation."""
+        return out.loss_sum.sum() / max(self.step_tokens, 1)
+
+    # ------------------------------------------------------------------------------------------- logs
+
+    def train_logs(self) -> dict[str, float]:
+        """``proportions/<domain>`` of the last step drawn, ``domain_loss/<domain>`` (mean token loss
+        since the previous call, over all ranks; absent for a domain without tokens) and the mixer's
+        ``mixer/<metric>``. Collective: every rank calls it."""
+        both = all_reduce_sum(self._window_2D)
+        self._window_2D.zero_()
+        sums, counts = both.tolist()
+        logs: dict[str, float] = {}
+        for name, p, s, n in zip(self.domains, self.host_proportions, sums, counts):
+            logs[f"proportions/{name}"] = p
+            if n:
+                logs[f"domain_loss/{name}"] = s / n
+        for key, value in self.mixer.metrics().items():
+            logs[f"mixer/{key}"] = float(value)
+        return logs
+
+    def reset_window(self) -> None:
+        """Forget the per-domain training losses gathered since the last :meth:`train_logs`."""
+        self._window_2D.zero_()
+
+    def evaluate_domains(
+        self, logits_fn: LogitsFn, model: torch.nn.Module | None = None, prefix: str = "eval"
+    ) -> dict[str, float]:
+        """Per-domain loss and perplexity on ``eval_split`` (collective: the sums are all-reduced).
+        Keys ``<prefix>_loss/<domain>``, ``<prefix>_ppl/<domain>`` and the averages over domains
+        ``<prefix>_domains_loss``, ``<prefix>_domains_ppl`` (the paper's metric); empty without a
+        held-out split."""
+        if self.eval_split is None:
+            return {}
+        with eval_mode(model) if model is not None else contextlib.nullcontext():
+            res = evaluate(
+                logits_fn,
+                self.manifest,
+                self.domains,
+                self.eval_split,
+                batch_size=self.eval_batch_size,
+                device=self.device,
+                max_sequences=self.eval_max_sequences,
+                rank=self.rank,
+                world_size=self.world_size,
+                lockstep=self.lockstep,
+            )
+        return domain_metrics(res, prefix)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """This rank's mixer and stream state after optimizer step ``step - 1`` (on the CPU)."""
+        if self.stream.step != step:
+            raise AioliError(f"the stream is at step {self.stream.step}, training at step {step}")
+        return {
+            "version": STATE_VERSION,
+            "step": step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "domains": list(self.domains),
+            "mixer": to_cpu(self.mixer.state_dict()),
+            "stream": self.stream.state_dict(),
+            "scheduled_until": self._scheduled_until,
+        }
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], step: int | None = None, source: str = "the checkpoint"
+    ) -> None:
+        """Restore this rank's state written by :meth:`state_dict`; refuses a state of another version,
+        number of processes, domain list or (when ``step`` is given) step."""
+        if state.get("version") != STATE_VERSION:
+            raise AioliError(
+                f"{source}: state version {state.get('version')!r}, this version reads {STATE_VERSION}"
+            )
+        if state["world_size"] != self.world_size:
+            raise AioliError(
+                f"{source} was written by a run of {state['world_size']} process(es), this one has "
+                f"{self.world_size}: the mixer's per-rank measurement windows cannot be redistributed"
+            )
+        if state["rank"] != self.rank:
+            raise AioliError(f"{source} holds the state of rank {state['rank']}, this is rank {self.rank}")
+        if state["domains"] != self.domains:
+            raise AioliError(f"{source} is for domains {state['domains']}, this run has {self.domains}")
+        if step is not None and state["step"] != step:
+            raise AioliError(
+                f"{source} holds the mixing state of step {state['step']}, training resumes at {step}"
+            )
+        self.mixer.load_state_dict(state["mixer"])
+        self.stream.load_state_dict(state["stream"])
+        self._scheduled_until = int(state["scheduled_until"])
+        self._proportions_D = None
+
+    def close(self) -> None:
+        """Stop the stream's reader processes."""
+        self.stream.close()
