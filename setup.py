@@ -47,11 +47,18 @@ setup(
         "hf": ["tokenizers>=0.15"],
         "bench": ["pytest-benchmark>=4.0"],
         # the training stacks aioli_fast plugs into (aioli_fast.integrations, per-domain evaluation)
-        "integrations": ["transformers>=5.0", "accelerate>=1.0", "lightning>=2.4"],
+        # torchtitan 0.x changes its extension points between releases: the adapter is written for 0.3.0
+        "integrations": [
+            "transformers>=5.0",
+            "accelerate>=1.0",
+            "lightning>=2.4",
+            "torchtitan==0.3.0; python_version >= '3.11'",
+        ],
         "dev": [
             "transformers>=5.0",
             "accelerate>=1.0",
             "lightning>=2.4",
+            "torchtitan==0.3.0; python_version >= '3.11'",
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "tokenizers>=0.15",

@@ -96,10 +96,13 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
+    from .distributed import shutdown
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
+    # every rank is past its last collective; the launcher's processes exit next
+    shutdown()
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

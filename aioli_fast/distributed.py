@@ -93,6 +93,15 @@ def host_group():
     return _HOST_GROUP[0][1]
 
 
+def shutdown() -> None:
+    """Destroy the process groups (default and host) before the process exits. A gloo group left to
+    the interpreter's shutdown sometimes aborts the process ("terminate called without an active
+    exception") after the work is done; a command that made the groups calls this once at its end."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _HOST_GROUP.clear()
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is true on any rank: one all-reduce of a CPU tensor in :func:`host_group`, so
     the host waits for its peers but never for the device."""

@@ -212,15 +212,26 @@ def test_a_diverged_run_under_on_nan_skip_fails_instead_of_finishing(corpus):
     assert (run_dir / "model.pt").is_file() and not (run_dir / "final.json").exists()
 
 
-def test_deepspeed_steps_skipped_for_non_finite_gradients_stop_an_on_nan_stop_run(corpus):
+def test_deepspeed_steps_skipped_for_non_finite_gradients_stop_an_on_nan_stop_run(corpus, monkeypatch):
+    # The second step's gradients are made infinite while its loss stays finite (a huge learning rate
+    # does this on some CPUs only; others reach a NaN loss first). DeepSpeed, real, skips that update.
+    from aioli_fast.train.engine import DeepSpeedEngine
+
+    steps = []
+    backward, step = DeepSpeedEngine.backward, DeepSpeedEngine.step
+    monkeypatch.setattr(
+        DeepSpeedEngine,
+        "backward",
+        lambda self, loss: backward(self, loss * float("inf") if len(steps) == 1 else loss),
+    )
+    monkeypatch.setattr(DeepSpeedEngine, "step", lambda self: (step(self), steps.append(1)))
     cfg = _config(
         corpus,
         "ds-nan",
         engine={"zero_stage": 1},
         train={"micro_batch_size": 3},
         mixing={"method": "aioli", "measurement": "probe", "round_steps": 6, "sweeps": 1, "block_steps": 1},
-        optim={"lr": 1e6, "grad_clip": 0.0},
-    )  # the loss stays finite (DeepSpeed skips the update of every step whose gradients are not)
+    )
     with pytest.raises(TrainingError, match=r"gradients were not finite on 1 step\(s\) up to step \d+ "):
         train(config_from_dict(cfg))
     assert not (corpus / "runs" / "ds-nan" / "final.json").exists()
