@@ -1,6 +1,6 @@
-"""The ``aioli-fast`` command: prepare, verify, train, eval, report, skills-graph, and the commands that
-packages add through the ``aioli_fast.commands`` entry points: corpus, sweep and demo come from the
-harness (:mod:`aioli_fast.harness.commands`; docs/DECISIONS.md).
+"""The ``aioli-fast`` command: prepare, combine, verify, train, eval, report, skills-graph, and the
+commands that packages add through the ``aioli_fast.commands`` entry points: corpus, sweep and demo come
+from the harness (:mod:`aioli_fast.harness.commands`; docs/DECISIONS.md).
 
 Every user error (bad config, missing data, unwritable folder) ends with one line naming the problem
 and exit status 2; nothing half-written is left looking complete.
@@ -71,11 +71,25 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         progress=not args.quiet,
         workers=args.workers,
+        block_bytes=max(1, int(args.block_mb * 2**20)),
+        part=args.part,
     )
+    if manifest is None:  # a part of a corpus prepared in parts: the last part writes the corpus
+        return
+    _print_manifest(manifest, args.out)
+
+
+def _print_manifest(manifest: dict, out: str) -> None:
     for dom in manifest["domains"]:
         splits = ", ".join(f"{s}: {v['sequences']} seq / {v['tokens']} tok" for s, v in dom["splits"].items())
         print(f"{dom['name']}: {dom['documents']} documents; {splits}")
-    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    print(f"wrote {Path(out) / 'manifest.json'}")
+
+
+def _cmd_combine(args: argparse.Namespace) -> None:
+    from .data.prepare import combine
+
+    _print_manifest(combine(args.out, progress=not args.quiet), args.out)
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:
@@ -193,8 +207,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
+    p.add_argument(
+        "--block-mb",
+        type=positive_float,
+        default=32,
+        help="input MiB per block, the unit of work, memory and resumption (default 32)",
+    )
+    p.add_argument(
+        "--part",
+        default=None,
+        metavar="I/N",
+        help="prepare only part I of N (I from 0) into a staging folder all parts share; default: from "
+        "the launcher (Slurm job array, torchrun, mpirun), else the whole corpus. The last part to finish "
+        "writes the corpus (or run `aioli-fast combine OUT`)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("combine", help="write the corpus of a preparation run as several parts (--part I/N)")
+    p.add_argument("out", help="the --out folder the parts were prepared for")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=_cmd_combine)
 
     p = sub.add_parser(
         "verify", help="check every shard of a corpus against the manifest (sha256, samples, counts)"

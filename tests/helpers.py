@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +85,11 @@ def prepare_three_domains(root: Path, *, seq_len: int = 16, shard_sequences: int
         progress=False,
     )
     return root
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m aioli_fast ARGS`` in a new process (one thread), its output captured."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "aioli_fast", *args], capture_output=True, text=True, env=env, **kwargs
+    )

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from aioli_fast.cli import main
 from aioli_fast.data import load_manifest, prepare
@@ -61,13 +62,6 @@ def stream_of(corpus: Path, domain: str, split: str) -> list[int]:
     m = load_manifest(corpus)
     rows = [r.tolist() for s in m.split_shards(domain, split) for r in m.read(s)[1]]
     return rows[0] + [t for row in rows[1:] for t in row[1:]]
-
-
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "aioli_fast", *args], capture_output=True, text=True, env=env, **kwargs
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,16 +202,18 @@ def test_a_write_failure_is_one_line_and_a_rerun_continues(tmp_path):
     # nothing looks complete: no corpus, no temporary file; every shard under its final name is whole
     staging = tmp_path / ".corpus.partial"
     assert not (out / "manifest.json").exists() and staging.is_dir()
-    assert not [p for p in staging.rglob(".*") if p.name != ".prepare-state.json"]
+    kept = (".prepare-state.json", ".block-")  # the run's state and each block's finished shards
+    assert not [p for p in staging.rglob(".*") if not p.name.startswith(kept)]
     state = json.loads((staging / ".prepare-state.json").read_text())
     shards = sorted(staging.rglob("*.tar"))
     assert [str(p.relative_to(staging)) for p in shards] == ["a/train-00000.tar"]
-    assert state["shards"]["a/train-00000.tar"]["bytes"] == shards[0].stat().st_size
+    (shard,) = state["blocks"]["a/0"]["entry"]["splits"]["train"]["shards"]
+    assert shard["path"] == "a/train-00000.tar" and shard["bytes"] == shards[0].stat().st_size
     before = shards[0].stat().st_mtime_ns
 
     done = run_cli(*args, timeout=120)  # without the limit: continues from the staging folder
     assert done.returncode == 0, done.stderr
-    assert "prepared a: reused from the interrupted run" in done.stderr
+    assert "prepare: 1 of 2 block(s) reused from the interrupted run" in done.stderr
     assert (out / "a" / "train-00000.tar").stat().st_mtime_ns == before
     assert run_cli("verify", str(out), "--quiet").returncode == 0
 

@@ -135,7 +135,7 @@ def test_the_harness_commands_are_registered():
     )
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     names = list(sub.choices)
-    core = ["prepare", "verify", "train", "eval", "report", "skills-graph"]
+    core = ["prepare", "combine", "verify", "train", "eval", "report", "skills-graph"]
     assert names[: len(core)] == core  # the core's commands first, then the plugins'
     assert [n for n in names if n in HARNESS_COMMANDS] == HARNESS_COMMANDS
     # the command as users run it, from another folder

@@ -16,7 +16,7 @@ from aioli_fast.data.prepare import prepare
 from aioli_fast.data.shards import load_manifest
 from aioli_fast.errors import AioliError
 
-prepare_module = importlib.import_module("aioli_fast.data.prepare")  # the package exports the function
+blocks_module = importlib.import_module("aioli_fast.data.blocks")  # where shards are written
 KW = dict(seq_len=16, val_fraction=0.1, test_fraction=0.0, progress=False)
 
 
@@ -55,7 +55,7 @@ def test_shard_bytes_bounds_the_shard_size(tmp_path: Path, sources) -> None:
 def test_an_interrupted_prepare_resumes(tmp_path: Path, sources, monkeypatch) -> None:
     reference = prepare(sources, tmp_path / "reference", shard_sequences=32, **KW)
     out = tmp_path / "corpus"
-    real_write = prepare_module.write_shard
+    real_write = blocks_module.write_shard
     written: list[str] = []
 
     def write_then_stop(path, keys, samples):
@@ -64,7 +64,7 @@ def test_an_interrupted_prepare_resumes(tmp_path: Path, sources, monkeypatch) ->
         written.append(str(Path(path).relative_to(out.parent / ".corpus.partial")))
         return real_write(path, keys, samples)
 
-    monkeypatch.setattr(prepare_module, "write_shard", write_then_stop)
+    monkeypatch.setattr(blocks_module, "write_shard", write_then_stop)
     with pytest.raises(KeyboardInterrupt):
         prepare(sources, out, shard_sequences=32, **KW)
     assert not out.exists() and (tmp_path / ".corpus.partial").is_dir()
@@ -78,7 +78,7 @@ def test_an_interrupted_prepare_resumes(tmp_path: Path, sources, monkeypatch) ->
         rewritten.append(str(Path(path).relative_to(out.parent / ".corpus.partial")))
         return real_write(path, keys, samples)
 
-    monkeypatch.setattr(prepare_module, "write_shard", record)
+    monkeypatch.setattr(blocks_module, "write_shard", record)
     manifest = prepare(sources, out, shard_sequences=32, **KW)
     assert not set(rewritten) & set(written)  # finished shards were not written again
     assert all(os.stat(out / w).st_mtime_ns == mtimes[w] for w in written)
@@ -91,7 +91,7 @@ def test_an_interrupted_prepare_resumes(tmp_path: Path, sources, monkeypatch) ->
 
 def test_changed_inputs_are_not_reused(tmp_path: Path, sources, monkeypatch) -> None:
     out = tmp_path / "corpus"
-    real_write = prepare_module.write_shard
+    real_write = blocks_module.write_shard
     calls = []
 
     def stop_in_second_domain(path, keys, samples):
@@ -100,10 +100,10 @@ def test_changed_inputs_are_not_reused(tmp_path: Path, sources, monkeypatch) -> 
             raise KeyboardInterrupt
         return real_write(path, keys, samples)
 
-    monkeypatch.setattr(prepare_module, "write_shard", stop_in_second_domain)
+    monkeypatch.setattr(blocks_module, "write_shard", stop_in_second_domain)
     with pytest.raises(KeyboardInterrupt):
         prepare(sources, out, shard_sequences=32, **KW)
-    monkeypatch.setattr(prepare_module, "write_shard", real_write)
+    monkeypatch.setattr(blocks_module, "write_shard", real_write)
     doc = Path(sources["alpha"][0]) / "doc0.txt"
     doc.write_text("zzzz " * 50)  # the first domain's input changed since the interrupted run
     prepare(sources, out, shard_sequences=32, **KW)

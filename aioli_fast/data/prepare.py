@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import gzip
 import hashlib
 import json
 import multiprocessing
@@ -31,7 +30,6 @@ import shutil
 import signal
 import sys
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,22 +38,29 @@ import numpy as np
 from .. import __version__
 from ..errors import AioliError, DataError
 from ..fileio import atomic_write, atomic_write_json, ensure_writable_dir, progress_bar, say
+from .blocks import (
+    BLOCK_BYTES,
+    Block,
+    BlockJob,
+    block_of_file,
+    finished_shards,
+    plan_blocks,
+    prepare_block,
+    progress_path,
+)
 from .shards import (
     DOMAIN_NAME_RE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     SPLITS,
     token_dtype,
-    write_shard,
 )
-from .tokenizers import get_tokenizer, replace_surrogates
+from .tokenizers import get_tokenizer
 
 STATE_NAME = ".prepare-state.json"
-CHUNK_DOCUMENTS = 256  # documents per tokenization task
 AUTO_PARALLEL_BYTES = 8 << 20  # inputs smaller than this are tokenized in this process by default
 MAX_AUTO_WORKERS = 8
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 
 # A top-up (see assign_splits) moves at most TOPUP_SHARE x the split's fraction of the domain's tokens,
 # or TOPUP_MIN_SEQUENCES samples' worth when that is more (a small domain must still fill one sample).
@@ -112,36 +117,6 @@ def expand_inputs(domain: str, patterns: list[str]) -> tuple[list[Path], list[Pa
             f"({len(skipped)} hidden or binary file(s) skipped)"
         )
     return sorted(files), sorted(skipped)
-
-
-def _open_text(path: Path):
-    # utf-8-sig drops a byte-order mark at the start of a file; undecodable bytes become U+FFFD
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    return open(path, encoding="utf-8-sig", errors="replace")
-
-
-def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of one input file: the whole file, or one per JSON line (field ``text_field``)."""
-    try:
-        with _open_text(path) as f:
-            if not path.name.endswith(JSONL_SUFFIXES):
-                yield f.read()
-                return
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: no string field {text_field!r} in this record")
-                # JSON may carry lone surrogates ("\\ud800"), which are not text: U+FFFD instead
-                yield replace_surrogates(text)
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
 
 
 def document_hash(text: str, seed: int) -> float:
@@ -277,8 +252,16 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
-) -> dict:
+    block_bytes: int = BLOCK_BYTES,
+    part: tuple[int, int] | str | None = None,
+) -> dict | None:
     """Prepare a corpus; returns the manifest written to ``out_dir/manifest.json``.
+
+    With ``part=(i, N)`` (or ``"i/N"``, ``i`` from 0; default: from the launcher's environment, see
+    :func:`part_from_environment`, else the whole corpus) only every N-th block is prepared, into the
+    staging folder beside ``out_dir`` (which all parts must share). The part that finishes last
+    assembles the corpus and returns its manifest; the others return None (``combine(out_dir)`` also
+    assembles it). The corpus is the same whatever N is.
 
     Args:
         domains: domain name -> list of input paths, folders or globs. Domain ids follow this order.
@@ -289,7 +272,9 @@ def prepare(
         val_fraction, test_fraction: expected fraction of documents held out for each split.
         shard_sequences: samples per tar shard (default 1024 unless ``shard_bytes`` is given).
         shard_bytes: largest shard size in bytes instead (as many samples as fit, at least one).
-        workers: tokenizer processes; default: 1 for inputs under 8 MiB, else up to 8 (one per CPU).
+        workers: processes preparing blocks; default: 1 for inputs under 8 MiB, else up to 8 (one
+            per CPU).
+        block_bytes: input bytes per block, the unit of work and of memory (aioli_fast.data.blocks).
     """
     if not domains:
         raise AioliError("no domains given: pass at least one --domain NAME=PATH")
@@ -308,6 +293,9 @@ def prepare(
         raise AioliError(f"shard_bytes must be a positive integer, got {shard_bytes!r}")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         raise AioliError(f"workers must be a positive integer, got {workers!r}")
+    if not isinstance(block_bytes, int) or block_bytes < 1:
+        raise AioliError(f"block_bytes must be a positive integer, got {block_bytes!r}")
+    part, source = _resolve_part(part)
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise AioliError(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
@@ -345,32 +333,205 @@ def prepare(
         "shard_sequences": shard_sequences,
         "text_field": text_field,
         "seed": seed,
+        "block_bytes": block_bytes,
     }
+    index, parts = part
+    if parts > 1 and progress:
+        say(f"prepare: part {index}/{parts}{source}: every {parts}th block of the corpus, into {out}")
     try:
         try:
             out.mkdir(exist_ok=True)
-            manifest = _prepare_into(
+            state = _prepare_into(
                 out,
                 inputs,
                 tok,
                 (tokenizer, eos_token),
                 seq_len,
-                val_fraction,
-                test_fraction,
+                {"val": val_fraction, "test": test_fraction},
                 shard_sequences,
                 text_field,
                 seed,
                 progress,
                 workers,
                 settings,
+                block_bytes,
+                part,
+                overwrite,
             )
-            _replace_folder(out, final)
+            if parts == 1:
+                manifest = _assemble(out, [state], tok)
+                _replace_folder(out, final)
+                return manifest
+            return _combine_if_last(final, out, progress)
         except OSError as exc:  # a full disk, a file-size limit, a quota: one line, not a traceback
             raise DataError(_os_error_message(exc, out)) from exc
     except BaseException:
         if created and final.exists() and not any(final.iterdir()):
             final.rmdir()
         raise
+
+
+PART_VARIABLES = (
+    # (rank, count, launcher); the first pair present in the environment gives the part
+    ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "a Slurm job array"),
+    ("RANK", "WORLD_SIZE", "torchrun"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "mpirun (Open MPI)"),
+    ("PMI_RANK", "PMI_SIZE", "mpirun (MPICH)"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "srun"),
+)
+
+
+def part_from_environment(env: dict | None = None) -> tuple[int, int, str] | None:
+    """(part, parts, launcher) from the variables launchers set, or None when none is set.
+
+    A Slurm job array counts from ``SLURM_ARRAY_TASK_MIN`` in steps of ``SLURM_ARRAY_TASK_STEP``
+    (``--array=1-8`` gives parts 0 to 7)."""
+    env = os.environ if env is None else env
+    for rank_key, count_key, launcher in PART_VARIABLES:
+        if rank_key in env and count_key in env:
+            try:
+                rank, count = int(env[rank_key]), int(env[count_key])
+                if rank_key == "SLURM_ARRAY_TASK_ID":
+                    first = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+                    rank = (rank - first) // int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+            except ValueError as exc:
+                raise AioliError(
+                    f"{rank_key}/{count_key} in the environment are not integers: {exc}"
+                ) from exc
+            if not 0 <= rank < count:
+                raise AioliError(f"{rank_key}={env[rank_key]} does not name one of {count} parts")
+            return rank, count, launcher
+    return None
+
+
+def _resolve_part(part) -> tuple[tuple[int, int], str]:
+    if part is None:
+        found = part_from_environment()
+        if found is None:
+            return (0, 1), ""
+        return (found[0], found[1]), f" (from {found[2]}'s environment)"
+    if isinstance(part, str):
+        try:
+            i, n = (int(x) for x in part.split("/"))
+        except ValueError:
+            raise AioliError(f"part must look like I/N (e.g. 0/4), got {part!r}") from None
+        part = (i, n)
+    i, n = part
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise AioliError(f"part {i}/{n}: N must be at least 1 and I in 0..N-1")
+    return (i, n), ""
+
+
+def _staging(final: Path) -> Path:
+    return final.parent / f".{final.name}.partial"
+
+
+def _part_states(out: Path, strict: bool = True) -> list[dict]:
+    """The states of the parts in the staging folder ``out``; a damaged one is an error when
+    ``strict``, else left out (as a vanished one always is: another part may be combining)."""
+    states = []
+    for path in sorted(out.glob(".prepare-state-part*-of-*.json")):
+        if not path.exists():
+            continue
+        state = _load_state(path)
+        if not state:
+            if strict and path.exists():
+                raise AioliError(f"{path} is damaged: run that part again")
+            continue
+        states.append(state)
+    return states
+
+
+def _combine_if_last(final: Path, out: Path, progress: bool) -> dict | None:
+    """After a part finished: assemble the corpus if every part is complete and no other part is
+    assembling it; else say what is missing and return None."""
+    states = _part_states(out, strict=False)
+    if not states:
+        return None  # another part has just combined the corpus
+    parts = states[0]["parts"]
+    done = {s["part"] for s in states if s.get("complete") and s["parts"] == parts}
+    missing = [i for i in range(parts) if i not in done]
+    if missing:
+        if progress:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            say(
+                f"prepare: this part is done; waiting for part(s) {shown} of {parts}. The last one to finish "
+                f"writes the corpus (or run: aioli-fast combine {final})"
+            )
+        return None
+    try:
+        fd = os.open(out / ".combine.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None  # another part finished at the same moment and assembles it
+    os.close(fd)
+    return combine(final, progress=progress)
+
+
+def combine(out_dir: str | Path, progress: bool = True) -> dict:
+    """Assemble a corpus prepared as N parts (``prepare(..., part=(i, N))``) into ``out_dir``.
+
+    Reads no token data: checks that every part is there and complete, that all parts used the same
+    settings, tokenizer and inputs, and that every shard they recorded is on disk with its recorded
+    size; then writes the manifest (the one a single process would have written) and moves the corpus
+    into place."""
+    final = Path(out_dir)
+    out = _staging(final)
+    if not out.is_dir():
+        raise AioliError(
+            f"no parts to combine: {out} does not exist (prepare the parts with --part I/N first)"
+        )
+    states = _part_states(out)
+    if not states:
+        raise AioliError(f"no parts to combine in {out}: prepare the parts with --part I/N first")
+    parts = {s["parts"] for s in states}
+    if len(parts) > 1:
+        raise AioliError(f"{out} holds parts of different splittings ({sorted(parts)} parts): prepare again")
+    n = parts.pop()
+    found = {s["part"]: s for s in states}
+    incomplete = [i for i in range(n) if i not in found or not found[i].get("complete")]
+    if incomplete:
+        raise AioliError(
+            f"part(s) {', '.join(map(str, incomplete))} of {n} are not finished: run them (--part I/{n}), "
+            "then combine"
+        )
+    first = found[0]
+    for i in range(1, n):
+        s = found[i]
+        for what in ("settings", "domains"):
+            if s[what] != first[what]:
+                keys = sorted(
+                    k for k in set(s[what]) | set(first[what]) if s[what].get(k) != first[what].get(k)
+                )
+                raise AioliError(
+                    f"part {i} of {n} was prepared with other {what} than part 0 (differing: "
+                    f"{', '.join(keys)}): every part must be run with the same command and inputs"
+                )
+    missing = [
+        sh["path"]
+        for s in states
+        for record in s["blocks"].values()
+        for split in record["entry"]["splits"].values()
+        for sh in split["shards"]
+        if not _complete(out, sh)
+    ]
+    if missing:
+        raise AioliError(
+            f"{len(missing)} shard(s) recorded by the parts are missing or have another size (the first: "
+            f"{out / missing[0]}): run the part that wrote it again"
+        )
+    if final.exists() and (final / MANIFEST_NAME).exists() and not all(s.get("overwrite") for s in states):
+        raise AioliError(
+            f"{final} already holds a prepared corpus; prepare the parts with --overwrite to replace it"
+        )
+    from .tokenizers import load_tokenizer
+
+    tok = load_tokenizer(first["settings"]["tokenizer"])
+    manifest = _assemble(out, [found[i] for i in range(n)], tok)
+    (out / ".combine.lock").unlink(missing_ok=True)
+    ensure_writable_dir(final)
+    _replace_folder(out, final)
+    if progress:
+        say(f"prepare: combined {n} parts into {final}")
     return manifest
 
 
@@ -426,7 +587,7 @@ def _init_pool_worker(name: str, eos_token: str | None) -> None:
 
 
 def _start_pool(workers: int, tok_args: tuple):
-    """A pool of ``workers`` tokenizer processes that ignore SIGINT (the parent stops them)."""
+    """A pool of ``workers`` processes that ignore SIGINT (the parent stops them)."""
     ctx = multiprocessing.get_context("spawn" if sys.platform == "win32" else "fork")
     # blocked while the workers are forked, so that none takes a Ctrl-C before its initializer runs; a
     # Ctrl-C that arrives meanwhile is delivered to this process when the mask is restored
@@ -439,64 +600,23 @@ def _start_pool(workers: int, tok_args: tuple):
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _encode_chunk(task: tuple[list[str], int]) -> list[tuple[float, np.ndarray]]:
-    """(content hash, token ids + end of document as int64 [n]) of each document of a chunk."""
-    texts, seed = task
-    tok = _WORKER_TOKENIZER
-    return [
-        (document_hash(text, seed), np.asarray([*tok.encode(text), tok.eos_id], dtype=np.int64))
-        for text in texts
-    ]
+def _run_block(job: BlockJob) -> tuple[str, dict]:
+    """Prepare one block in this process (a pool worker or the parent); returns (its key, its entry)."""
+    entry = prepare_block(job, _WORKER_TOKENIZER, document_hash, assign_splits, _check_splits, pack)
+    return job.block.key, entry
 
 
-def _chunks(
-    files: list[Path], text_field: str, seed: int, bar, origins: list[int]
-) -> Iterator[tuple[list[str], int]]:
-    """Tasks of documents to tokenize; appends the index of each document's file to ``origins``."""
-    chunk: list[str] = []
-    for f, path in enumerate(files):
-        for text in iter_documents(path, text_field):
-            if text.strip():
-                chunk.append(text)
-                origins.append(f)
-            if len(chunk) == CHUNK_DOCUMENTS:
-                yield chunk, seed
-                chunk = []
-        if bar is not None:
-            bar.update(1)
-    if chunk:
-        yield chunk, seed
-
-
-def _tokenize(files, text_field, seed, pool, bar) -> tuple[list[float], list[np.ndarray], list[int]]:
-    """(content hash, token ids + end of document, index of its file) of every document, in read order."""
-    hashes, ids, origins = [], [], []
-    chunks = _chunks(files, text_field, seed, bar, origins)
-    results = pool.imap(_encode_chunk, chunks) if pool is not None else map(_encode_chunk, chunks)
-    for encoded in results:
-        for h, doc in encoded:
-            hashes.append(h)
-            ids.append(doc)
-    return hashes, ids, origins
-
-
-def _fingerprint(settings: dict, name: str, files: list[Path]) -> str:
-    """What a domain's shards depend on: the settings and its inputs (path, size, modification time)."""
+def _fingerprint(settings: dict, name: str, files: list[Path], blocks: list[Block]) -> str:
+    """What a domain's shards depend on: the settings, its inputs (path, size, modification time) and
+    how they are cut into blocks."""
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    text = json.dumps({"settings": settings, "domain": name, "inputs": stats}, sort_keys=True)
+    cuts = [(b.files, b.start, b.end) for b in blocks]
+    text = json.dumps({"settings": settings, "domain": name, "inputs": stats, "blocks": cuts}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _load_state(out: Path) -> dict:
-    try:
-        state = json.loads((out / STATE_NAME).read_text(encoding="utf-8"))
-        return state if isinstance(state, dict) and "domains" in state and "shards" in state else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def _complete(out: Path, record: dict | None) -> bool:
-    """A shard recorded in the staging state whose file is there with the recorded size."""
+    """A shard recorded in a state whose file is there with the recorded size."""
     if record is None:
         return False
     try:
@@ -505,108 +625,179 @@ def _complete(out: Path, record: dict | None) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class _PrepareRun:
-    """What every domain of one prepare run shares (``state`` is the staging state, updated in place)."""
-
-    out: Path
-    seq_len: int
-    fractions: dict
-    shard_sequences: int
-    text_field: str
-    seed: int
-    progress: bool
-    dtype: object
-    settings: dict
-    state: dict
-    pool: object
+def _state_name(part: int, parts: int) -> str:
+    return STATE_NAME if parts == 1 else f".prepare-state-part{part:05d}-of-{parts:05d}.json"
 
 
-def _prepare_domain(run: _PrepareRun, name: str, files: list[Path], skipped: list[Path]) -> dict:
-    """Tokenize, split, pack and write one domain (or reuse it from an earlier, interrupted run)."""
-    fingerprint = _fingerprint(run.settings, name, files)
-    done = run.state["domains"].get(name)
-    if done is not None and done["fingerprint"] == fingerprint:
-        shards = [sh for sp in done["entry"]["splits"].values() for sh in sp["shards"]]
-        if all(_complete(run.out, sh) for sh in shards):
-            if run.progress:
-                print(f"prepared {name}: reused from the interrupted run", file=sys.stderr)
-            return done["entry"]
-    folder = run.out / name
-    for tmp in folder.glob(".*") if folder.exists() else []:
-        tmp.unlink()  # a shard whose write was interrupted
-    if folder.exists() and any(
-        run.state["shards"].get(f"{name}/{p.name}", {}).get("fingerprint") != fingerprint
-        for p in folder.iterdir()
-    ):
-        shutil.rmtree(folder)  # shards of other settings or inputs
-    folder.mkdir(exist_ok=True)
-
-    bar = progress_bar(len(files), f"tokenize {name}", "file", run.progress)
+def _load_state(path: Path) -> dict:
     try:
-        hashes, docs_ids, origins = _tokenize(files, run.text_field, run.seed, run.pool, bar)
+        state = json.loads(path.read_text(encoding="utf-8"))
+        return state if isinstance(state, dict) and "blocks" in state else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _block_done(out: Path, state: dict, block: Block, fingerprint: str) -> bool:
+    record = state.get("blocks", {}).get(block.key)
+    if record is None or record.get("fingerprint") != fingerprint:
+        return False
+    return all(_complete(out, sh) for sp in record["entry"]["splits"].values() for sh in sp["shards"])
+
+
+def _clear_block_files(out: Path, block: Block, temporary_only: bool = False) -> None:
+    """Remove the shards, temporary files and progress record of one block (what an earlier attempt
+    with other settings or inputs left), or only the temporary files an interrupted write left."""
+    folder = out / block.domain
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if block_of_file(path.name) == block.index and (path.name.startswith(".") or not temporary_only):
+            path.unlink()
+    if not temporary_only:
+        progress_path(out, block).unlink(missing_ok=True)
+
+
+def _prepare_into(
+    out: Path,
+    inputs: dict,
+    tok,
+    tok_args: tuple,
+    seq_len: int,
+    fractions: dict,
+    shard_sequences: int,
+    text_field: str,
+    seed: int,
+    progress: bool,
+    workers: int,
+    settings: dict,
+    block_bytes: int,
+    part: tuple[int, int],
+    overwrite: bool = False,
+) -> dict:
+    """Prepare this part's blocks into the staging folder ``out``; returns the part's state (complete)."""
+    index, parts = part
+    dtype = token_dtype(tok.vocab_size)
+    domains = {}
+    for name, (files, skipped) in inputs.items():
+        blocks = plan_blocks(name, files, block_bytes)
+        domains[name] = {
+            "fingerprint": _fingerprint(settings, name, files, blocks),
+            "blocks": len(blocks),
+            "inputs": [str(p) for p in files],
+            "skipped_files": len(skipped),
+            "skipped_examples": [str(p) for p in skipped[:MAX_SKIPPED_LISTED]],
+            "_blocks": blocks,
+        }
+    state_path = out / _state_name(index, parts)
+    old = _load_state(state_path)
+    state = {
+        "settings": settings,
+        "part": index,
+        "parts": parts,
+        "domains": {n: {k: v for k, v in d.items() if k != "_blocks"} for n, d in domains.items()},
+        "blocks": {},
+        "complete": False,
+        "overwrite": overwrite,
+    }
+    if parts == 1:
+        for stale in [p for p in out.iterdir() if p.is_dir() and p.name not in domains]:
+            shutil.rmtree(stale)  # a domain of an earlier attempt that this run does not have
+    every = [b for d in domains.values() for b in d["_blocks"]]
+    mine = [b for g, b in enumerate(every) if g % parts == index]
+    jobs = []
+    for block in mine:
+        fingerprint = domains[block.domain]["fingerprint"]
+        if _block_done(out, old, block, fingerprint):
+            state["blocks"][block.key] = old["blocks"][block.key]
+            continue
+        # the shards an interrupted attempt finished are kept (and reused) if it had the same settings
+        _clear_block_files(out, block, temporary_only=bool(finished_shards(out, block, fingerprint)))
+        jobs.append(
+            BlockJob(
+                block=block,
+                out=str(out),
+                seq_len=seq_len,
+                fractions=fractions,
+                shard_sequences=shard_sequences,
+                text_field=text_field,
+                seed=seed,
+                dtype=dtype.name,
+                single=domains[block.domain]["blocks"] == 1,
+                fingerprint=fingerprint,
+                progress=progress,
+            )
+        )
+    atomic_write_json(state_path, state)
+    reused = len(mine) - len(jobs)
+    if progress and reused:
+        say(f"prepare: {reused} of {len(mine)} block(s) reused from the interrupted run")
+    bar = progress_bar(len(jobs), "prepare", "block", progress) if jobs else None
+    pool = _start_pool(min(workers, len(jobs)), tok_args) if workers > 1 and len(jobs) > 1 else None
+    if pool is None:
+        _init_worker(*tok_args)
+    try:
+        results = pool.imap_unordered(_run_block, jobs) if pool is not None else map(_run_block, jobs)
+        left = {name: sum(b.domain == name for b in mine) for name in domains}
+        for key in state["blocks"]:
+            left[key.split("/")[0]] -= 1
+        for key, entry in results:
+            name = key.split("/")[0]
+            state["blocks"][key] = {"fingerprint": domains[name]["fingerprint"], "entry": entry}
+            atomic_write_json(state_path, state)  # what is finished survives an interrupt
+            if bar is not None:
+                bar.update(1)
+            left[name] -= 1
+            if progress and not left[name] and parts == 1:
+                entries = [state["blocks"][f"{name}/{b}"]["entry"] for b in range(domains[name]["blocks"])]
+                summary = ", ".join(
+                    f"{split} {sum(e['splits'][split]['sequences'] for e in entries)}"
+                    for split in entries[0]["splits"]
+                )
+                documents = sum(e["documents"] for e in entries)
+                blocks = f"{len(entries)} block(s)"
+                say(f"prepared {name}: {documents} documents in {blocks} -> sequences {summary}")
     finally:
         if bar is not None:
             bar.close()
-    if not docs_ids:
-        raise AioliError(f"domain {name!r}: its inputs hold no text ({len(files)} file(s) read)")
-    lengths = [len(d) for d in docs_ids]
-    assigned, topups = assign_splits(hashes, lengths, run.seq_len, run.fractions)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    state["complete"] = True
+    atomic_write_json(state_path, state)
+    return state
 
-    def doc_name(i: int) -> str:
-        path = files[origins[i]]
-        return f"a document of {path}" if path.name.endswith(JSONL_SUFFIXES) else str(path)
 
-    # before any shard is written: every split can fill one sequence (else an error), and what a top-up
-    # did or a lopsided split is said
-    _check_splits(name, assigned, lengths, topups, run.seq_len, run.fractions, doc_name, run.progress)
-    order = sorted(range(len(docs_ids)), key=lambda i: hashes[i])
+def _domain_entry(name: str, domain: dict, blocks: list[dict], seq_len: int, fractions: dict) -> dict:
+    """A domain's manifest entry from its blocks' entries (in block order)."""
     splits = {}
     for split in SPLITS:
-        if split != "train" and run.fractions[split] == 0:
+        if split != "train" and fractions[split] == 0:
             continue
-        # Documents of a split are packed in the order of their hashes: the shards depend on the
-        # documents' content only, not on file names or read order.
-        members = [docs_ids[i] for i in order if assigned[i] == split]
-        tokens = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
-        samples = pack(tokens, run.seq_len).astype(run.dtype)
-        shards = []
-        for i, start in enumerate(range(0, len(samples), run.shard_sequences)):
-            chunk = samples[start : start + run.shard_sequences]
-            rel = f"{name}/{split}-{i:05d}.tar"
-            record = run.state["shards"].get(rel)
-            if not (
-                _complete(run.out, record)
-                and record["fingerprint"] == fingerprint
-                and record["sequences"] == len(chunk)
-            ):
-                keys = [f"{name}-{split}-{start + j:09d}" for j in range(len(chunk))]
-                sha, size = write_shard(run.out / rel, keys, chunk)
-                record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
-                run.state["shards"][rel] = {**record, "fingerprint": fingerprint}
-                atomic_write_json(run.out / STATE_NAME, run.state)
-            shards.append({k: record[k] for k in ("path", "sequences", "sha256", "bytes")})
+        parts = [b["splits"][split] for b in blocks]
         splits[split] = {
-            "documents": len(members),
-            "tokens": int(len(tokens)),
-            "sequences": int(len(samples)),
-            "dropped_tokens": int(len(tokens) - (len(samples) * run.seq_len + 1)),
-            "shards": shards,
+            "documents": sum(p["documents"] for p in parts),
+            "tokens": sum(p["tokens"] for p in parts),
+            "sequences": sum(p["sequences"] for p in parts),
+            "dropped_tokens": sum(p["dropped_tokens"] for p in parts),
+            "shards": [sh for p in parts for sh in p["shards"]],
         }
-    entry = {
+    if len(blocks) > 1:  # (a one-block domain was checked as a whole before its shards were written)
+        for split, v in splits.items():
+            if v["sequences"] == 0:
+                flag = "" if split == "train" else f", raise --{split}-fraction"
+                raise AioliError(
+                    f"domain {name!r}: the {split} split has {v['tokens']} tokens over {len(blocks)} blocks "
+                    f"and no block holds more than {seq_len} of them, as one sequence needs; lower "
+                    f"--seq-len{flag} or prepare with larger blocks"
+                )
+    return {
         "name": name,
-        "inputs": [str(p) for p in files],
-        "skipped_files": len(skipped),
-        "skipped_examples": [str(p) for p in skipped[:MAX_SKIPPED_LISTED]],
-        "documents": len(docs_ids),
+        "inputs": domain["inputs"],
+        "skipped_files": domain["skipped_files"],
+        "skipped_examples": domain["skipped_examples"],
+        "documents": sum(b["documents"] for b in blocks),
         "splits": splits,
     }
-    run.state["domains"][name] = {"fingerprint": fingerprint, "entry": entry}
-    atomic_write_json(run.out / STATE_NAME, run.state)
-    if run.progress:
-        summary = ", ".join(f"{s} {v['sequences']}" for s, v in splits.items())
-        print(f"prepared {name}: {len(docs_ids)} documents -> sequences {summary}", file=sys.stderr)
-    return entry
 
 
 def _share(tokens: int, domain_tokens: int) -> str:
@@ -692,54 +883,19 @@ def _check_splits(
             )
 
 
-def _prepare_into(
-    out,
-    inputs,
-    tok,
-    tok_args,
-    seq_len,
-    val_fraction,
-    test_fraction,
-    shard_sequences,
-    text_field,
-    seed,
-    progress,
-    workers,
-    settings,
-) -> dict:
-    dtype = token_dtype(tok.vocab_size)
-    manifest_path = out / MANIFEST_NAME
-    fractions = {"val": val_fraction, "test": test_fraction}
-    state = _load_state(out)
-    state = {"domains": state.get("domains", {}), "shards": state.get("shards", {})}
-    keep = set(inputs)
-    for stale in [p for p in out.iterdir() if p.is_dir() and p.name not in keep]:
-        shutil.rmtree(stale)  # a domain of an earlier attempt that this run does not have
-    pool = _start_pool(workers, tok_args) if workers > 1 else None
-    if pool is None:
-        _init_worker(*tok_args)
-    try:
-        run = _PrepareRun(
-            out=out,
-            seq_len=seq_len,
-            fractions=fractions,
-            shard_sequences=shard_sequences,
-            text_field=text_field,
-            seed=seed,
-            progress=progress,
-            dtype=dtype,
-            settings=settings,
-            state=state,
-            pool=pool,
+def _assemble(out: Path, states: list[dict], tok) -> dict:
+    """The manifest of a corpus whose parts are all prepared in ``out`` (written there, states removed)."""
+    settings = states[0]["settings"]
+    seq_len = settings["seq_len"]
+    fractions = {"val": settings["val_fraction"], "test": settings["test_fraction"]}
+    blocks = {key: record["entry"] for state in states for key, record in state["blocks"].items()}
+    entries = []
+    for name, domain in states[0]["domains"].items():
+        entries.append(
+            _domain_entry(
+                name, domain, [blocks[f"{name}/{b}"] for b in range(domain["blocks"])], seq_len, fractions
+            )
         )
-        domain_entries = [
-            _prepare_domain(run, name, files, skipped) for name, (files, skipped) in inputs.items()
-        ]
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
     tokenizer_spec = tok.spec()
     if tokenizer_spec["kind"] == "hf":  # the corpus carries its tokenizer: it can be moved as a whole
         source = tokenizer_spec["path"]
@@ -750,14 +906,22 @@ def _prepare_into(
         "created_by": f"aioli_fast {__version__}",
         "seq_len": seq_len,
         "sample_len": seq_len + 1,
-        "dtype": dtype.name,
+        "dtype": token_dtype(tok.vocab_size).name,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "tokenizer": tokenizer_spec,
-        "split": {"unit": "document", "seed": seed, **{f"{k}_fraction": v for k, v in fractions.items()}},
-        "domains": domain_entries,
+        "split": {
+            "unit": "document",
+            "seed": settings["seed"],
+            **{f"{k}_fraction": v for k, v in fractions.items()},
+        },
+        "domains": entries,
     }
-    atomic_write_json(manifest_path, manifest)
-    # only now: a failure before this point (a full disk) leaves the state, so a re-run reuses every shard
-    (out / STATE_NAME).unlink(missing_ok=True)
+    atomic_write_json(out / MANIFEST_NAME, manifest)
+    # only now: a failure before this point (a full disk) leaves the states, so a re-run reuses every shard
+    for name in states[0]["domains"]:
+        for record in (out / name).glob(".block-*.json"):
+            record.unlink()
+    for state in states:
+        (out / _state_name(state["part"], state["parts"])).unlink(missing_ok=True)
     return manifest

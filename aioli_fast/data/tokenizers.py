@@ -10,6 +10,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import AioliError
 
 # Special tokens tried, in order, as end-of-document marker of an HF tokenizer.
@@ -36,6 +38,17 @@ class ByteTokenizer:
             return list(text.encode("utf-8"))
         except UnicodeEncodeError:  # a lone surrogate
             return list(replace_surrogates(text).encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text as uint8 arrays (the UTF-8 bytes, without copying them)."""
+        out = []
+        for text in texts:
+            try:
+                data = text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate
+                data = replace_surrogates(text).encode("utf-8")
+            out.append(np.frombuffer(data, dtype=np.uint8))
+        return out
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
@@ -80,6 +93,12 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(replace_surrogates(text), add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (the ``tokenizers`` batch API, which runs on several threads)."""
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        encoded = self._tok.encode_batch([replace_surrogates(t) for t in texts], add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=dtype) for e in encoded]
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])

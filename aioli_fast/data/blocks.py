@@ -1,0 +1,314 @@
+"""The unit of work of ``prepare``: a *block* of a domain's inputs, prepared on its own.
+
+A domain's input files (sorted) are cut into blocks from their sizes alone (no file is read to plan):
+consecutive files are grouped until a block holds at least ``block_bytes``, and an uncompressed
+JSON-lines file larger than that is cut into byte ranges of ``block_bytes`` (a range holds the lines
+that start in it). Each block is read, split (by document hash), tokenized, packed and written by one
+process, into shards of its own, so that
+
+- memory is bounded by the block, not the domain (a domain of any size prepares in the same memory);
+- blocks are independent: the corpus is the same whether its blocks are prepared by one process, a
+  pool of workers or N machines (``--part i/N``), and an interrupted run loses only the blocks in flight;
+- a domain that fits in one block is prepared exactly as a whole-domain pass would (its documents packed
+  in the order of their hashes, held-out splits topped up when too short): small corpora do not change.
+
+Within a block, the documents of one split are packed in the order of their hashes and the tail that
+does not fill a sample is dropped (counted in the manifest): at most ``seq_len`` tokens per split and
+block, under 0.01% of a 32 MB block at ``seq_len`` 2048.
+
+Block ``0`` of a domain writes ``<split>-<k:05d>.tar`` (the names of a one-block domain), block ``b > 0``
+``<split>-<b:05d>-<k:05d>.tar``; sample keys carry the same block number.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AioliError, DataError
+from ..fileio import atomic_write_json
+from .shards import SPLITS, write_shard
+from .tokenizers import replace_surrogates
+
+BLOCK_BYTES = 32 << 20  # input bytes per block (the default; prepare(block_bytes=...))
+CHUNK_DOCUMENTS = 256  # documents tokenized per call of the tokenizer's batch API
+
+#: files read as JSON lines (one document per line, from a text field)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
+
+
+@dataclass(frozen=True)
+class Block:
+    """Block ``index`` of domain ``domain``: whole ``files``, or the byte range ``[start, end)`` of one
+    uncompressed JSON-lines file (``end`` -1: whole files)."""
+
+    domain: str
+    index: int
+    files: tuple[str, ...]
+    start: int = 0
+    end: int = -1
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain}/{self.index}"
+
+    def describe(self) -> str:
+        if self.end >= 0:
+            return f"bytes {self.start}-{self.end} of {self.files[0]}"
+        return self.files[0] if len(self.files) == 1 else f"{len(self.files)} files from {self.files[0]}"
+
+
+def is_jsonl(path: Path | str) -> bool:
+    return str(path).endswith(JSONL_SUFFIXES)
+
+
+def _splittable(path: Path) -> bool:
+    """A file whose documents can be read from any byte offset: uncompressed JSON lines."""
+    return is_jsonl(path) and not str(path).endswith(".gz")
+
+
+def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) -> list[Block]:
+    """The blocks of a domain's (sorted) input files, from their sizes alone."""
+    blocks: list[Block] = []
+    group: list[str] = []
+    size = 0
+
+    def close_group() -> None:
+        nonlocal group, size
+        if group:
+            blocks.append(Block(domain, len(blocks), tuple(group)))
+        group, size = [], 0
+
+    for path in files:
+        n = path.stat().st_size
+        if n > block_bytes and _splittable(path):
+            close_group()
+            for start in range(0, n, block_bytes):
+                blocks.append(Block(domain, len(blocks), (str(path),), start, min(start + block_bytes, n)))
+            continue
+        group.append(str(path))
+        size += n
+        if size >= block_bytes:
+            close_group()
+    close_group()
+    return blocks
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _open_text(path: Path):
+    import gzip
+
+    # utf-8-sig drops a byte-order mark at the start of a file; undecodable bytes become U+FFFD
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
+
+
+def _json_text(line: str, path: Path, lineno: int | None, text_field: str) -> str:
+    where = f"{path}:{lineno}" if lineno is not None else f"{path} (a line)"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: no string field {text_field!r} in this record")
+    # JSON may carry lone surrogates ("\\ud800"), which are not text: U+FFFD instead
+    return replace_surrogates(text)
+
+
+def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one input file: the whole file, or one per JSON line (field ``text_field``)."""
+    try:
+        with _open_text(path) as f:
+            if not is_jsonl(path):
+                yield f.read()
+                return
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield _json_text(line, path, lineno, text_field)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def iter_range_documents(path: Path, start: int, end: int, text_field: str = "text") -> Iterator[str]:
+    """Documents of the JSON lines that start in bytes ``[start, end)`` of an uncompressed file."""
+    try:
+        with open(path, "rb") as f:
+            if start > 0:
+                f.seek(start - 1)
+                if f.read(1) != b"\n":
+                    f.readline()  # the line that started before belongs to the previous block
+            while f.tell() < end:
+                raw = f.readline()
+                if not raw:
+                    break
+                if raw.startswith(b"\xef\xbb\xbf") and f.tell() == len(raw):  # a byte-order mark
+                    raw = raw[3:]
+                line = raw.decode("utf-8", errors="replace")
+                if line.strip():
+                    yield _json_text(line, path, None, text_field)
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def block_documents(block: Block, text_field: str) -> Iterator[tuple[str, int]]:
+    """(text, index of its file in ``block.files``) of every non-blank document of a block, in order."""
+    if block.end >= 0:
+        for text in iter_range_documents(Path(block.files[0]), block.start, block.end, text_field):
+            if text.strip():
+                yield text, 0
+        return
+    for f, name in enumerate(block.files):
+        for text in iter_documents(Path(name), text_field):
+            if text.strip():
+                yield text, f
+
+
+# ------------------------------------------------------------------------------------------ naming
+
+_SHARD_RE = re.compile(r"(?P<split>train|val|test)-(?:(?P<block>\d{5})-)?(?P<k>\d{5})\.tar")
+
+
+def shard_name(split: str, block: int, k: int) -> str:
+    return f"{split}-{k:05d}.tar" if block == 0 else f"{split}-{block:05d}-{k:05d}.tar"
+
+
+def sample_key(domain: str, split: str, block: int, index: int) -> str:
+    return f"{domain}-{split}-{index:09d}" if block == 0 else f"{domain}-{split}-{block:05d}-{index:09d}"
+
+
+def block_of_file(name: str) -> int | None:
+    """The block a shard file (or a temporary file of one) belongs to; None for another name."""
+    m = _SHARD_RE.fullmatch(name.lstrip(".").split(".tar")[0] + ".tar")
+    if m is None:
+        return None
+    return int(m["block"]) if m["block"] else 0
+
+
+# --------------------------------------------------------------------------------------- preparing
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """Everything one block's preparation needs (sent to a worker process)."""
+
+    block: Block
+    out: str  # the staging folder
+    seq_len: int
+    fractions: dict
+    shard_sequences: int
+    text_field: str
+    seed: int
+    dtype: str
+    single: bool  # the domain's only block: checked and topped up as a whole domain
+    fingerprint: str  # of the domain's settings and inputs: shards of an earlier attempt are reused
+    progress: bool = True
+
+
+def progress_path(out: Path, block: Block) -> Path:
+    """The record of the shards a block has finished so far (read by a re-run of an interrupted block)."""
+    return out / block.domain / f".block-{block.index:05d}.json"
+
+
+def finished_shards(out: Path, block: Block, fingerprint: str) -> dict:
+    """The shards of an earlier attempt at ``block`` with the same fingerprint, by path ({} if none)."""
+    try:
+        record = json.loads(progress_path(out, block).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record.get("shards", {}) if record.get("fingerprint") == fingerprint else {}
+
+
+def encode_documents(tok, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """Token ids of each text followed by the end-of-document id, in ``dtype``."""
+    eos = np.asarray([tok.eos_id], dtype=dtype)
+    return [np.concatenate([ids.astype(dtype, copy=False), eos]) for ids in tok.encode_batch(texts)]
+
+
+def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits, pack) -> dict:
+    """Read, split, tokenize, pack and write one block; returns its manifest entry and shard records.
+
+    The split, check and pack functions are prepare's (passed in to keep one definition of each)."""
+    block, dtype = job.block, np.dtype(job.dtype)
+    hashes: list[float] = []
+    docs: list[np.ndarray] = []
+    origins: list[int] = []
+    texts: list[str] = []
+
+    def flush() -> None:
+        docs.extend(encode_documents(tok, texts, dtype))
+        texts.clear()
+
+    for text, origin in block_documents(block, job.text_field):
+        hashes.append(document_hash(text, job.seed))
+        origins.append(origin)
+        texts.append(text)
+        if len(texts) == CHUNK_DOCUMENTS:
+            flush()
+    flush()
+    if not docs and job.single:
+        raise AioliError(
+            f"domain {block.domain!r}: its inputs hold no text ({len(block.files)} file(s) read)"
+        )
+    lengths = [len(d) for d in docs]
+    assigned, topups = assign_splits(hashes, lengths, job.seq_len, job.fractions)
+    if job.single:
+
+        def doc_name(i: int) -> str:
+            path = block.files[origins[i]]
+            return f"a document of {path}" if is_jsonl(path) else str(path)
+
+        check_splits(
+            block.domain, assigned, lengths, topups, job.seq_len, job.fractions, doc_name, job.progress
+        )
+    order = sorted(range(len(docs)), key=lambda i: hashes[i])
+    out = Path(job.out)
+    folder = out / block.domain
+    folder.mkdir(exist_ok=True)
+    earlier = finished_shards(out, block, job.fingerprint)
+    splits, records = {}, {}
+    for split in SPLITS:
+        if split != "train" and job.fractions[split] == 0:
+            continue
+        members = [docs[i] for i in order if assigned[i] == split]
+        tokens = np.concatenate(members) if members else np.empty(0, dtype=dtype)
+        del members
+        samples = pack(tokens, job.seq_len)
+        shards = []
+        for k, start in enumerate(range(0, len(samples), job.shard_sequences)):
+            chunk = samples[start : start + job.shard_sequences]
+            rel = f"{block.domain}/{shard_name(split, block.index, k)}"
+            record = earlier.get(rel)
+            if not (record and record["sequences"] == len(chunk) and _has_size(out / rel, record["bytes"])):
+                keys = [sample_key(block.domain, split, block.index, start + j) for j in range(len(chunk))]
+                sha, size = write_shard(out / rel, keys, chunk)
+                record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
+                records[rel] = record
+                atomic_write_json(
+                    progress_path(out, block), {"fingerprint": job.fingerprint, "shards": records}
+                )
+            records[rel] = record
+            shards.append(record)
+        splits[split] = {
+            "documents": sum(1 for s in assigned if s == split),
+            "tokens": int(len(tokens)),
+            "sequences": int(len(samples)),
+            "dropped_tokens": int(len(tokens) - (len(samples) * job.seq_len + 1)),
+            "shards": shards,
+        }
+    return {"documents": len(docs), "splits": splits, "shards": records}

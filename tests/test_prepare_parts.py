@@ -1,0 +1,202 @@
+"""Preparation at scale: blocks, parts on several processes, resumption after SIGKILL, bounded memory.
+
+- a corpus prepared as 4 parts by 4 concurrent processes and combined equals the one-process corpus
+  byte for byte (shards and manifest);
+- the part comes from the launchers' environment variables (Slurm arrays, torchrun, mpirun);
+- combining refuses missing parts and parts prepared with other settings, in one line;
+- the byte ranges of a large JSON-lines file read every line exactly once;
+- a SIGKILL part-way through a domain, then the same command, gives the uninterrupted corpus;
+- peak memory does not grow with the size of a domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from aioli_fast.data.blocks import Block, block_documents, plan_blocks
+from aioli_fast.data.prepare import part_from_environment, prepare
+from aioli_fast.errors import AioliError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = (ROOT / "README.md").read_text(encoding="utf-8").split()
+
+
+def write_raw(root: Path, documents: int = 1500, files: int = 40) -> dict[str, list[str]]:
+    """Two domains: one JSON-lines file of ``documents`` documents, and ``files`` text files."""
+    (root / "web").mkdir(parents=True)
+    (root / "code").mkdir()
+    with (root / "web" / "pages.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(documents):
+            start = (i * 37) % len(WORDS)
+            words = WORDS[start : start + 20 + (i * 13) % 150]
+            f.write(json.dumps({"text": f"page {i}: " + " ".join(words)}) + "\n")
+    source = (ROOT / "aioli_fast" / "data" / "prepare.py").read_text(encoding="utf-8")
+    for i in range(files):
+        (root / "code" / f"m{i:03d}.py").write_text(source[: 2000 + 400 * i], encoding="utf-8")
+    return {"web": [str(root / "web")], "code": [str(root / "code")]}
+
+
+KW = dict(seq_len=32, shard_sequences=64, block_bytes=40_000, progress=False, workers=1)
+ARGS = ["--seq-len", "32", "--shard-sequences", "64", "--block-mb", str(40_000 / 2**20), "--workers", "1"]
+
+
+def corpus_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cli_args(domains: dict[str, list[str]], out: Path) -> list[str]:
+    args = ["prepare", "--out", str(out), "--quiet", *ARGS]
+    for name, paths in domains.items():
+        args += ["--domain", f"{name}={paths[0]}"]
+    return args
+
+
+def test_four_parts_on_four_processes_equal_the_one_process_corpus(tmp_path):
+    domains = write_raw(tmp_path / "raw")
+    single = prepare(domains, tmp_path / "single", **KW)
+    blocks = sum(len(plan_blocks(n, [p for p in Path(d[0]).iterdir()], 40_000)) for n, d in domains.items())
+    assert blocks >= 8  # every part has blocks of both domains
+    cmd = [sys.executable, "-m", "aioli_fast", *_cli_args(domains, tmp_path / "parts")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([*cmd, "--part", f"{i}/4"], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+    assert corpus_files(tmp_path / "parts") == corpus_files(tmp_path / "single")
+    manifest = json.loads((tmp_path / "parts" / "manifest.json").read_text())
+    assert manifest == single
+    assert not (tmp_path / ".parts.partial").exists()
+
+
+def test_the_part_comes_from_the_launchers_environment():
+    assert part_from_environment({}) is None
+    slurm = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_ARRAY_TASK_MIN": "1"}
+    assert part_from_environment(slurm) == (2, 8, "a Slurm job array")  # --array=1-8
+    stepped = {
+        **slurm,
+        "SLURM_ARRAY_TASK_ID": "5",
+        "SLURM_ARRAY_TASK_STEP": "2",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+    }
+    assert part_from_environment(stepped) == (2, 4, "a Slurm job array")  # --array=1-7:2
+    assert part_from_environment({"RANK": "1", "WORLD_SIZE": "2"}) == (1, 2, "torchrun")
+    assert (
+        part_from_environment({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})[2]
+        == "mpirun (Open MPI)"
+    )
+    with pytest.raises(AioliError, match="does not name one of 2 parts"):
+        part_from_environment({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_combining_refuses_missing_and_mismatched_parts(tmp_path):
+    domains = write_raw(tmp_path / "raw", documents=400, files=10)
+    out = tmp_path / "corpus"
+    assert prepare(domains, out, **KW, part=(0, 2)) is None  # part 1 has not run
+    result = run_cli("combine", str(out))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "aioli-fast combine: error: part(s) 1 of 2 are not finished: run them (--part I/2), then combine"
+    )
+    args = _cli_args(domains, out)
+    args[args.index("--seq-len") + 1] = "48"  # another setting than part 0's
+    result = run_cli(*args, "--part", "1/2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # (after what the part itself says of its splits)
+    assert last == (
+        "aioli-fast prepare: error: part 1 of 2 was prepared with other settings than part 0 (differing: "
+        "seq_len): every part must be run with the same command and inputs"
+    )
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(AioliError, match="part must look like I/N"):
+        prepare(domains, out, **KW, part="half")
+    with pytest.raises(AioliError, match="part 2/2: N must be at least 1 and I in 0..N-1"):
+        prepare(domains, out, **KW, part=(2, 2))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 97, 1000, 4096, 10**9])
+def test_the_byte_ranges_of_a_json_lines_file_read_every_line_once(tmp_path, block_bytes):
+    path = tmp_path / "d.jsonl"
+    texts = [f"doc {i} " + "x" * (i % 50) for i in range(300)]
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines.insert(5, "")  # blank lines are skipped
+    path.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # with a byte-order mark
+    blocks = plan_blocks("d", [path], block_bytes)
+    assert all(isinstance(b, Block) for b in blocks)
+    assert len(blocks) == (1 if block_bytes == 10**9 else -(-path.stat().st_size // block_bytes))
+    read = [text for b in blocks for text, _ in block_documents(b, "text")]
+    assert read == texts
+
+
+def _state_blocks(staging: Path) -> int:
+    try:
+        return len(json.loads((staging / ".prepare-state.json").read_text())["blocks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_a_sigkill_mid_domain_then_the_same_command_gives_the_uninterrupted_corpus(tmp_path):
+    domains = write_raw(tmp_path / "raw", documents=4000, files=40)
+    reference = tmp_path / "reference"
+    prepare(domains, reference, **{**KW, "block_bytes": 20_000})
+    out = tmp_path / "corpus"
+    args = _cli_args(domains, out)
+    args[args.index("--block-mb") + 1] = str(20_000 / 2**20)
+    cmd = [sys.executable, "-m", "aioli_fast", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    staging = tmp_path / ".corpus.partial"
+    deadline = time.monotonic() + 120
+    while _state_blocks(staging) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "prepare finished before it could be killed: give it more input"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() or not (out / "manifest.json").exists()
+    done = _state_blocks(staging)
+    assert done >= 3
+    result = run_cli(*[a for a in args if a != "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert f"prepare: {done} of" in result.stderr  # the finished blocks were reused
+    assert corpus_files(out) == corpus_files(reference)
+
+
+PEAK_RSS = """
+import resource, sys
+from aioli_fast.data.prepare import prepare
+prepare({"web": [sys.argv[1]]}, sys.argv[2], seq_len=128, block_bytes=1 << 20, workers=1, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_rss_kb(tmp_path: Path, megabytes: int) -> int:
+    raw = tmp_path / f"raw{megabytes}"
+    raw.mkdir()
+    line = json.dumps({"text": " ".join(WORDS[:300])}) + "\n"
+    with (raw / "pages.jsonl").open("w", encoding="utf-8") as f:
+        f.write(line * (megabytes * 2**20 // len(line)))
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS, str(raw), str(tmp_path / f"corpus{megabytes}")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_domain(tmp_path):
+    small, large = _peak_rss_kb(tmp_path, 4), _peak_rss_kb(tmp_path, 24)
+    # a whole-domain pass held ~30 bytes per token: 20 MB more of text would add ~600 MB
+    assert large < 1.2 * small and large - small < 100_000, (small, large)
