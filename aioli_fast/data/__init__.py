@@ -1,16 +1,30 @@
-"""Data: ``prepare`` (raw text -> tar shards + manifest), tokenizers, and the mixture stream."""
+"""Data: ``prepare`` (raw text -> tar shards + manifest), tokenizers, and the mixture stream.
 
-from .prepare import prepare
+The stream (which needs torch) is imported on first use, so that preparing a corpus, often on machines
+without an accelerator, does not load torch.
+"""
+
+from .prepare import combine, prepare
 from .shards import Manifest, load_manifest, read_shard
-from .stream import Batch, MixtureStream, make_batch, sequential_batches
+
+_STREAM = ("Batch", "MixtureStream", "make_batch", "sequential_batches")
 
 __all__ = [
     "Batch",
     "Manifest",
     "MixtureStream",
+    "combine",
     "load_manifest",
     "make_batch",
     "prepare",
     "read_shard",
     "sequential_batches",
 ]
+
+
+def __getattr__(name: str):
+    if name in _STREAM:
+        from . import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

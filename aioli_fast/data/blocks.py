@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AioliError, DataError
-from ..fileio import atomic_write_json
 from .shards import SPLITS, write_shard
 from .tokenizers import replace_surrogates
 
@@ -221,17 +220,27 @@ class BlockJob:
 
 
 def progress_path(out: Path, block: Block) -> Path:
-    """The record of the shards a block has finished so far (read by a re-run of an interrupted block)."""
-    return out / block.domain / f".block-{block.index:05d}.json"
+    """The log of the shards a block has finished so far (read by a re-run of an interrupted block): a
+    JSON line with the fingerprint, then one per finished shard (appended once the shard is on disk)."""
+    return out / block.domain / f".block-{block.index:05d}.jsonl"
 
 
 def finished_shards(out: Path, block: Block, fingerprint: str) -> dict:
-    """The shards of an earlier attempt at ``block`` with the same fingerprint, by path ({} if none)."""
+    """The shards of an earlier attempt at ``block`` with the same fingerprint, by path ({} if none).
+    A line cut short by a kill ends the log (its shard is written again)."""
     try:
-        record = json.loads(progress_path(out, block).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        lines = progress_path(out, block).read_text(encoding="utf-8").splitlines()
+    except OSError:
         return {}
-    return record.get("shards", {}) if record.get("fingerprint") == fingerprint else {}
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    if not records or not isinstance(records[0], dict) or records[0].get("fingerprint") != fingerprint:
+        return {}
+    return {r["path"]: r for r in records[1:] if isinstance(r, dict) and "path" in r}
 
 
 def encode_documents(tok, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
@@ -276,12 +285,24 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
         check_splits(
             block.domain, assigned, lengths, topups, job.seq_len, job.fractions, doc_name, job.progress
         )
-    order = sorted(range(len(docs)), key=lambda i: hashes[i])
     out = Path(job.out)
-    folder = out / block.domain
-    folder.mkdir(exist_ok=True)
+    (out / block.domain).mkdir(exist_ok=True)
     earlier = finished_shards(out, block, job.fingerprint)
-    splits, records = {}, {}
+    with progress_path(out, block).open("w", encoding="utf-8") as log:
+        log.write(json.dumps({"fingerprint": job.fingerprint}) + "\n")
+        for record in earlier.values():  # still finished if this attempt is cut short too
+            log.write(json.dumps(record) + "\n")
+        log.flush()
+        splits = _pack_and_write(job, out, docs, hashes, assigned, pack, earlier, log)
+    return {"documents": len(docs), "splits": splits}
+
+
+def _pack_and_write(job: BlockJob, out: Path, docs, hashes, assigned, pack, earlier: dict, log) -> dict:
+    """Pack each split of a block (documents in the order of their hashes) and write its shards; a
+    shard an earlier attempt finished (``earlier``) is kept. Returns the splits' manifest entries."""
+    block, dtype = job.block, np.dtype(job.dtype)
+    order = sorted(range(len(docs)), key=lambda i: hashes[i])
+    splits = {}
     for split in SPLITS:
         if split != "train" and job.fractions[split] == 0:
             continue
@@ -298,11 +319,8 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
                 keys = [sample_key(block.domain, split, block.index, start + j) for j in range(len(chunk))]
                 sha, size = write_shard(out / rel, keys, chunk)
                 record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
-                records[rel] = record
-                atomic_write_json(
-                    progress_path(out, block), {"fingerprint": job.fingerprint, "shards": records}
-                )
-            records[rel] = record
+                log.write(json.dumps(record) + "\n")
+                log.flush()  # (not fsynced: after a power loss the shard is only written again)
             shards.append(record)
         splits[split] = {
             "documents": sum(1 for s in assigned if s == split),
@@ -311,4 +329,4 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
             "dropped_tokens": int(len(tokens) - (len(samples) * job.seq_len + 1)),
             "shards": shards,
         }
-    return {"documents": len(docs), "splits": splits, "shards": records}
+    return splits

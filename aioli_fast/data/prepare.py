@@ -920,7 +920,7 @@ def _assemble(out: Path, states: list[dict], tok) -> dict:
     atomic_write_json(out / MANIFEST_NAME, manifest)
     # only now: a failure before this point (a full disk) leaves the states, so a re-run reuses every shard
     for name in states[0]["domains"]:
-        for record in (out / name).glob(".block-*.json"):
+        for record in (out / name).glob(".block-*.jsonl"):
             record.unlink()
     for state in states:
         (out / _state_name(state["part"], state["parts"])).unlink(missing_ok=True)
