@@ -251,7 +251,7 @@ def test_interrupting_prepare_prints_no_worker_tracebacks(tmp_path):
     (raw / "b").mkdir(parents=True)
     write_jsonl(raw / "a.jsonl", small_docs(20, above=0.0, stem="a"))
     filler = " ".join(WORDS) + "\n"
-    for i in range(300):  # ~6 MB: several seconds of tokenizing and packing
+    for i in range(1200):  # ~24 MB, one block: a few seconds of tokenizing and packing
         (raw / "b" / f"{i:03d}.txt").write_text(f"document {i}\n" + filler * 400)
     cmd = [sys.executable, "-m", "aioli_fast", "prepare", "--out", str(tmp_path / "corpus")]
     cmd += ["--domain", f"a={raw / 'a.jsonl'}", "--domain", f"b={raw / 'b'}", "--workers", "2"]

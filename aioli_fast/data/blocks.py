@@ -1,23 +1,26 @@
 """The unit of work of ``prepare``: a *block* of a domain's inputs, prepared on its own.
 
 A domain's input files (sorted) are cut into blocks from their sizes alone (no file is read to plan):
-consecutive files are grouped until a block holds at least ``block_bytes``, and an uncompressed
-JSON-lines file larger than that is cut into byte ranges of ``block_bytes`` (a range holds the lines
-that start in it). Each block is read, split (by document hash), tokenized, packed and written by one
-process, into shards of its own, so that
+consecutive files up to ``block_bytes`` each are grouped until a block holds at least ``block_bytes``; a
+larger file is a block of its own, cut into byte ranges of ``block_bytes`` when it is uncompressed JSON
+lines (a range holds the lines that start in it). Each block is read, split (by document hash),
+tokenized, packed and written by one process, into shards of its own, so that
 
-- memory is bounded by the block, not the domain (a domain of any size prepares in the same memory);
+- memory is bounded by the block, not the domain (a domain of any size prepares in the same memory). A
+  large file that cannot be cut by offset (compressed, Parquet, Arrow) is read as a stream in *segments*
+  of ``2 x block_bytes`` of text, each packed on its own;
 - blocks are independent: the corpus is the same whether its blocks are prepared by one process, a
-  pool of workers or N machines (``--part i/N``), and an interrupted run loses only the blocks in flight;
+  pool of workers or N machines (``--part i/N``), and an interrupted run loses only the shards in flight;
 - a domain that fits in one block is prepared exactly as a whole-domain pass would (its documents packed
   in the order of their hashes, held-out splits topped up when too short): small corpora do not change.
 
-Within a block, the documents of one split are packed in the order of their hashes and the tail that
-does not fill a sample is dropped (counted in the manifest): at most ``seq_len`` tokens per split and
-block, under 0.01% of a 32 MB block at ``seq_len`` 2048.
+Within a block (segment), the documents of one split are packed in the order of their hashes and the
+tail that does not fill a sample is dropped (counted in the manifest): at most ``seq_len`` tokens per
+split and block, under 0.01% of a 32 MB block at ``seq_len`` 2048.
 
 Block ``0`` of a domain writes ``<split>-<k:05d>.tar`` (the names of a one-block domain), block ``b > 0``
-``<split>-<b:05d>-<k:05d>.tar``; sample keys carry the same block number.
+``<split>-<b:05d>-<k:05d>.tar``, segment ``s > 0`` of block ``b`` ``<split>-<b:05d>.<s:05d>-<k:05d>.tar``;
+sample keys carry the same numbers.
 """
 
 from __future__ import annotations
@@ -85,10 +88,15 @@ def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) 
 
     for path in files:
         n = path.stat().st_size
-        if n > block_bytes and _splittable(path):
+        if n > block_bytes:  # a block of its own: cut by offset, or read as a stream in segments
             close_group()
-            for start in range(0, n, block_bytes):
-                blocks.append(Block(domain, len(blocks), (str(path),), start, min(start + block_bytes, n)))
+            if _splittable(path):
+                for start in range(0, n, block_bytes):
+                    blocks.append(
+                        Block(domain, len(blocks), (str(path),), start, min(start + block_bytes, n))
+                    )
+            else:
+                blocks.append(Block(domain, len(blocks), (str(path),)))
             continue
         group.append(str(path))
         size += n
@@ -173,15 +181,24 @@ def block_documents(block: Block, text_field: str) -> Iterator[tuple[str, int]]:
 
 # ------------------------------------------------------------------------------------------ naming
 
-_SHARD_RE = re.compile(r"(?P<split>train|val|test)-(?:(?P<block>\d{5})-)?(?P<k>\d{5})\.tar")
+_SHARD_RE = re.compile(
+    r"(?P<split>train|val|test)-(?:(?P<block>\d{5})(?:\.(?P<segment>\d{5}))?-)?(?P<k>\d{5})\.tar"
+)
 
 
-def shard_name(split: str, block: int, k: int) -> str:
-    return f"{split}-{k:05d}.tar" if block == 0 else f"{split}-{block:05d}-{k:05d}.tar"
+def _unit(block: int, segment: int) -> str:
+    """The part of a name that tells a shard's block and segment ("" for the first of a domain)."""
+    if block == 0 and segment == 0:
+        return ""
+    return f"{block:05d}-" if segment == 0 else f"{block:05d}.{segment:05d}-"
 
 
-def sample_key(domain: str, split: str, block: int, index: int) -> str:
-    return f"{domain}-{split}-{index:09d}" if block == 0 else f"{domain}-{split}-{block:05d}-{index:09d}"
+def shard_name(split: str, block: int, k: int, segment: int = 0) -> str:
+    return f"{split}-{_unit(block, segment)}{k:05d}.tar"
+
+
+def sample_key(domain: str, split: str, block: int, index: int, segment: int = 0) -> str:
+    return f"{domain}-{split}-{_unit(block, segment)}{index:09d}"
 
 
 def block_of_file(name: str) -> int | None:
@@ -215,6 +232,7 @@ class BlockJob:
     seed: int
     dtype: str
     single: bool  # the domain's only block: checked and topped up as a whole domain
+    segment_bytes: int  # text per segment of a block read as a stream (2 x block_bytes: see plan_blocks)
     fingerprint: str  # of the domain's settings and inputs: shards of an earlier attempt are reused
     progress: bool = True
 
@@ -250,55 +268,98 @@ def encode_documents(tok, texts: list[str], dtype: np.dtype) -> list[np.ndarray]
 
 
 def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits, pack) -> dict:
-    """Read, split, tokenize, pack and write one block; returns its manifest entry and shard records.
+    """Read, split, tokenize, pack and write one block; returns its manifest entry.
 
+    The block is read as a stream and handled in *segments* of at least ``job.segment_bytes`` of text
+    (whole documents; a block planned from file sizes is one segment unless it is one large file that
+    cannot be cut by offset, such as a compressed or columnar one): memory is bounded by the segment.
     The split, check and pack functions are prepare's (passed in to keep one definition of each)."""
-    block, dtype = job.block, np.dtype(job.dtype)
-    hashes: list[float] = []
-    docs: list[np.ndarray] = []
-    origins: list[int] = []
-    texts: list[str] = []
-
-    def flush() -> None:
-        docs.extend(encode_documents(tok, texts, dtype))
-        texts.clear()
-
-    for text, origin in block_documents(block, job.text_field):
-        hashes.append(document_hash(text, job.seed))
-        origins.append(origin)
-        texts.append(text)
-        if len(texts) == CHUNK_DOCUMENTS:
-            flush()
-    flush()
-    if not docs and job.single:
-        raise AioliError(
-            f"domain {block.domain!r}: its inputs hold no text ({len(block.files)} file(s) read)"
-        )
-    lengths = [len(d) for d in docs]
-    assigned, topups = assign_splits(hashes, lengths, job.seq_len, job.fractions)
-    if job.single:
-
-        def doc_name(i: int) -> str:
-            path = block.files[origins[i]]
-            return f"a document of {path}" if is_jsonl(path) else str(path)
-
-        check_splits(
-            block.domain, assigned, lengths, topups, job.seq_len, job.fractions, doc_name, job.progress
-        )
+    block = job.block
     out = Path(job.out)
     (out / block.domain).mkdir(exist_ok=True)
     earlier = finished_shards(out, block, job.fingerprint)
+    splits: dict[str, dict] = {}
+    documents = 0
     with progress_path(out, block).open("w", encoding="utf-8") as log:
         log.write(json.dumps({"fingerprint": job.fingerprint}) + "\n")
         for record in earlier.values():  # still finished if this attempt is cut short too
             log.write(json.dumps(record) + "\n")
         log.flush()
-        splits = _pack_and_write(job, out, docs, hashes, assigned, pack, earlier, log)
-    return {"documents": len(docs), "splits": splits}
+        segments = _segments(block_documents(block, job.text_field), job.segment_bytes)
+        for segment, (texts, origins, last) in enumerate(segments):
+            single = job.single and segment == 0 and last  # the domain's only text: a whole-domain pass
+            hashes = [document_hash(text, job.seed) for text in texts]
+            docs = []
+            for start in range(0, len(texts), CHUNK_DOCUMENTS):
+                docs.extend(
+                    encode_documents(tok, texts[start : start + CHUNK_DOCUMENTS], np.dtype(job.dtype))
+                )
+            del texts
+            if not docs and single:
+                raise AioliError(
+                    f"domain {block.domain!r}: its inputs hold no text ({len(block.files)} file(s) read)"
+                )
+            lengths = [len(d) for d in docs]
+            assigned, topups = assign_splits(hashes, lengths, job.seq_len, job.fractions)
+            if single:
+
+                def doc_name(i: int, origins=origins) -> str:
+                    path = block.files[origins[i]]
+                    return f"a document of {path}" if is_jsonl(path) else str(path)
+
+                check_splits(
+                    block.domain,
+                    assigned,
+                    lengths,
+                    topups,
+                    job.seq_len,
+                    job.fractions,
+                    doc_name,
+                    job.progress,
+                )
+            part = _pack_and_write(job, out, segment, docs, hashes, assigned, pack, earlier, log)
+            documents += len(docs)
+            for split, entry in part.items():
+                if split not in splits:
+                    splits[split] = entry
+                    continue
+                total = splits[split]
+                for key in ("documents", "tokens", "sequences", "dropped_tokens"):
+                    total[key] += entry[key]
+                total["shards"] += entry["shards"]
+    return {"documents": documents, "splits": splits}
 
 
-def _pack_and_write(job: BlockJob, out: Path, docs, hashes, assigned, pack, earlier: dict, log) -> dict:
-    """Pack each split of a block (documents in the order of their hashes) and write its shards; a
+def _segments(documents: Iterator[tuple[str, int]], segment_bytes: int):
+    """(texts, origins, is_last) of consecutive documents holding at least ``segment_bytes`` of text
+    each (the last: what is left; at least one segment, maybe empty)."""
+    texts: list[str] = []
+    origins: list[int] = []
+    size = 0
+    pending = None
+    for text, origin in documents:
+        if pending is not None:
+            yield (*pending, False)
+            pending = None
+        texts.append(text)
+        origins.append(origin)
+        size += len(text)
+        if size >= segment_bytes:
+            pending = (texts, origins)
+            texts, origins, size = [], [], 0
+    if pending is not None:
+        if texts:
+            yield (*pending, False)
+        else:
+            yield (*pending, True)
+            return
+    yield texts, origins, True
+
+
+def _pack_and_write(
+    job: BlockJob, out: Path, segment: int, docs, hashes, assigned, pack, earlier, log
+) -> dict:
+    """Pack each split of a segment (documents in the order of their hashes) and write its shards; a
     shard an earlier attempt finished (``earlier``) is kept. Returns the splits' manifest entries."""
     block, dtype = job.block, np.dtype(job.dtype)
     order = sorted(range(len(docs)), key=lambda i: hashes[i])
@@ -313,10 +374,13 @@ def _pack_and_write(job: BlockJob, out: Path, docs, hashes, assigned, pack, earl
         shards = []
         for k, start in enumerate(range(0, len(samples), job.shard_sequences)):
             chunk = samples[start : start + job.shard_sequences]
-            rel = f"{block.domain}/{shard_name(split, block.index, k)}"
+            rel = f"{block.domain}/{shard_name(split, block.index, k, segment)}"
             record = earlier.get(rel)
             if not (record and record["sequences"] == len(chunk) and _has_size(out / rel, record["bytes"])):
-                keys = [sample_key(block.domain, split, block.index, start + j) for j in range(len(chunk))]
+                keys = [
+                    sample_key(block.domain, split, block.index, start + j, segment)
+                    for j in range(len(chunk))
+                ]
                 sha, size = write_shard(out / rel, keys, chunk)
                 record = {"path": rel, "sequences": len(chunk), "sha256": sha, "bytes": size}
                 log.write(json.dumps(record) + "\n")

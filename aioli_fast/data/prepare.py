@@ -723,6 +723,7 @@ def _prepare_into(
                 seed=seed,
                 dtype=dtype.name,
                 single=domains[block.domain]["blocks"] == 1,
+                segment_bytes=2 * block_bytes,
                 fingerprint=fingerprint,
                 progress=progress,
             )
