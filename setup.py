@@ -45,6 +45,8 @@ setup(
         # flash-attn compiles against CUDA: it cannot be installed on a CPU-only machine.
         "flash": ["flash-attn>=2.5"],
         "hf": ["tokenizers>=0.15"],
+        # prepare's readers of Parquet / Arrow / datasets folders and of zstandard-compressed JSON lines
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
         "bench": ["pytest-benchmark>=4.0"],
         # the training stacks aioli_fast plugs into (aioli_fast.integrations, per-domain evaluation)
         # torchtitan 0.x changes its extension points between releases: the adapter is written for 0.3.0
@@ -62,6 +64,9 @@ setup(
             "pytest>=7.4",
             "pytest-benchmark>=4.0",
             "tokenizers>=0.15",
+            "pyarrow>=14",
+            "zstandard>=0.22",
+            "datasets>=3.0",
             "ruff>=0.5",
         ],
     },

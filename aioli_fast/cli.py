@@ -9,6 +9,7 @@ and exit status 2; nothing half-written is left looking complete.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -38,26 +39,38 @@ def positive_float(text: str) -> float:
     return value
 
 
-def parse_domains(specs: list[str]) -> dict[str, list[str]]:
-    """``NAME=PATH[,PATH...]`` flags -> {name: [paths]}; a repeated NAME adds inputs to that domain.
+_FIELD_RE = re.compile(r"[A-Za-z_][\w.-]*")
 
-    A value that names an existing file or folder as a whole is one path even if it holds commas.
+
+def parse_domains(specs: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """``NAME=PATH[,PATH...][:FIELD]`` flags -> ({name: [paths]}, {name: text field}); a repeated NAME
+    adds inputs to that domain.
+
+    A value that names an existing file or folder as a whole is one path even if it holds commas or a
+    colon. ``:FIELD`` names the JSON field or column holding the text of this domain's inputs.
     """
     domains: dict[str, list[str]] = {}
+    fields: dict[str, str] = {}
     for spec in specs:
         name, sep, paths = spec.partition("=")
         if not sep or not name or not paths:
-            raise AioliError(f"--domain {spec!r} is not of the form NAME=PATH[,PATH...]")
+            raise AioliError(f"--domain {spec!r} is not of the form NAME=PATH[,PATH...][:FIELD]")
+        head, colon, field = paths.rpartition(":")
+        if colon and head and _FIELD_RE.fullmatch(field) and not Path(paths).exists():
+            if fields.get(name, field) != field:
+                raise AioliError(f"--domain {name}: two text fields, {fields[name]!r} and {field!r}")
+            fields[name], paths = field, head
         parts = [paths] if Path(paths).exists() else [p for p in paths.split(",") if p]
         domains.setdefault(name, []).extend(parts)
-    return domains
+    return domains, fields
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare
 
+    domains, fields = parse_domains(args.domain)
     manifest = prepare(
-        parse_domains(args.domain),
+        domains,
         args.out,
         seq_len=args.seq_len,
         tokenizer=args.tokenizer,
@@ -66,7 +79,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         test_fraction=args.test_fraction,
         shard_sequences=args.shard_sequences,
         shard_bytes=None if args.shard_mb is None else max(1, int(args.shard_mb * 2**20)),
-        text_field=args.text_field,
+        text_field={**dict.fromkeys(domains, args.text_field), **fields} if fields else args.text_field,
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.quiet,

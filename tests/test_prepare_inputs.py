@@ -201,13 +201,23 @@ def test_verify_checks_every_shard_against_its_checksum(tmp_path, capsys):
     ids=["comma-list", "repeated-name-adds"],
 )
 def test_domain_flags(specs, expected):
-    assert parse_domains(specs) == expected
+    assert parse_domains(specs) == (expected, {})
 
 
-def test_a_path_with_a_comma_is_one_path(tmp_path):
-    odd = tmp_path / "report,2024.txt"
+def test_a_domain_flag_names_its_text_field(tmp_path):
+    specs = ["web=web/*.parquet:content", "code=a.jsonl,b.jsonl:body", "plain=c.txt"]
+    assert parse_domains(specs) == (
+        {"web": ["web/*.parquet"], "code": ["a.jsonl", "b.jsonl"], "plain": ["c.txt"]},
+        {"web": "content", "code": "body"},
+    )
+    with pytest.raises(AioliError, match="two text fields"):
+        parse_domains(["a=x.jsonl:one", "a=y.jsonl:two"])
+
+
+def test_a_path_with_a_comma_or_colon_is_one_path(tmp_path):
+    odd = tmp_path / "report,2024:v2.txt"
     odd.write_text(TEXT)
-    assert parse_domains([f"a={odd}"]) == {"a": [str(odd)]}
+    assert parse_domains([f"a={odd}"]) == ({"a": [str(odd)]}, {})
 
 
 def test_eval_and_demo_check_their_output_paths_first(tmp_path, capsys):

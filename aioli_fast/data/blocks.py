@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AioliError, DataError
+from .readers import ZSTD_JSONL_SUFFIXES, iter_arrow, iter_parquet, open_zstd_text
 from .shards import SPLITS, write_shard
 from .tokenizers import replace_surrogates
 
@@ -41,7 +42,7 @@ BLOCK_BYTES = 32 << 20  # input bytes per block (the default; prepare(block_byte
 CHUNK_DOCUMENTS = 256  # documents tokenized per call of the tokenizer's batch API
 
 #: files read as JSON lines (one document per line, from a text field)
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".json.gz", *ZSTD_JSONL_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def is_jsonl(path: Path | str) -> bool:
 
 def _splittable(path: Path) -> bool:
     """A file whose documents can be read from any byte offset: uncompressed JSON lines."""
-    return is_jsonl(path) and not str(path).endswith(".gz")
+    return is_jsonl(path) and not str(path).endswith((".gz", *ZSTD_JSONL_SUFFIXES))
 
 
 def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) -> list[Block]:
@@ -115,6 +116,8 @@ def _open_text(path: Path):
     # utf-8-sig drops a byte-order mark at the start of a file; undecodable bytes become U+FFFD
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    if str(path).endswith(ZSTD_JSONL_SUFFIXES):
+        return open_zstd_text(path)
     return open(path, encoding="utf-8-sig", errors="replace")
 
 
@@ -132,7 +135,14 @@ def _json_text(line: str, path: Path, lineno: int | None, text_field: str) -> st
 
 
 def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of one input file: the whole file, or one per JSON line (field ``text_field``)."""
+    """Documents of one input file: the whole file, one per JSON line, or one per row of a Parquet or
+    Arrow file (field or column ``text_field``)."""
+    if str(path).endswith(".parquet"):
+        yield from iter_parquet(path, text_field)
+        return
+    if str(path).endswith(".arrow"):
+        yield from iter_arrow(path, text_field)
+        return
     try:
         with _open_text(path) as f:
             if not is_jsonl(path):

@@ -37,7 +37,14 @@ import numpy as np
 
 from .. import __version__
 from ..errors import AioliError, DataError
-from ..fileio import atomic_write, atomic_write_json, ensure_writable_dir, progress_bar, say
+from ..fileio import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    ensure_writable_dir,
+    progress_bar,
+    say,
+)
 from .blocks import (
     BLOCK_BYTES,
     Block,
@@ -48,6 +55,7 @@ from .blocks import (
     prepare_block,
     progress_path,
 )
+from .readers import dataset_folder_files, is_readable_binary, unreadable_dataset_format
 from .shards import (
     DOMAIN_NAME_RE,
     FORMAT_VERSION,
@@ -73,8 +81,9 @@ MAX_SKIPPED_LISTED = 20
 
 
 def is_binary(path: Path) -> bool:
-    """A file with a NUL byte in its first 8 KiB (compressed ``.gz`` inputs are not sniffed)."""
-    if path.suffix == ".gz":
+    """A file with a NUL byte in its first 8 KiB, other than the binary formats prepare reads
+    (compressed, Parquet, Arrow: aioli_fast.data.readers), which are not sniffed."""
+    if is_readable_binary(path):
         return False
     with open(path, "rb") as f:
         return b"\0" in f.read(8192)
@@ -97,9 +106,34 @@ def expand_inputs(domain: str, patterns: list[str]) -> tuple[list[Path], list[Pa
             files.add(p.resolve())
             continue
         if p.is_dir():
+            dataset = dataset_folder_files(p)
+            if dataset is not None:  # a datasets save_to_disk folder: its Arrow files, not its metadata
+                files.update(f.resolve() for f in dataset)
+                continue
+            unreadable = unreadable_dataset_format(p)
+            if unreadable is not None:
+                raise AioliError(
+                    f"domain {domain!r}: {pattern} holds {unreadable}, which prepare does not read; give "
+                    "text, JSON lines, Parquet or Arrow files"
+                )
             matched = []
+            datasets = []  # datasets folders below p: their Arrow files, not their metadata
+            for q in sorted(d for d in p.rglob("*") if d.is_dir()):
+                if any(q.is_relative_to(d) for d in datasets):
+                    continue
+                found = dataset_folder_files(q)
+                if found is not None:
+                    datasets.append(q)
+                    matched.extend(found)
+                elif (unreadable := unreadable_dataset_format(q)) is not None:
+                    raise AioliError(
+                        f"domain {domain!r}: {q} holds {unreadable}, which prepare does not read; give "
+                        "text, JSON lines, Parquet or Arrow files"
+                    )
             for q in p.rglob("*"):
                 rel = q.relative_to(p).parts
+                if any(q.is_relative_to(d) for d in datasets):
+                    continue
                 if any(part.startswith(".") or part in SKIPPED_DIRS for part in rel):
                     if q.is_file():
                         skipped.add(q.resolve())
@@ -247,7 +281,7 @@ def prepare(
     test_fraction: float = 0.05,
     shard_sequences: int | None = None,
     shard_bytes: int | None = None,
-    text_field: str = "text",
+    text_field: str | dict[str, str] = "text",
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
@@ -264,13 +298,17 @@ def prepare(
     assembles it). The corpus is the same whatever N is.
 
     Args:
-        domains: domain name -> list of input paths, folders or globs. Domain ids follow this order.
+        domains: domain name -> list of input paths, folders or globs (text, JSON lines, Parquet, Arrow,
+            ``datasets`` folders; see docs/data.md), or an iterable of document strings (any iterable
+            that is not a list or tuple, e.g. a generator). Domain ids follow this order.
         out_dir: output folder (created; must be new, empty, or hold a corpus). An existing corpus is
             replaced only with ``overwrite``, and only once the new one is complete.
         seq_len: tokens per training sequence (samples hold ``seq_len + 1`` ids).
         tokenizer: ``"byte"`` or the path of an HF ``tokenizer.json``.
         val_fraction, test_fraction: expected fraction of documents held out for each split.
         shard_sequences: samples per tar shard (default 1024 unless ``shard_bytes`` is given).
+        text_field: the JSON field or column holding the text: one name, or ``{domain: name}`` (a
+            domain not in it reads ``"text"``).
         shard_bytes: largest shard size in bytes instead (as many samples as fit, at least one).
         workers: processes preparing blocks; default: 1 for inputs under 8 MiB, else up to 8 (one
             per CPU).
@@ -301,7 +339,31 @@ def prepare(
             f"val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in [0, 1) "
             "and sum to less than 1"
         )
-    inputs = {name: expand_inputs(name, list(pats)) for name, pats in domains.items()}
+    if isinstance(text_field, dict):
+        unknown = sorted(set(text_field) - set(domains))
+        if unknown:
+            raise AioliError(f"text_field names domains that are not given: {unknown}")
+        fields = {name: text_field.get(name, "text") for name in domains}
+    else:
+        fields = dict.fromkeys(domains, text_field)
+    final = Path(out_dir)
+    texts = [name for name, value in domains.items() if _is_documents(value)]
+    if texts and part[1] > 1:
+        raise AioliError(
+            f"domain(s) {texts} are given as iterables of documents, which one process reads: prepare them "
+            "without --part, or write them to files first"
+        )
+    domains = {
+        name: _write_documents(name, value, _staging(final) / ".texts", block_bytes)
+        if name in texts
+        else value
+        for name, value in domains.items()
+    }
+    fields.update(dict.fromkeys(texts, "text"))
+    inputs = {
+        name: expand_inputs(name, [pats] if isinstance(pats, (str, Path)) else [str(p) for p in pats])
+        for name, pats in domains.items()
+    }
     tok = get_tokenizer(tokenizer, eos_token=eos_token)
     if shard_sequences is None:
         shard_sequences = 1024 if shard_bytes is None else sequences_per_shard(shard_bytes, seq_len, tok)
@@ -309,7 +371,6 @@ def prepare(
         total = sum(f.stat().st_size for files, _ in inputs.values() for f in files)
         workers = 1 if total < AUTO_PARALLEL_BYTES else max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
 
-    final = Path(out_dir)
     if final.exists():
         if not final.is_dir():
             raise AioliError(f"output {final} exists and is not a folder")
@@ -349,7 +410,7 @@ def prepare(
                 seq_len,
                 {"val": val_fraction, "test": test_fraction},
                 shard_sequences,
-                text_field,
+                fields,
                 seed,
                 progress,
                 workers,
@@ -369,6 +430,44 @@ def prepare(
         if created and final.exists() and not any(final.iterdir()):
             final.rmdir()
         raise
+
+
+def _is_documents(value) -> bool:
+    """Whether a domain is given as documents (an iterable that is not a path or a list of paths)."""
+    return not isinstance(value, (str, Path, list, tuple)) and hasattr(value, "__iter__")
+
+
+def _write_documents(name: str, documents, folder: Path, block_bytes: int) -> list[str]:
+    """Documents given as an iterable, written as JSON-lines files of about ``block_bytes`` each in the
+    staging folder (a file whose content is unchanged is not rewritten, so a re-run reuses its shards)."""
+    folder = folder / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, lines, size = [], [], 0
+
+    def flush() -> None:
+        nonlocal lines, size
+        path = folder / f"texts-{len(paths):05d}.jsonl"
+        data = "".join(lines).encode("utf-8")
+        if not (path.is_file() and path.read_bytes() == data):
+            atomic_write_bytes(path, data)
+        paths.append(str(path))
+        lines, size = [], 0
+
+    count = 0
+    for text in documents:
+        if not isinstance(text, str):
+            raise AioliError(f"domain {name!r}: document {count} is a {type(text).__name__}, not a string")
+        line = json.dumps({"text": text}) + "\n"
+        lines.append(line)
+        size += len(line)
+        count += 1
+        if size >= block_bytes:
+            flush()
+    if lines or not paths:
+        flush()
+    for stale in sorted(folder.glob("texts-*.jsonl"))[len(paths) :]:
+        stale.unlink()
+    return paths
 
 
 PART_VARIABLES = (
@@ -665,7 +764,7 @@ def _prepare_into(
     seq_len: int,
     fractions: dict,
     shard_sequences: int,
-    text_field: str,
+    fields: dict[str, str],
     seed: int,
     progress: bool,
     workers: int,
@@ -700,7 +799,9 @@ def _prepare_into(
         "overwrite": overwrite,
     }
     if parts == 1:
-        for stale in [p for p in out.iterdir() if p.is_dir() and p.name not in domains]:
+        for stale in [
+            p for p in out.iterdir() if p.is_dir() and p.name not in domains and p.name != ".texts"
+        ]:
             shutil.rmtree(stale)  # a domain of an earlier attempt that this run does not have
     every = [b for d in domains.values() for b in d["_blocks"]]
     mine = [b for g, b in enumerate(every) if g % parts == index]
@@ -719,7 +820,7 @@ def _prepare_into(
                 seq_len=seq_len,
                 fractions=fractions,
                 shard_sequences=shard_sequences,
-                text_field=text_field,
+                text_field=fields[block.domain],
                 seed=seed,
                 dtype=dtype.name,
                 single=domains[block.domain]["blocks"] == 1,
@@ -919,6 +1020,12 @@ def _assemble(out: Path, states: list[dict], tok) -> dict:
         "domains": entries,
     }
     atomic_write_json(out / MANIFEST_NAME, manifest)
+    texts = (out / ".texts").resolve()
+    for entry in entries:
+        given = [p for p in entry["inputs"] if Path(p).resolve().is_relative_to(texts)]
+        if given:
+            entry["inputs"] = [f"(documents given to prepare: {len(given)} file(s) of JSON lines)"]
+    shutil.rmtree(texts, ignore_errors=True)
     # only now: a failure before this point (a full disk) leaves the states, so a re-run reuses every shard
     for name in states[0]["domains"]:
         for record in (out / name).glob(".block-*.jsonl"):

@@ -1,0 +1,158 @@
+"""The input formats of real pretraining data, end to end (prepare, then a few training steps).
+
+The same documents given as JSON lines, Parquet (a column of another name), Arrow, a ``datasets``
+``save_to_disk`` folder, ``.jsonl.zst``, ``.json.gz`` or a Python iterable make the same corpus byte for
+byte; a corpus of them all trains; a folder holding a dataset format prepare does not read is one
+clear error, never read as text.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+from aioli_fast.config import config_from_dict
+from aioli_fast.data import prepare
+from aioli_fast.data.readers import need
+from aioli_fast.errors import AioliError, DataError
+from aioli_fast.train import train
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+zstandard = pytest.importorskip("zstandard")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = (ROOT / "README.md").read_text(encoding="utf-8").split()
+TEXTS = [
+    f"document {i}: " + " ".join(WORDS[(i * 31) % 500 : (i * 31) % 500 + 30 + i % 60]) for i in range(300)
+]
+KW = dict(seq_len=32, shard_sequences=32, progress=False, workers=1)
+
+
+def jsonl(texts, field="text") -> str:
+    return "".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts))
+
+
+def write_formats(root: Path) -> dict[str, Path]:
+    """The same documents in every format prepare reads."""
+    root.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"content": TEXTS, "id": list(range(len(TEXTS)))})
+    paths = {
+        "jsonl": root / "docs.jsonl",
+        "parquet": root / "docs.parquet",
+        "arrow": root / "docs.arrow",
+        "zst": root / "docs.jsonl.zst",
+        "gz": root / "docs.json.gz",
+    }
+    paths["jsonl"].write_text(jsonl(TEXTS), encoding="utf-8")
+    pq.write_table(table, paths["parquet"], row_group_size=64)
+    with pa.OSFile(str(paths["arrow"]), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=50)
+    paths["zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl(TEXTS).encode()))
+    paths["gz"].write_bytes(gzip.compress(jsonl(TEXTS).encode()))
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"content": TEXTS}).save_to_disk(str(root / "hf"))
+    paths["hf"] = root / "hf"
+    return paths
+
+
+def shards(corpus: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(corpus)): p.read_bytes() for p in sorted(corpus.rglob("*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory) -> dict[str, Path]:
+    return write_formats(tmp_path_factory.mktemp("formats"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "hf", "zst", "gz", "iterable"])
+def test_every_format_makes_the_corpus_of_the_same_json_lines(formats, tmp_path, kind):
+    reference = prepare({"d": [str(formats["jsonl"])]}, tmp_path / "reference", **KW)
+    if kind == "iterable":
+        manifest = prepare({"d": (t for t in TEXTS)}, tmp_path / "corpus", **KW)
+        assert manifest["domains"][0]["inputs"] == ["(documents given to prepare: 1 file(s) of JSON lines)"]
+    else:
+        field = "text" if kind in ("zst", "gz") else "content"
+        manifest = prepare({"d": [str(formats[kind])]}, tmp_path / "corpus", text_field={"d": field}, **KW)
+    assert manifest["domains"][0]["splits"] == reference["domains"][0]["splits"]
+    assert shards(tmp_path / "corpus") == shards(tmp_path / "reference")
+    assert not (tmp_path / ".corpus.partial").exists()
+
+
+def test_a_corpus_of_every_format_trains(formats, tmp_path):
+    args = ["prepare", "--out", str(tmp_path / "corpus"), "--seq-len", "32", "--quiet"]
+    for kind in ("parquet", "arrow", "hf"):
+        args += ["--domain", f"{kind}={formats[kind]}:content"]
+    for kind in ("zst", "gz"):
+        args += ["--domain", f"{kind}={formats[kind]}"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    cfg = {
+        "data": {"path": str(tmp_path / "corpus")},
+        "model": {"preset": "tiny"},
+        "mixing": {
+            "method": "aioli",
+            "measurement": "train",
+            "round_steps": 8,
+            "sweeps": 1,
+            "block_steps": 1,
+        },
+        "train": {
+            "steps": 8,
+            "batch_size": 10,
+            "out_dir": str(tmp_path / "runs"),
+            "name": "r",
+            "progress": False,
+        },
+        "checkpoint": {"every": 0},
+        "eval": {"batch_size": 8, "max_sequences": 4},
+    }
+    result = train(config_from_dict(cfg))
+    final = json.loads((result.run_dir / "final.json").read_text())
+    assert set(final["val"]["domains"]) == {"parquet", "arrow", "hf", "zst", "gz"}
+
+
+def test_dataset_folders_prepare_cannot_read_are_named(formats, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:10]})}).save_to_disk(str(dd))
+    with pytest.raises(
+        AioliError, match=r"holds a datasets DatasetDict \(splits: train\); name the folder of one"
+    ):
+        prepare({"d": [str(dd)]}, tmp_path / "c1", **KW)
+    mds = tmp_path / "mds"
+    mds.mkdir()
+    (mds / "index.json").write_text('{"shards": []}')
+    (mds / "shard.00000.mds").write_bytes(b"\0\1")
+    result = run_cli("prepare", "--out", str(tmp_path / "c2"), "--domain", f"d={mds}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"aioli-fast prepare: error: domain 'd': {mds} holds a MosaicML streaming (MDS) dataset, which "
+        "prepare does not read; give text, JSON lines, Parquet or Arrow files"
+    )
+    nested = tmp_path / "nested"
+    (nested / "web").mkdir(parents=True)
+    (nested / "notes.txt").write_text("a note " * 40)
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(nested / "web"))
+    manifest = prepare({"d": [str(nested)]}, tmp_path / "c3", **KW)  # its Arrow files, not its JSON metadata
+    assert manifest["domains"][0]["documents"] == len(TEXTS) + 1
+    assert not [p for p in manifest["domains"][0]["inputs"] if p.endswith(".json")]
+
+
+def test_a_missing_column_or_reader_is_one_line(formats, tmp_path):
+    with pytest.raises(
+        DataError, match=r"docs.parquet: no column 'text' \(columns: content, id\); name the text"
+    ):
+        prepare({"d": [str(formats["parquet"])]}, tmp_path / "c", **KW)
+    with pytest.raises(
+        AioliError, match=r"reading x.parquet \(Parquet\) needs the 'nosuchreader' package: pip "
+    ):
+        need("nosuchreader.parquet", "x.parquet (Parquet)")
+    with pytest.raises(AioliError, match="document 1 is a int, not a string"):
+        prepare({"d": iter(["text", 5])}, tmp_path / "c4", **KW)
+    with pytest.raises(AioliError, match="are given as iterables of documents"):
+        prepare({"d": iter(TEXTS)}, tmp_path / "c5", part=(0, 2), **KW)
