@@ -304,7 +304,7 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
                 docs.extend(
                     encode_documents(tok, texts[start : start + CHUNK_DOCUMENTS], np.dtype(job.dtype))
                 )
-            del texts
+            texts.clear()  # (the list is shared with the segment reader: clearing frees the strings)
             if not docs and single:
                 raise AioliError(
                     f"domain {block.domain!r}: its inputs hold no text ({len(block.files)} file(s) read)"
@@ -377,13 +377,16 @@ def _pack_and_write(
     for split in SPLITS:
         if split != "train" and job.fractions[split] == 0:
             continue
-        members = [docs[i] for i in order if assigned[i] == split]
-        tokens = np.concatenate(members) if members else np.empty(0, dtype=dtype)
-        del members
-        samples = pack(tokens, job.seq_len)
+        members = [i for i in order if assigned[i] == split]
+        tokens = np.concatenate([docs[i] for i in members]) if members else np.empty(0, dtype=dtype)
+        for i in members:
+            docs[i] = None  # (memory: a document's ids live on in ``tokens`` only)
+        L = job.seq_len
+        n = (len(tokens) - 1) // L if len(tokens) > L else 0  # the samples pack() cuts
         shards = []
-        for k, start in enumerate(range(0, len(samples), job.shard_sequences)):
-            chunk = samples[start : start + job.shard_sequences]
+        for k, start in enumerate(range(0, n, job.shard_sequences)):
+            stop = min(start + job.shard_sequences, n)
+            chunk = pack(tokens[start * L : stop * L + 1], L)  # samples start..stop, and only these
             rel = f"{block.domain}/{shard_name(split, block.index, k, segment)}"
             record = earlier.get(rel)
             if not (record and record["sequences"] == len(chunk) and _has_size(out / rel, record["bytes"])):
@@ -397,10 +400,11 @@ def _pack_and_write(
                 log.flush()  # (not fsynced: after a power loss the shard is only written again)
             shards.append(record)
         splits[split] = {
-            "documents": sum(1 for s in assigned if s == split),
+            "documents": len(members),
             "tokens": int(len(tokens)),
-            "sequences": int(len(samples)),
-            "dropped_tokens": int(len(tokens) - (len(samples) * job.seq_len + 1)),
+            "sequences": int(n),
+            "dropped_tokens": int(len(tokens) - (n * L + 1)),
             "shards": shards,
         }
+        del tokens
     return splits
