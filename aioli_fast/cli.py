@@ -85,7 +85,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         workers=args.workers,
         block_bytes=max(1, int(args.block_mb * 2**20)),
-        part=args.part,
+        part=args.part or "env",  # under a launcher, one part per process
     )
     if manifest is None:  # a part of a corpus prepared in parts: the last part writes the corpus
         return

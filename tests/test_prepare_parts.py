@@ -99,6 +99,25 @@ def test_the_part_comes_from_the_launchers_environment():
         part_from_environment({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+def test_the_command_takes_its_part_from_the_launcher_and_the_function_does_not(tmp_path, monkeypatch):
+    domains = write_raw(tmp_path / "raw", documents=400, files=10)
+    args = _cli_args(domains, tmp_path / "corpus")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "1", "WORLD_SIZE": "2"}
+    args.remove("--quiet")
+    result = subprocess.run(
+        [sys.executable, "-m", "aioli_fast", *args], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "prepare: part 1/2 (from torchrun's environment): blocks 1, 3, ... of the corpus" in result.stderr
+    assert (
+        "waiting for part(s) 0 of 2" in result.stderr and not (tmp_path / "corpus" / "manifest.json").exists()
+    )
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    manifest = prepare(domains, tmp_path / "whole", **KW)  # a library call prepares the whole corpus
+    assert manifest is not None and (tmp_path / "whole" / "manifest.json").is_file()
+
+
 def test_combining_refuses_missing_and_mismatched_parts(tmp_path):
     domains = write_raw(tmp_path / "raw", documents=400, files=10)
     out = tmp_path / "corpus"

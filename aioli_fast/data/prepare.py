@@ -291,9 +291,9 @@ def prepare(
 ) -> dict | None:
     """Prepare a corpus; returns the manifest written to ``out_dir/manifest.json``.
 
-    With ``part=(i, N)`` (or ``"i/N"``, ``i`` from 0; default: from the launcher's environment, see
-    :func:`part_from_environment`, else the whole corpus) only every N-th block is prepared, into the
-    staging folder beside ``out_dir`` (which all parts must share). The part that finishes last
+    With ``part=(i, N)`` (or ``"i/N"``, ``i`` from 0; ``"env"``: from the launcher's environment, see
+    :func:`part_from_environment`, as the ``prepare`` command does) only every N-th block is prepared,
+    into the staging folder beside ``out_dir`` (which all parts must share). The part that finishes last
     assembles the corpus and returns its manifest; the others return None (``combine(out_dir)`` also
     assembles it). The corpus is the same whatever N is.
 
@@ -398,7 +398,8 @@ def prepare(
     }
     index, parts = part
     if parts > 1 and progress:
-        say(f"prepare: part {index}/{parts}{source}: every {parts}th block of the corpus, into {out}")
+        blocks = f"blocks {index}, {index + parts}, ... of the corpus"
+        say(f"prepare: part {index}/{parts}{source}: {blocks}, into {out}")
     try:
         try:
             out.mkdir(exist_ok=True)
@@ -505,6 +506,8 @@ def part_from_environment(env: dict | None = None) -> tuple[int, int, str] | Non
 
 def _resolve_part(part) -> tuple[tuple[int, int], str]:
     if part is None:
+        return (0, 1), ""
+    if part == "env":
         found = part_from_environment()
         if found is None:
             return (0, 1), ""
