@@ -165,6 +165,7 @@ class TrainSection:
     on_nan: str = "stop"  # stop | skip (a step whose loss or gradients are not finite is not applied)
     max_skipped_fraction: float = 0.05  # on_nan=skip: more skipped steps than this share of steps fails
     tensorboard: str = "auto"  # auto (when the tensorboard package is installed) | on | off
+    threads: int | None = None  # CPU threads per process; default: OMP_NUM_THREADS, else cores / processes
 
 
 @dataclass
@@ -254,6 +255,7 @@ class RunConfig:
             ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
             ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
             ("train.seed", t.seed, t.seed >= 0, ">= 0"),
+            ("train.threads", t.threads, t.threads is None or t.threads >= 1, ">= 1 (or null: default)"),
             (
                 "train.max_skipped_fraction",
                 t.max_skipped_fraction,

@@ -267,6 +267,42 @@ def test_a_failed_run_is_reported_and_the_others_tabulated(tmp_path):
     assert "cuda" in (out / "runs" / "on_gpu" / "seed0.log").read_text().lower()
 
 
+def test_a_sweep_runs_on_a_corpus_the_user_prepared(tmp_path):
+    from helpers import prepare_three_domains
+
+    corpus = prepare_three_domains(tmp_path / "mine") / "corpus"
+    methods = {
+        "stratified": {"mixing": {"method": "stratified"}},
+        "aioli": {
+            "mixing": {
+                "method": "aioli",
+                "measurement": "train",
+                "round_steps": 4,
+                "sweeps": 1,
+                "block_steps": 1,
+            }
+        },
+    }
+    spec_path = _spec(
+        tmp_path, corpus={"prepared": str(corpus)}, domains=["ab", "xyz"], seeds=[0], methods=methods
+    )
+    out = tmp_path / "out"
+    results = run_sweep(load_spec(spec_path), out)
+    assert list(results["methods"]) == ["stratified", "aioli"]
+    assert not (out / "corpus").exists()  # nothing built: the prepared corpus is used as it is
+    final = json.loads((out / "runs" / "aioli" / "seed0" / "final.json").read_text())
+    assert set(final["val"]["domains"]) == {"ab", "xyz"}
+    bad = _spec(tmp_path, corpus={"prepared": str(corpus)}, domains=["ab", "python"])
+    with pytest.raises(ConfigError, match=r"domains must be distinct names from \['ab', 'cd', 'xyz'\]"):
+        load_spec(bad)
+    bad = _spec(tmp_path, corpus={"prepared": str(corpus), "seq_len": 16}, domains=["ab"])
+    with pytest.raises(ConfigError, match="corpus.prepared takes no other corpus key"):
+        load_spec(bad)
+    bad = _spec(tmp_path, corpus={"prepared": str(tmp_path / "none")}, domains=["ab"])
+    with pytest.raises(ConfigError, match="manifest.json not found"):
+        load_spec(bad)
+
+
 def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
     spec_path = _spec(tmp_path)
     out = tmp_path / "out"

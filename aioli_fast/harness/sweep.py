@@ -45,7 +45,7 @@ from ..train import TrainingInterrupted, build_run_mixer
 SPEC_KEYS = {
     "name", "description", "corpus", "domains", "seeds", "base", "methods", "baseline", "skills_graph_steps",
 }  # fmt: skip
-CORPUS_KEYS = {"path", "seq_len", "budget_bytes"}
+CORPUS_KEYS = {"path", "seq_len", "budget_bytes", "prepared"}
 RUN_OWNED_KEYS = ("data.path", "data.domains", "train.seed", "train.name", "train.out_dir")
 
 
@@ -89,11 +89,20 @@ def load_spec(path: str | Path) -> SweepSpec:
     bad = sorted(set(corpus) - CORPUS_KEYS)
     if bad:
         raise ConfigError(f"{path}: corpus takes {sorted(CORPUS_KEYS)}, got {bad}")
-    from .corpora import DOMAINS
-
     domains = list(raw["domains"] or [])
-    if not domains or any(d not in DOMAINS for d in domains) or len(set(domains)) != len(domains):
-        raise ConfigError(f"{path}: domains must be distinct names from {list(DOMAINS)}, got {domains}")
+    if "prepared" in corpus:  # a corpus the user prepared: used as it is, any subset of its domains
+        if set(corpus) != {"prepared"}:
+            raise ConfigError(f"{path}: corpus.prepared takes no other corpus key, got {sorted(corpus)}")
+        manifest = Path(str(corpus["prepared"])) / "manifest.json"
+        if not manifest.is_file():
+            raise ConfigError(f"{path}: corpus.prepared: {manifest} not found (prepare the corpus first)")
+        known = [d["name"] for d in json.loads(manifest.read_text(encoding="utf-8")).get("domains", [])]
+    else:
+        from .corpora import DOMAINS
+
+        known = list(DOMAINS)
+    if not domains or any(d not in known for d in domains) or len(set(domains)) != len(domains):
+        raise ConfigError(f"{path}: domains must be distinct names from {known}, got {domains}")
     seeds = raw["seeds"]
     if (
         not isinstance(seeds, list)
@@ -168,7 +177,14 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 
 def corpus_dir(spec: SweepSpec, out: Path) -> Path:
+    """Where the built-in corpus is built (its prepared corpus is ``corpus_dir / "corpus"``)."""
     return Path(spec.corpus.get("path") or out / "corpus")
+
+
+def prepared_corpus(spec: SweepSpec, out: Path) -> Path:
+    """The prepared corpus the runs train on: ``corpus.prepared``, else the built-in one."""
+    prepared = spec.corpus.get("prepared")
+    return Path(str(prepared)) if prepared else corpus_dir(spec, out) / "corpus"
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -200,7 +216,7 @@ def run_config(spec: SweepSpec, method: str, seed: int, out: Path, placeholders:
     data = merge_mappings(spec.base, spec.methods[method])
     data = _resolve(data, seed, out, placeholders, spec.domains)
     data.setdefault("data", {})
-    data["data"]["path"] = str(corpus_dir(spec, out) / "corpus")
+    data["data"]["path"] = str(prepared_corpus(spec, out))
     data["data"]["domains"] = list(spec.domains)
     data.setdefault("train", {})
     data["train"].update(seed=seed, name=f"seed{seed}", out_dir=str(out / "runs" / method))
@@ -219,7 +235,7 @@ def _sha256(data: bytes) -> str:
 def inputs_stamp(spec: SweepSpec, method: str, seed: int, out: Path) -> dict:
     """What a run's result depends on besides its config: the corpus domains it reads (their shards'
     hashes) and the files it refers to (another run's final.json, the skills graph)."""
-    manifest_path = corpus_dir(spec, out) / "corpus" / "manifest.json"
+    manifest_path = prepared_corpus(spec, out) / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
     entries = {e["name"]: e for e in manifest.get("domains", [])}
     shards = [
@@ -336,14 +352,15 @@ def run_sweep(
         spec = copy.copy(spec)
         spec.seeds = [s for s in full.seeds if s in seeds]
     todo_methods = plan(spec, methods)
-    corpus = corpus_dir(spec, out)
+    corpus = prepared_corpus(spec, out)
     say(f"sweep {spec.name}: corpus {corpus} (domains {', '.join(spec.domains)})")
-    build_corpus(
-        corpus,
-        seq_len=int(spec.corpus.get("seq_len", 128)),
-        budget_bytes=int(spec.corpus.get("budget_bytes", 1_500_000)),
-        progress=False,
-    )
+    if not spec.corpus.get("prepared"):
+        build_corpus(
+            corpus_dir(spec, out),
+            seq_len=int(spec.corpus.get("seq_len", 128)),
+            budget_bytes=int(spec.corpus.get("budget_bytes", 1_500_000)),
+            progress=False,
+        )
     if any(k == "skills_graph" for m in todo_methods for k, _ in _refs(spec.methods[m])):
         learn_graph(full, out)
     runs = [(m, s) for s in spec.seeds for m in todo_methods]

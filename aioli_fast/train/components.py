@@ -8,6 +8,7 @@ The loop itself is :mod:`aioli_fast.train.trainer`.
 from __future__ import annotations
 
 import math
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,25 @@ def device_for(cfg: RunConfig, local_rank: int, world_size: int) -> torch.device
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def cpu_threads(requested: int | None, local_processes: int = 1) -> int:
+    """Threads for this process's CPU work: ``requested`` (``train.threads``), else ``OMP_NUM_THREADS``
+    when set, else the cores this process may run on shared by the processes of this machine."""
+    if requested is not None:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_processes))
+
+
+def set_cpu_threads(requested: int | None, local_processes: int = 1) -> int:
+    """Set torch's intra-op threads (see :func:`cpu_threads`); returns the number set."""
+    n = cpu_threads(requested, local_processes)
+    torch.set_num_threads(n)
+    return n
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:

@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = (
     "train.tensorboard",
     "train.on_nan",
     "train.max_skipped_fraction",
+    "train.threads",
     "train.device",
     "data.path",
     "data.num_workers",

@@ -55,6 +55,7 @@ from .components import (
     load_reference_model,
     lr_at,
     select_domains,
+    set_cpu_threads,
 )
 from .device import resolve_precision
 from .engine import DeepSpeedEngine, TorchEngine, init_distributed, resolve_backend
@@ -122,6 +123,7 @@ def train(cfg: RunConfig) -> RunResult:
     info = launch_info()
     backend = resolve_backend(cfg, info.world_size)
     device = device_for(cfg, info.local_rank, info.world_size)
+    set_cpu_threads(cfg.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
     precision = resolve_precision(cfg.train.precision, device)
     if backend == "deepspeed":
         mixer_cls = MIXERS.get(cfg.mixing.method)
@@ -369,7 +371,7 @@ class _Run:
             bar.update(self.step)
         self._say(
             f"training {self._num_parameters() / 1e6:.2f}M parameters "
-            f"on {self.device} ({self.precision}), "
+            f"on {self.device} ({self.precision}, {torch.get_num_threads()} CPU thread(s)), "
             f"engine {self.engine.kind}"
             + (f" ZeRO-{cfg.engine.zero_stage}" if self.engine.kind == "deepspeed" else "")
             + f", {self.info.world_size} process(es), {len(self.domains)} domains, {t.steps} steps x "
