@@ -100,6 +100,18 @@ def test_aioli_exploit_phase_uses_the_learned_proportions(corpus):
     assert [final["proportions"][d] for d in DOMAINS] == pytest.approx(exploit[0])
 
 
+def test_a_run_ending_inside_learnparams_reports_learned_proportions(corpus, capsys):
+    mixing = {**AIOLI, "measurement": "probe", "update": "cumulative", "probe_sequences": 2}
+    # round 0 (steps 0-9) learns; round 1's LearnParams blocks are steps 10-15: the run ends in them
+    final, records = _train(corpus, "aioli-ends-in-block", mixing, steps=13)
+    block = [records[-1]["proportions"][d] for d in DOMAINS]
+    learned = [records[9]["proportions"][d] for d in DOMAINS]  # step 10: round 0's exploit phase
+    assert max(block) == pytest.approx(0.8) and block != pytest.approx(learned)  # a block mixture
+    assert [final["proportions"][d] for d in DOMAINS] == pytest.approx(learned)
+    assert any("ended inside LearnParams (step 13 of 13" in note for note in final["notes"])
+    assert "warning: the run ended inside LearnParams" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "mixing",
     [

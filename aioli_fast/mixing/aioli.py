@@ -150,6 +150,19 @@ class AioliMixer(Mixer):
         where = self.locate(step)
         return where is not None and where[1] < self.learned_offset
 
+    def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
+        """The learned proportions, never a LearnParams block mixture: a run that ends inside
+        LearnParams reports those learned last (uniform before the first round), with a note."""
+        last = total_steps - 1
+        if not self.in_learn_params(last):
+            return self.host_proportions(last), None
+        learned = [float(p) for p in self._p_D.tolist()]
+        return learned, (
+            f"the run ended inside LearnParams (step {last + 1} of {total_steps} trained on a block "
+            "mixture); the proportions reported are the last learned ones. Make train.steps end in a "
+            "round's exploit phase (see mixing.round_steps) to train on learned proportions to the end"
+        )
+
     def exploit_spans(self, total_steps: int) -> list[tuple[int, int]]:
         """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
         spans, begin = [], self.P

@@ -216,6 +216,11 @@ class Mixer:
         """Device tensors worth logging (read by the loop at log steps only)."""
         return {}
 
+    def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
+        """The proportions a run of ``total_steps`` reports as its result (final.json), and a note when
+        they are not those of its last step. Default: the last step's."""
+        return self.host_proportions(total_steps - 1), None
+
     def summary(self) -> dict:
         """Method-specific results for the run's final.json (read once at the end)."""
         return {}

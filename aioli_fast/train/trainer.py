@@ -669,7 +669,11 @@ class _Run:
                 f"({skipped} step(s) skipped by train.on_nan={t.on_nan}); {self.run_dir / 'model.pt'} is "
                 "kept for inspection and no final.json is written, so the run does not count as finished"
             )
-        host_p = self.mixer.host_proportions(t.steps - 1)  # those of the last step trained
+        host_p, proportions_note = self.mixer.final_proportions(t.steps)  # never a block mixture
+        if proportions_note:
+            self.eval_notes.append(proportions_note)
+            if self.main:
+                say(f"warning: {proportions_note}")
         final = {
             "steps": t.steps,
             "tokens": self.total_tokens,
