@@ -93,3 +93,30 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "aioli_fast", *args], capture_output=True, text=True, env=env, **kwargs
     )
+
+
+def train_bpe_tokenizer(path: Path, sentences: list[str], eos_token: str) -> Path:
+    """A small byte-level BPE ``tokenizer.json`` (vocabulary 300) trained on ``sentences``."""
+    import pytest
+
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sentences, trainer)
+    tok.save(str(path))
+    return path
+
+
+def guide_blocks(page: Path) -> list[str]:
+    """The Python code blocks of a documentation page, in order."""
+    text = page.read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]

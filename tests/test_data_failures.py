@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, train_bpe_tokenizer
 
 from aioli_fast.cli import main
 from aioli_fast.data import load_manifest, prepare
@@ -143,19 +143,8 @@ def test_lone_surrogates_become_the_replacement_character(tmp_path):
 
 def test_lone_surrogates_become_the_replacement_character_with_an_hf_tokenizer(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["before and after the text"] * 4, trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
+    train_bpe_tokenizer(tmp_path / "tokenizer.json", ["before and after the text"] * 4, "<|endoftext|>")
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     (tmp_path / "s.jsonl").write_text(json.dumps({"text": "before \ud800 after " * 8}) + "\n")
     prepare(
         {"d": [str(tmp_path / "s.jsonl")]},

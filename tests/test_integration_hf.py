@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import prepare_three_domains
+from helpers import guide_blocks, prepare_three_domains
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -370,13 +370,8 @@ def test_two_ddp_processes_read_disjoint_samples_and_agree(corpus, tmp_path):
     assert sum("eval_ppl/ab" in r for r in ranks[0]["logs"]) == 2
 
 
-def _doc_blocks() -> list[str]:
-    text = (ROOT / "docs" / "integrations" / "huggingface.md").read_text()
-    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
-
-
 def test_every_python_block_of_the_guide_runs_or_is_marked_a_fragment(corpus, tmp_path, monkeypatch):
-    blocks = _doc_blocks()
+    blocks = guide_blocks(ROOT / "docs" / "integrations" / "huggingface.md")
     runnable = [b for b in blocks if not b.startswith("# fragment\n")]
     assert blocks and runnable
     monkeypatch.chdir(tmp_path)

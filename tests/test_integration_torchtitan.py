@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import prepare_three_domains
+from helpers import guide_blocks, prepare_three_domains
 
 pytest.importorskip("torchtitan")
 
@@ -109,13 +109,9 @@ def test_two_processes_read_disjoint_samples_and_agree(corpus, tmp_path):
     assert ranks[0]["eval"] == ranks[1]["eval"] and "val_ppl/ab" in ranks[0]["eval"]
 
 
-def _guide_blocks() -> list[str]:
-    text = (ROOT / "docs" / "integrations" / "torchtitan.md").read_text()
-    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
-
-
 def test_the_guide_config_builds_an_aioli_trainer_config(corpus, tmp_path, monkeypatch):
-    blocks = [b for b in _guide_blocks() if not b.startswith("# fragment\n")]
+    page = ROOT / "docs" / "integrations" / "torchtitan.md"
+    blocks = [b for b in guide_blocks(page) if not b.startswith("# fragment\n")]
     assert blocks
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "runs" / "demo" / "corpus").symlink_to(corpus)

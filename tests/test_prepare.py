@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import train_bpe_tokenizer
 
 from aioli_fast.data.prepare import document_hash, pack, prepare, split_of
 from aioli_fast.data.shards import load_manifest, read_shard, token_dtype, write_shard
@@ -110,21 +111,7 @@ def decode_byte_docs(samples_SL: np.ndarray) -> list[str]:
 
 
 def build_hf_tokenizer(path: Path) -> Path:
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[HF_EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(HF_TRAINING_SENTENCES, trainer)
-    tok.save(str(path))
-    return path
+    return train_bpe_tokenizer(path, HF_TRAINING_SENTENCES, HF_EOS_TOKEN)
 
 
 def sha256_of(path: Path) -> str:
