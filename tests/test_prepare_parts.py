@@ -137,6 +137,10 @@ def test_combining_refuses_missing_and_mismatched_parts(tmp_path):
         "seq_len): every part must be run with the same command and inputs"
     )
     assert not (out / "manifest.json").exists()
+    # the same folder prepared again in one part: the abandoned parts' states are dropped
+    manifest = prepare(domains, out, **KW)
+    assert manifest == prepare(domains, tmp_path / "single", **KW)
+    assert not (tmp_path / ".corpus.partial").exists()
     with pytest.raises(AioliError, match="part must look like I/N"):
         prepare(domains, out, **KW, part="half")
     with pytest.raises(AioliError, match="part 2/2: N must be at least 1 and I in 0..N-1"):

@@ -791,6 +791,11 @@ def _prepare_into(
             "_blocks": blocks,
         }
     state_path = out / _state_name(index, parts)
+    for stale in out.glob(".prepare-state*.json"):  # states of an attempt split into another number of parts
+        if stale.name != STATE_NAME and not stale.name.endswith(f"-of-{parts:05d}.json"):
+            stale.unlink(missing_ok=True)
+        elif stale.name == STATE_NAME and parts > 1:
+            stale.unlink(missing_ok=True)
     old = _load_state(state_path)
     state = {
         "settings": settings,
