@@ -196,6 +196,47 @@ def test_learnparams_blocks_of_smoothed_one_hot_mixtures(manifest: Manifest) -> 
     stream.close()
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=lambda w: f"workers{w}")
+def test_an_exact_schedule_gives_exact_counts_on_a_categorical_stream(
+    manifest: Manifest, workers: int
+) -> None:
+    # the same LearnParams rows on a categorical stream: exact per-domain counts inside the schedule,
+    # draws again after it, and a resume inside it gives the uninterrupted batches
+    f, block, order = 0.75, 3, [2, 0, 1]
+    rows = []
+    for j in order:
+        row = np.full(3, (1 - f) / 2)
+        row[j] = f
+        rows += [row] * block
+
+    def run() -> list[list[int]]:
+        stream = MixtureStream(manifest, DOMAINS, 8, [1, 1, 1], seed=1, num_workers=workers)
+        next(stream)
+        stream.set_schedule(np.stack(rows), start=2, exact=True)
+        ids = [next(stream).domain_ids.tolist() for _ in range(1 + len(rows) + 6)]
+        stream.close()
+        return ids
+
+    ids = run()
+    for i, j in enumerate(order):
+        for batch in ids[1 + i * block : 1 + (i + 1) * block]:
+            counts = np.bincount(batch, minlength=3)
+            assert counts[j] == 6 and sorted(counts) == [1, 1, 6]
+    after = [np.bincount(b, minlength=3) for b in ids[1 + len(rows) :]]  # the last row, drawn again
+    assert any(sorted(c) != [1, 1, 6] for c in after)
+    stream = MixtureStream(manifest, DOMAINS, 8, [1, 1, 1], seed=1, num_workers=workers)
+    next(stream)
+    stream.set_schedule(np.stack(rows), start=2, exact=True)
+    first = [next(stream).domain_ids.tolist() for _ in range(4)]  # stop inside the schedule
+    state = stream.state_dict()
+    stream.close()
+    resumed = MixtureStream(manifest, DOMAINS, 8, [1, 1, 1], seed=1, num_workers=workers)
+    resumed.load_state_dict(state)
+    rest = [next(resumed).domain_ids.tolist() for _ in range(len(ids) - 4)]
+    resumed.close()
+    assert [*first, *rest] == ids
+
+
 # ---------------------------------------------------------------------------------------------------------
 # exact resume
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import prepare_three_domains, write_alphabet_domain
@@ -98,6 +99,24 @@ def test_aioli_exploit_phase_uses_the_learned_proportions(corpus):
     assert all(p == exploit[0] for p in exploit)  # one update per round: constant after it
     assert exploit[0] != pytest.approx([1 / 3] * 3, abs=1e-4)  # the update moved away from uniform
     assert [final["proportions"][d] for d in DOMAINS] == pytest.approx(exploit[0])
+
+
+@pytest.mark.parametrize(("block_counts", "exact"), [("exact", True), ("drawn", False)])
+def test_learnparams_block_batches_hold_exact_per_domain_counts(corpus, block_counts, exact):
+    from aioli_fast.integrations.common import OnlineMixing
+
+    options = {**{k: v for k, v in AIOLI.items() if k != "method"}, "measurement": "train"}
+    options["block_counts"] = block_counts
+    mixing = OnlineMixing(corpus / "corpus", step_rows=10, device="cpu", mixer="aioli", mixer_options=options)
+    counts = []
+    for step in range(6):  # 3 domains x 1 sweep x 2-step blocks: one-hot factor 0.8 of a batch of 10
+        batch = mixing.draw(step, lambda ids: None)
+        counts.append(sorted(np.bincount(batch.domain_ids.numpy(), minlength=3).tolist()))
+    mixing.close()
+    if exact:
+        assert counts == [[1, 1, 8]] * 6
+    else:  # the stream's categorical draws
+        assert counts != [[1, 1, 8]] * 6
 
 
 def test_a_run_ending_inside_learnparams_reports_learned_proportions(corpus, capsys):

@@ -464,6 +464,7 @@ class MixtureStream:
         self.assignment, self.on_error = assignment, on_error
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self._rule = ASSIGNMENT_RULES[assignment]
+        self._exact: list[tuple[int, int]] = []  # [start, end) step ranges planned with exact counts
         self._sizes = [
             np.array([s.sequences for s in manifest.split_shards(d, split)], dtype=np.int64)
             for d in self.domains
@@ -511,13 +512,17 @@ class MixtureStream:
         """[D] proportions of the next batch."""
         return self.proportions_at(self.step)
 
-    def _schedule_from(self, start: int | None, rows: list[np.ndarray]) -> None:
+    def _schedule_from(self, start: int | None, rows: list[np.ndarray], exact: bool = False) -> None:
         start = self.step if start is None else int(start)
         if start < self.step:
             raise AioliError(
                 f"cannot change the proportions from step {start}: the batch of step {self.step - 1} "
                 "has been returned already"
             )
+        # steps from ``start`` on follow the new rows: earlier exact-count ranges end there
+        self._exact = [(a, min(b, start)) for a, b in self._exact if a < start]
+        if exact:
+            self._exact.append((start, start + len(rows)))
         changes = [c for c in self._changes if c[0] < start]
         for i, p in enumerate(rows):
             previous = changes[-1][1] if changes else None
@@ -532,15 +537,22 @@ class MixtureStream:
         batch); replaces whatever was scheduled from that step on."""
         self._schedule_from(step, [check_proportions(proportions, len(self.domains))])
 
-    def set_schedule(self, proportions_SD, start: int | None = None) -> None:
+    def set_schedule(self, proportions_SD, start: int | None = None, exact: bool = False) -> None:
         """Row ``i`` of ``proportions_SD`` ([S, D]) for step ``start + i``; the last row holds after the
-        schedule until the next change (default start: the next batch)."""
+        schedule until the next change (default start: the next batch). With ``exact`` the batches of
+        the schedule's steps get exact per-domain counts (``largest_remainder``) whatever the stream's
+        assignment rule, as Aioli's LearnParams blocks need."""
         if isinstance(proportions_SD, torch.Tensor):
             proportions_SD = proportions_SD.detach().cpu().double().numpy()
         rows = [check_proportions(p, len(self.domains)) for p in proportions_SD]
         if not rows:
             raise AioliError("set_schedule needs at least one row of proportions")
-        self._schedule_from(start, rows)
+        self._schedule_from(start, rows, exact)
+
+    def _rule_at(self, step: int):
+        if any(a <= step < b for a, b in self._exact):
+            return assign_largest_remainder
+        return self._rule
 
     # -- planning ---------------------------------------------------------------------------------------
 
@@ -558,7 +570,7 @@ class MixtureStream:
         step = self._next_plan_step
         self._snapshots[step] = (self._lanes.snapshot(), self._carry.copy())
         B, W, D = self.batch_size, self.world_size, len(self.domains)
-        global_ids, self._carry = self._rule(
+        global_ids, self._carry = self._rule_at(step)(
             self.proportions_at(step), B * W, self.seed, step, self._carry.copy()
         )
         counts_WD = np.bincount(np.arange(B * W) // B * D + global_ids, minlength=W * D).reshape(W, D)
@@ -671,6 +683,7 @@ class MixtureStream:
             "world_size": self.world_size,
             "proportions": self.proportions.tolist(),
             "schedule": [[s, p.tolist()] for s, p in changes],
+            "exact": [[a, b] for a, b in self._exact if b > self.step],
             "carry": carry.tolist(),
             "lanes": {
                 "epoch": epoch.tolist(),
@@ -700,6 +713,7 @@ class MixtureStream:
         step = int(state["step"])
         self._changes = [(step, check_proportions(state["proportions"], D))]
         self._changes += [(int(s), check_proportions(p, D)) for s, p in state["schedule"]]
+        self._exact = [(int(a), int(b)) for a, b in state.get("exact", [])]
         old_world = int(state["world_size"])
         self._set_layout(old_world)
         lanes = state["lanes"]

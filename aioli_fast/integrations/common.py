@@ -207,6 +207,8 @@ class OnlineMixing:
                 raise ConfigError("mixer_options and proportions are for a mixer given by name")
             self.mixer = mixer
         else:
+            if "method" in (mixer_options or {}):
+                raise ConfigError("mixer_options must not hold 'method': the mixer argument names the method")
             self.mixer = build_mixer(
                 mixer, domains, device=self.device, proportions=proportions, **dict(mixer_options or {})
             )
@@ -268,7 +270,7 @@ class OnlineMixing:
             mixer.observe_measurement(step, *self._measure(logits_fn, model))
         schedule = mixer.schedule(step)
         if schedule:
-            self.stream.set_schedule(schedule, start=step)
+            self.stream.set_schedule(schedule, start=step, exact=mixer.exact_schedule)
             self._scheduled_until = step + len(schedule)
         current = mixer.proportions(step)
         if current is not self._proportions_D:

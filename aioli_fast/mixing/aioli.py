@@ -53,6 +53,7 @@ class AioliMixer(Mixer):
         "measure_steps": 1,
         "prior_steps": 0,
         "min_proportion": 0.0,
+        "block_counts": "exact",
         "seed": 0,
     }
     STATE = {
@@ -78,6 +79,8 @@ class AioliMixer(Mixer):
         self.measurement = o["measurement"]
         self.use_ema, self.ema = o["update"] == "ema", float(o["ema"])
         self.diagonal, self.floor, self.seed = bool(o["diagonal"]), float(o["min_proportion"]), int(o["seed"])
+        # LearnParams block batches with exact per-domain counts, as the reference code draws them
+        self.exact_schedule = o["block_counts"] == "exact"
         self.learn_steps = self.R * D * self.S  # LearnParams: R sweeps x D blocks x S steps
         self._check_options()
         self.W_DD = lmo.smoothed_one_hot(D, self.f, device=self.device)
@@ -116,6 +119,10 @@ class AioliMixer(Mixer):
         for key, value, ok, rule in bad:
             if not ok:
                 raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
+        if self.options["block_counts"] not in ("exact", "drawn"):
+            raise ConfigError(
+                f"mixing.block_counts must be 'exact' or 'drawn', got {self.options['block_counts']!r}"
+            )
         if self.options["update"] not in ("ema", "cumulative"):
             raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {self.options['update']!r}")
         check_measurement(self.measurement)

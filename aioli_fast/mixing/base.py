@@ -11,7 +11,7 @@ optimizer step ``step`` (the global step), in this order:
     if mixer.measurement_due(step):                       # probe / full_val measurement sources only
         mixer.observe_measurement(step, *evaluate_probe())
     if (block := mixer.schedule(step)):                   # host-known proportions of a block of steps
-        stream.set_schedule(block, start=step)
+        stream.set_schedule(block, start=step, exact=mixer.exact_schedule)
     p_D = mixer.proportions(step)                         # the same tensor until it changes
     stream.set_proportions(mixer.host_proportions(step))  # only when p_D is a new tensor
     for each micro-batch:
@@ -155,6 +155,10 @@ class Mixer:
     def host_values(self, step: int) -> list[float] | None:
         """The proportions of ``step`` when the host knows them without reading the device, else None."""
         return None
+
+    #: whether the batches of a :meth:`schedule` get exact per-domain counts (the loop passes it to
+    #: ``MixtureStream.set_schedule``), whatever ``data.assignment`` says
+    exact_schedule: bool = False
 
     def schedule(self, step: int) -> list[list[float]] | None:
         """Host-known proportions of steps ``step, step + 1, ...`` when a block of them starts here.

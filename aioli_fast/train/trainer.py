@@ -439,7 +439,7 @@ class _Run:
         """Hand the stream a block of host-known mixtures, or new proportions when they changed."""
         schedule = self.mixer.schedule(step)
         if schedule:
-            self.stream.set_schedule(schedule, start=step)
+            self.stream.set_schedule(schedule, start=step, exact=self.mixer.exact_schedule)
             self.scheduled_until = step + len(schedule)
         current = self.mixer.proportions(step)
         if current is not self.proportions_D:
