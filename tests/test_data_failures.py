@@ -23,7 +23,7 @@ from helpers import run_cli, train_bpe_tokenizer
 
 from aioli_fast.cli import main
 from aioli_fast.data import load_manifest, prepare
-from aioli_fast.data.prepare import document_hash
+from aioli_fast.data.prepare import _load_state, document_hash
 from aioli_fast.errors import AioliError
 from aioli_fast.fileio import atomic_write, atomic_write_json
 
@@ -193,7 +193,7 @@ def test_a_write_failure_is_one_line_and_a_rerun_continues(tmp_path):
     assert not (out / "manifest.json").exists() and staging.is_dir()
     kept = (".prepare-state.json", ".block-")  # the run's state and each block's finished shards
     assert not [p for p in staging.rglob(".*") if not p.name.startswith(kept)]
-    state = json.loads((staging / ".prepare-state.json").read_text())
+    state = _load_state(staging / ".prepare-state.json")
     shards = sorted(staging.rglob("*.tar"))
     assert [str(p.relative_to(staging)) for p in shards] == ["a/train-00000.tar"]
     (shard,) = state["blocks"]["a/0"]["entry"]["splits"]["train"]["shards"]

@@ -170,7 +170,15 @@ def test_a_resumed_fit_reproduces_the_uninterrupted_run_exactly(corpus, tmp_path
     assert ck.is_file()
     torch.manual_seed(123)  # the resumed run must not depend on the RNG at start-up
     resumed, dm2 = Recorder(_vocab(corpus)), _datamodule(corpus)
-    _trainer(tmp_path / "b", 12).fit(resumed, datamodule=dm2, ckpt_path=str(ck))
+    again = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck2"), every_n_train_steps=3, save_top_k=-1)
+    _trainer(tmp_path / "b", 12, callbacks=[AioliCallback(), again]).fit(
+        resumed, datamodule=dm2, ckpt_path=str(ck)
+    )
+    assert sorted(p.name for p in (tmp_path / "ck2").iterdir()) == [
+        "epoch=0-step=12.ckpt",
+        "epoch=0-step=6.ckpt",
+        "epoch=0-step=9.ckpt",
+    ]  # not step 3 again, in the middle of its first optimizer step
     assert resumed.record == [r for r in whole.record if r[0] >= 3]
     assert dm2.mixing.mixer.state_dict()["proportions"].tolist() == (
         dm.mixing.mixer.state_dict()["proportions"].tolist()

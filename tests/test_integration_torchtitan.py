@@ -125,6 +125,7 @@ def test_the_guide_config_builds_an_aioli_trainer_config(corpus, tmp_path, monke
     assert isinstance(config.loss, AioliLoss.Config)
     assert isinstance(config.tokenizer, CorpusTokenizer.Config)
     assert config.training.seq_len == 16  # the corpus's
+    assert config.training.disable_cuda_graphs  # a graph replay would not feed the mixer
 
 
 def test_misconfigurations_are_one_clear_error(corpus):

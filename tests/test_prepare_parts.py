@@ -23,7 +23,7 @@ import pytest
 from helpers import run_cli
 
 from aioli_fast.data.blocks import Block, block_documents, plan_blocks
-from aioli_fast.data.prepare import part_from_environment, prepare
+from aioli_fast.data.prepare import _load_state, part_from_environment, prepare
 from aioli_fast.errors import AioliError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +74,7 @@ def test_four_parts_on_four_processes_equal_the_one_process_corpus(tmp_path):
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     assert corpus_files(tmp_path / "parts") == corpus_files(tmp_path / "single")
+    assert run_cli("verify", str(tmp_path / "parts"), "--quiet").returncode == 0  # several blocks a domain
     manifest = json.loads((tmp_path / "parts" / "manifest.json").read_text())
     assert manifest == single
     assert not (tmp_path / ".parts.partial").exists()
@@ -162,10 +163,7 @@ def test_the_byte_ranges_of_a_json_lines_file_read_every_line_once(tmp_path, blo
 
 
 def _state_blocks(staging: Path) -> int:
-    try:
-        return len(json.loads((staging / ".prepare-state.json").read_text())["blocks"])
-    except (OSError, ValueError, KeyError):
-        return 0
+    return len(_load_state(staging / ".prepare-state.json").get("blocks", {}))
 
 
 def test_a_sigkill_mid_domain_then_the_same_command_gives_the_uninterrupted_corpus(tmp_path):
@@ -204,9 +202,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def _peak_rss_kb(tmp_path: Path, megabytes: int) -> int:
     raw = tmp_path / f"raw{megabytes}"
     raw.mkdir()
-    line = json.dumps({"text": " ".join(WORDS[:300])}) + "\n"
+    text = " ".join(WORDS[:300])
     with (raw / "pages.jsonl").open("w", encoding="utf-8") as f:
-        f.write(line * (megabytes * 2**20 // len(line)))
+        size, i = 0, 0
+        while size < megabytes * 2**20:
+            line = json.dumps({"text": f"page {i}: {text}"}) + "\n"  # distinct documents
+            f.write(line)
+            size, i = size + len(line), i + 1
     out = subprocess.run(
         [sys.executable, "-c", PEAK_RSS, str(raw), str(tmp_path / f"corpus{megabytes}")],
         capture_output=True,

@@ -121,8 +121,8 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8-sig", errors="replace")
 
 
-def _json_text(line: str, path: Path, lineno: int | None, text_field: str) -> str:
-    where = f"{path}:{lineno}" if lineno is not None else f"{path} (a line)"
+def _json_text(line: str, path: Path, lineno: int, text_field: str, offset: bool = False) -> str:
+    where = f"{path} (the line at byte {lineno})" if offset else f"{path}:{lineno}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -153,6 +153,10 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                     yield _json_text(line, path, lineno, text_field)
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("zstandard"):  # a damaged .zst file
+            raise DataError(f"cannot read {path}: {exc}") from exc
+        raise
 
 
 def iter_range_documents(path: Path, start: int, end: int, text_field: str = "text") -> Iterator[str]:
@@ -163,7 +167,7 @@ def iter_range_documents(path: Path, start: int, end: int, text_field: str = "te
                 f.seek(start - 1)
                 if f.read(1) != b"\n":
                     f.readline()  # the line that started before belongs to the previous block
-            while f.tell() < end:
+            while (offset := f.tell()) < end:
                 raw = f.readline()
                 if not raw:
                     break
@@ -171,7 +175,7 @@ def iter_range_documents(path: Path, start: int, end: int, text_field: str = "te
                     raw = raw[3:]
                 line = raw.decode("utf-8", errors="replace")
                 if line.strip():
-                    yield _json_text(line, path, None, text_field)
+                    yield _json_text(line, path, offset, text_field, offset=True)
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
@@ -310,7 +314,9 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
                     f"domain {block.domain!r}: its inputs hold no text ({len(block.files)} file(s) read)"
                 )
             lengths = [len(d) for d in docs]
-            assigned, topups = assign_splits(hashes, lengths, job.seq_len, job.fractions)
+            # top-ups only in a whole-domain pass: in a domain of many blocks they would move documents
+            # into held-out splits block by block, and the same text could land in train and val
+            assigned, topups = assign_splits(hashes, lengths, job.seq_len, job.fractions, top_up=single)
             if single:
 
                 def doc_name(i: int, origins=origins) -> str:
@@ -403,7 +409,7 @@ def _pack_and_write(
             "documents": len(members),
             "tokens": int(len(tokens)),
             "sequences": int(n),
-            "dropped_tokens": int(len(tokens) - (n * L + 1)),
+            "dropped_tokens": int(len(tokens) - (n * L + 1 if n else 0)),
             "shards": shards,
         }
         del tokens

@@ -77,12 +77,21 @@ TOPUP_MIN_SEQUENCES = 2
 
 
 SKIPPED_DIRS = {"__pycache__"}
+MAX_DOMAIN_NAME = 60  # + "-<split>-BBBBB.SSSSS-<index:09d>.tokens.npy" fits a tar header's 100 bytes
 MAX_SKIPPED_LISTED = 20
 
 
 def is_binary(path: Path) -> bool:
     """A file with a NUL byte in its first 8 KiB, other than the binary formats prepare reads
     (compressed, Parquet, Arrow: aioli_fast.data.readers), which are not sniffed."""
+    if str(path).endswith(".gz"):  # a compressed file: sniff what it holds (a .tar.gz is not text)
+        import gzip
+
+        try:
+            with gzip.open(path, "rb") as f:
+                return b"\0" in f.read(8192)
+        except (OSError, EOFError):
+            return False  # damaged: reading it says so, naming the file
     if is_readable_binary(path):
         return False
     with open(path, "rb") as f:
@@ -121,6 +130,8 @@ def expand_inputs(domain: str, patterns: list[str]) -> tuple[list[Path], list[Pa
             for q in sorted(d for d in p.rglob("*") if d.is_dir()):
                 if any(q.is_relative_to(d) for d in datasets):
                     continue
+                if any(part.startswith(".") or part in SKIPPED_DIRS for part in q.relative_to(p).parts):
+                    continue  # skipped as a whole, as its files are
                 found = dataset_folder_files(q)
                 if found is not None:
                     datasets.append(q)
@@ -196,7 +207,7 @@ def topup_limit(fraction: float, domain_tokens: int, seq_len: int) -> int:
 
 
 def assign_splits(
-    hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float]
+    hashes: list[float], lengths: list[int], seq_len: int, fractions: dict[str, float], top_up: bool = True
 ) -> tuple[list[str], list[TopUp]]:
     """Split of each document: by hash, then topped up so every held-out split can fill one sequence.
 
@@ -209,6 +220,8 @@ def assign_splits(
     content and the seed only. Returns the splits and what each top-up did.
     """
     splits = [_split_by_hash(u, fractions["val"], fractions["test"]) for u in hashes]
+    if not top_up:
+        return splits, []
     domain_tokens = sum(lengths)
     topups = []
     for split in ("test", "val"):
@@ -319,6 +332,8 @@ def prepare(
     for name in domains:
         if not isinstance(name, str) or not DOMAIN_NAME_RE.fullmatch(name):
             raise AioliError(f"domain name {name!r} may only contain letters, digits, '_' and '-'")
+        if len(name) > MAX_DOMAIN_NAME:  # sample names must fit a tar header's 100 bytes
+            raise AioliError(f"domain name {name!r} is longer than {MAX_DOMAIN_NAME} characters")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise AioliError(f"seq_len must be a positive integer, got {seq_len!r}")
     if shard_sequences is not None and shard_bytes is not None:
@@ -459,11 +474,11 @@ def _write_documents(name: str, documents, folder: Path, block_bytes: int) -> li
         if not isinstance(text, str):
             raise AioliError(f"domain {name!r}: document {count} is a {type(text).__name__}, not a string")
         line = json.dumps({"text": text}) + "\n"
+        if lines and size + len(line) > block_bytes:  # a file of at most one block: no tail block
+            flush()
         lines.append(line)
         size += len(line)
         count += 1
-        if size >= block_bytes:
-            flush()
     if lines or not paths:
         flush()
     for stale in sorted(folder.glob("texts-*.jsonl"))[len(paths) :]:
@@ -561,12 +576,18 @@ def _combine_if_last(final: Path, out: Path, progress: bool) -> dict | None:
                 f"writes the corpus (or run: aioli-fast combine {final})"
             )
         return None
+    lock = out / ".combine.lock"
     try:
-        fd = os.open(out / ".combine.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
+        if progress:
+            say(f"prepare: another part is writing the corpus (if it failed: aioli-fast combine {final})")
         return None  # another part finished at the same moment and assembles it
     os.close(fd)
-    return combine(final, progress=progress)
+    try:
+        return combine(final, progress=progress)
+    finally:
+        lock.unlink(missing_ok=True)  # (after a failure the same command, or combine, tries again)
 
 
 def combine(out_dir: str | Path, progress: bool = True) -> dict:
@@ -731,12 +752,50 @@ def _state_name(part: int, parts: int) -> str:
     return STATE_NAME if parts == 1 else f".prepare-state-part{part:05d}-of-{parts:05d}.json"
 
 
+# A part's state is a log of JSON lines, so that recording a finished block costs one appended line
+# however large the corpus: the header (settings, part, domains with their inputs), then one line per
+# finished block ({"block": key, "fingerprint", "entry"}), then {"complete": true}. A line cut short by a
+# kill ends the log (that block is prepared again, reusing its finished shards).
+
+
+def _write_state(path: Path, state: dict) -> None:
+    """Write a state log anew: its header and the blocks it holds (and the end mark when complete)."""
+    header = {k: v for k, v in state.items() if k not in ("blocks", "complete")}
+    lines = [json.dumps(header)]
+    lines += [json.dumps({"block": key, **record}) for key, record in state["blocks"].items()]
+    if state.get("complete"):
+        lines.append(json.dumps({"complete": True}))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def _append_state(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _load_state(path: Path) -> dict:
+    """The state a log holds ({} if there is none or its header is damaged)."""
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        return state if isinstance(state, dict) and "blocks" in state else {}
-    except (OSError, ValueError):
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
         return {}
+    try:
+        state = json.loads(lines[0]) if lines else None
+    except ValueError:
+        return {}
+    if not isinstance(state, dict) or "settings" not in state:
+        return {}
+    state["blocks"], state["complete"] = {}, False
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record.get("complete"):
+            state["complete"] = True
+        elif "block" in record:
+            state["blocks"][record.pop("block")] = record
+    return state
 
 
 def _block_done(out: Path, state: dict, block: Block, fingerprint: str) -> bool:
@@ -837,7 +896,7 @@ def _prepare_into(
                 progress=progress,
             )
         )
-    atomic_write_json(state_path, state)
+    _write_state(state_path, state)
     reused = len(mine) - len(jobs)
     if progress and reused:
         say(f"prepare: {reused} of {len(mine)} block(s) reused from the interrupted run")
@@ -853,7 +912,7 @@ def _prepare_into(
         for key, entry in results:
             name = key.split("/")[0]
             state["blocks"][key] = {"fingerprint": domains[name]["fingerprint"], "entry": entry}
-            atomic_write_json(state_path, state)  # what is finished survives an interrupt
+            _append_state(state_path, {"block": key, **state["blocks"][key]})  # survives an interrupt
             if bar is not None:
                 bar.update(1)
             left[name] -= 1
@@ -873,7 +932,7 @@ def _prepare_into(
             pool.terminate()
             pool.join()
     state["complete"] = True
-    atomic_write_json(state_path, state)
+    _append_state(state_path, {"complete": True})
     return state
 
 
@@ -891,15 +950,15 @@ def _domain_entry(name: str, domain: dict, blocks: list[dict], seq_len: int, fra
             "dropped_tokens": sum(p["dropped_tokens"] for p in parts),
             "shards": [sh for p in parts for sh in p["shards"]],
         }
-    if len(blocks) > 1:  # (a one-block domain was checked as a whole before its shards were written)
-        for split, v in splits.items():
-            if v["sequences"] == 0:
-                flag = "" if split == "train" else f", raise --{split}-fraction"
-                raise AioliError(
-                    f"domain {name!r}: the {split} split has {v['tokens']} tokens over {len(blocks)} blocks "
-                    f"and no block holds more than {seq_len} of them, as one sequence needs; lower "
-                    f"--seq-len{flag} or prepare with larger blocks"
-                )
+    # (a domain of one block read in one segment was checked as a whole before its shards were written)
+    for split, v in splits.items():
+        if v["sequences"] == 0:
+            flag = "" if split == "train" else f", raise --{split}-fraction"
+            raise AioliError(
+                f"domain {name!r}: the {split} split has {v['tokens']} tokens over {len(blocks)} block(s) "
+                f"and no block (or segment of one) holds more than {seq_len} of them, as one sequence "
+                f"needs; lower --seq-len{flag} or prepare with larger blocks"
+            )
     return {
         "name": name,
         "inputs": domain["inputs"],
@@ -1027,12 +1086,23 @@ def _assemble(out: Path, states: list[dict], tok) -> dict:
         },
         "domains": entries,
     }
-    atomic_write_json(out / MANIFEST_NAME, manifest)
     texts = (out / ".texts").resolve()
     for entry in entries:
         given = [p for p in entry["inputs"] if Path(p).resolve().is_relative_to(texts)]
         if given:
             entry["inputs"] = [f"(documents given to prepare: {len(given)} file(s) of JSON lines)"]
+    # files an earlier attempt (other settings, another number of parts, larger blocks) left that this
+    # corpus does not list: a reader globbing the folders must not find them
+    listed = {sh["path"] for e in entries for sp in e["splits"].values() for sh in sp["shards"]}
+    for name in states[0]["domains"]:
+        for path in (out / name).iterdir():
+            if (
+                path.is_file()
+                and block_of_file(path.name) is not None
+                and f"{name}/{path.name}" not in listed
+            ):
+                path.unlink()
+    atomic_write_json(out / MANIFEST_NAME, manifest)
     shutil.rmtree(texts, ignore_errors=True)
     # only now: a failure before this point (a full disk) leaves the states, so a re-run reuses every shard
     for name in states[0]["domains"]:

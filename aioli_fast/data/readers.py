@@ -68,7 +68,14 @@ def iter_parquet(path: Path, field: str) -> Iterator[str]:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
         raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
     _check_column(f.schema_arrow.names, path, field)
-    for batch in f.iter_batches(columns=[field], batch_size=1024):
+    batches = f.iter_batches(columns=[field], batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
+            raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
         yield from _column_texts(batch.column(0), path, field)
 
 
@@ -90,7 +97,13 @@ def iter_arrow(path: Path, field: str) -> Iterator[str]:
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             names = reader.schema.names
         _check_column(names, path, field)
-        for batch in batches:
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
+                raise DataError(f"cannot read {path} as Arrow: {exc}") from exc
             yield from _column_texts(batch.column(names.index(field)), path, field)
 
 

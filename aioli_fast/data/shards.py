@@ -370,11 +370,14 @@ class Manifest:
                 f"{label} sequences ({info['sequences']}) are not the sum over its shards ({counted})"
             )
         if counted and "tokens" in info and "dropped_tokens" in info:
+            # each packed unit (a block, or a segment of one: the shard name up to its last "-") holds
+            # its samples' tokens plus the one token the last sample's label shares with nothing after
+            units = len({Path(str(s["path"])).name.rsplit("-", 1)[0] for s in info["shards"]})
             packed = int(info["tokens"]) - int(info["dropped_tokens"])
-            if packed != counted * self.seq_len + 1:
+            if packed != counted * self.seq_len + units:
                 problems.append(
-                    f"{label} tokens - dropped_tokens ({packed}) are not sequences x seq_len + 1 "
-                    f"({counted} x {self.seq_len} + 1)"
+                    f"{label} tokens - dropped_tokens ({packed}) are not sequences x seq_len + the packed "
+                    f"units ({counted} x {self.seq_len} + {units})"
                 )
         return problems
 

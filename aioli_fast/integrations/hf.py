@@ -184,6 +184,11 @@ class AioliTrainer(Trainer):
         a = self.args
         if a.max_steps is None or a.max_steps <= 0:
             raise ConfigError("AioliTrainer needs TrainingArguments(max_steps=N > 0): the stream has no end")
+        if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+            raise ConfigError(
+                "this transformers version has no Trainer.loss_is_scaled_for_ga, so it would scale the loss "
+                "for gradient accumulation a second time: upgrade transformers"
+            )
         if a.n_gpu > 1:
             raise ConfigError(
                 f"AioliTrainer does not support nn.DataParallel ({a.n_gpu} GPUs in one process); launch one "
@@ -215,7 +220,7 @@ class AioliTrainer(Trainer):
             prefetch_factor=a.dataloader_prefetch_factor or 2,
             rank=a.process_index,
             world_size=a.world_size,
-            lockstep=self.is_deepspeed_enabled,
+            lockstep=self.is_deepspeed_enabled or self.is_fsdp_enabled,  # sharded: every rank forwards alike
             framework="AioliTrainer",
         )
         self.mixing.check_vocab(getattr(getattr(self.model, "config", None), "vocab_size", None))

@@ -317,6 +317,12 @@ class AioliCallback(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._datamodule(trainer)._ready().reset_window()
+        # ModelCheckpoint does not restore the step it saved last: after a resume it would save again at
+        # the resumed step, on its first micro-batch, in the middle of an optimizer step (and over the
+        # checkpoint resumed from). That step is saved already.
+        for callback in trainer.checkpoint_callbacks:
+            if hasattr(callback, "_last_global_step_saved"):
+                callback._last_global_step_saved = max(callback._last_global_step_saved, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm = self._datamodule(trainer)

@@ -246,6 +246,11 @@ class AioliTrainer(Trainer):
             raise ConfigError("AioliTrainer needs dataloader=AioliDataLoader.Config(...) (see aioli_config)")
         if not isinstance(config.loss, AioliLoss.Config):
             raise ConfigError("AioliTrainer needs loss=AioliLoss.Config() (see aioli_config)")
+        if not config.training.disable_cuda_graphs:
+            raise ConfigError(
+                "AioliTrainer needs training.disable_cuda_graphs=True: a CUDA graph would replay the "
+                "captured step's domain ids and skip feeding the mixer"
+            )
         super().__init__(config)
         if self.parallel_dims.pp_enabled or self.parallel_dims.cp_enabled:
             raise ConfigError("the torchtitan adapter does not support pipeline or context parallelism")
@@ -318,4 +323,7 @@ def aioli_config(
     config.loss = AioliLoss.Config()
     config.tokenizer = CorpusTokenizer.Config(corpus=str(corpus))
     config.training.seq_len = load_manifest(corpus).seq_len
+    # a CUDA graph replays the captured forward/backward: the per-micro-batch domain ids and the mixer's
+    # observe() in it would be those of the capture
+    config.training.disable_cuda_graphs = True
     return config

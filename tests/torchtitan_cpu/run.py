@@ -78,7 +78,6 @@ def main(corpus, dump, out, steps, load_step=None):
     config.training.steps = steps
     config.training.local_batch_size = 2
     config.training.global_batch_size = 4 * int(os.environ["WORLD_SIZE"])  # accumulation 2
-    config.training.disable_cuda_graphs = True
     config.validator.enable = False
     config.checkpoint.enable = True
     config.checkpoint.interval = 3
