@@ -75,6 +75,8 @@ def test_every_format_makes_the_corpus_of_the_same_json_lines(formats, tmp_path,
     if kind == "iterable":
         manifest = prepare({"d": (t for t in TEXTS)}, tmp_path / "corpus", **KW)
         assert manifest["domains"][0]["inputs"] == ["(documents given to prepare: 1 file(s) of JSON lines)"]
+        on_disk = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+        assert on_disk["domains"][0]["inputs"] == manifest["domains"][0]["inputs"]
     else:
         field = "text" if kind in ("zst", "gz") else "content"
         manifest = prepare({"d": [str(formats[kind])]}, tmp_path / "corpus", text_field={"d": field}, **KW)
@@ -141,6 +143,26 @@ def test_dataset_folders_prepare_cannot_read_are_named(formats, tmp_path):
     manifest = prepare({"d": [str(nested)]}, tmp_path / "c3", **KW)  # its Arrow files, not its JSON metadata
     assert manifest["domains"][0]["documents"] == len(TEXTS) + 1
     assert not [p for p in manifest["domains"][0]["inputs"] if p.endswith(".json")]
+
+
+def test_damaged_and_binary_inputs(formats, tmp_path):
+    (tmp_path / "bad.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl(TEXTS).encode())[:-40])
+    with pytest.raises(DataError, match="cannot read .*bad.jsonl.zst"):
+        prepare({"d": [str(tmp_path / "bad.jsonl.zst")]}, tmp_path / "c1", **KW)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text(" ".join(TEXTS))
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(formats["jsonl"], arcname="docs.jsonl")
+    (folder / "backup.tar.gz").write_bytes(buf.getvalue())
+    manifest = prepare({"d": [str(folder)]}, tmp_path / "c2", val_fraction=0, test_fraction=0, **KW)
+    assert manifest["domains"][0]["skipped_files"] == 1  # the archive is binary, not a document
+    with pytest.raises(AioliError, match="longer than 60 characters"):
+        prepare({"d" * 61: [str(folder)]}, tmp_path / "c3", **KW)
 
 
 def test_a_missing_column_or_reader_is_one_line(formats, tmp_path):

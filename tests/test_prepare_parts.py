@@ -142,6 +142,8 @@ def test_combining_refuses_missing_and_mismatched_parts(tmp_path):
     manifest = prepare(domains, out, **KW)
     assert manifest == prepare(domains, tmp_path / "single", **KW)
     assert not (tmp_path / ".corpus.partial").exists()
+    listed = {sh["path"] for d in manifest["domains"] for sp in d["splits"].values() for sh in sp["shards"]}
+    assert {str(p.relative_to(out)) for p in out.rglob("*.tar")} == listed  # nothing of the parts left
     with pytest.raises(AioliError, match="part must look like I/N"):
         prepare(domains, out, **KW, part="half")
     with pytest.raises(AioliError, match="part 2/2: N must be at least 1 and I in 0..N-1"):

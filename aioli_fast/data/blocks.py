@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AioliError, DataError
-from .readers import ZSTD_JSONL_SUFFIXES, iter_arrow, iter_parquet, open_zstd_text
+from .readers import ZSTD_JSONL_SUFFIXES, iter_arrow, iter_parquet, iter_zstd_lines
 from .shards import SPLITS, write_shard
 from .tokenizers import replace_surrogates
 
@@ -116,8 +116,6 @@ def _open_text(path: Path):
     # utf-8-sig drops a byte-order mark at the start of a file; undecodable bytes become U+FFFD
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
-    if str(path).endswith(ZSTD_JSONL_SUFFIXES):
-        return open_zstd_text(path)
     return open(path, encoding="utf-8-sig", errors="replace")
 
 
@@ -143,6 +141,11 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     if str(path).endswith(".arrow"):
         yield from iter_arrow(path, text_field)
         return
+    if str(path).endswith(ZSTD_JSONL_SUFFIXES):
+        for lineno, line in enumerate(iter_zstd_lines(path), 1):
+            if line.strip():
+                yield _json_text(line, path, lineno, text_field)
+        return
     try:
         with _open_text(path) as f:
             if not is_jsonl(path):
@@ -153,10 +156,6 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
                     yield _json_text(line, path, lineno, text_field)
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
-    except Exception as exc:
-        if type(exc).__module__.startswith("zstandard"):  # a damaged .zst file
-            raise DataError(f"cannot read {path}: {exc}") from exc
-        raise
 
 
 def iter_range_documents(path: Path, start: int, end: int, text_field: str = "text") -> Iterator[str]:

@@ -14,7 +14,6 @@ TFRecord) is an error naming the format, never read as text.
 from __future__ import annotations
 
 import importlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,16 +106,35 @@ def iter_arrow(path: Path, field: str) -> Iterator[str]:
             yield from _column_texts(batch.column(names.index(field)), path, field)
 
 
-def open_zstd_text(path: Path):
-    """A text stream of a zstandard-compressed file (undecodable bytes become U+FFFD)."""
+def iter_zstd_lines(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[str]:
+    """The lines of a zstandard-compressed text file (one frame or several), decoded as UTF-8
+    (undecodable bytes become U+FFFD, a leading byte-order mark is dropped). A file that ends inside a
+    frame is an error naming it: a truncated download must not pass for a shorter corpus."""
     zstandard = need("zstandard", f"{path.name} (zstandard)")
-    raw = open(path, "rb")  # noqa: SIM115 - closed with the text stream
+    pending = b""
+    first = True
     try:
-        stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    except Exception:
-        raw.close()
-        raise
-    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
+        with open(path, "rb") as f:
+            dobj, data = zstandard.ZstdDecompressor().decompressobj(), f.read(chunk_bytes)
+            while data:
+                if dobj.eof:  # the previous frame ended: the next one starts here
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                out = dobj.decompress(data)
+                data = dobj.unused_data if dobj.eof and dobj.unused_data else f.read(chunk_bytes)
+                pending += out
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    if first:
+                        raw, first = raw.removeprefix(b"\xef\xbb\xbf"), False
+                    yield raw.decode("utf-8", errors="replace") + "\n"
+            if not dobj.eof:
+                raise DataError(
+                    f"cannot read {path}: the zstandard stream ends inside a frame (a truncated file)"
+                )
+    except zstandard.ZstdError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
 
 
 # ------------------------------------------------------------------------------------------- folders
