@@ -128,7 +128,12 @@ def test_a_run_ending_inside_learnparams_reports_learned_proportions(corpus, cap
     assert max(block) == pytest.approx(0.8) and block != pytest.approx(learned)  # a block mixture
     assert [final["proportions"][d] for d in DOMAINS] == pytest.approx(learned)
     assert any("ended inside LearnParams (step 13 of 13" in note for note in final["notes"])
-    assert "warning: the run ended inside LearnParams" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: the run ended inside LearnParams" in err
+    assert (  # said at start-up: what LearnParams will cost
+        "aioli: 2 round(s) of 10 steps, each starting with LearnParams (1 sweep(s) x 3 domains x 2 steps); "
+        "LearnParams takes 9 of the run's 13 steps (69%)"
+    ) in err
 
 
 @pytest.mark.parametrize(

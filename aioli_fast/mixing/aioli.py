@@ -157,6 +157,22 @@ class AioliMixer(Mixer):
         where = self.locate(step)
         return where is not None and where[1] < self.learned_offset
 
+    def describe(self, total_steps: int) -> str | None:
+        """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
+        D = self.num_domains
+        learn = sum(
+            min(self.learned_offset, max(0, total_steps - start))
+            for start in range(self.P, total_steps, self.U)
+        )
+        rounds = len(range(self.P, total_steps, self.U))
+        extra = f" + {self.m} measurement step(s)" if self.measurement == "train" else ""
+        prior = f"after {self.P} step(s) on the prior, " if self.P else ""
+        return (
+            f"aioli: {prior}{rounds} round(s) of {self.U} steps, each starting with LearnParams "
+            f"({self.R} sweep(s) x {D} domains x {self.S} steps{extra}); LearnParams takes {learn} of the "
+            f"run's {total_steps} steps ({100 * learn / max(total_steps, 1):.0f}%)"
+        )
+
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
         """The learned proportions, never a LearnParams block mixture: a run that ends inside
         LearnParams reports those learned last (uniform before the first round), with a note."""

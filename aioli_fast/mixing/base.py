@@ -220,6 +220,10 @@ class Mixer:
         """Device tensors worth logging (read by the loop at log steps only)."""
         return {}
 
+    def describe(self, total_steps: int) -> str | None:
+        """One line on what the method will do over a run of ``total_steps`` (printed at start-up)."""
+        return None
+
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
         """The proportions a run of ``total_steps`` reports as its result (final.json), and a note when
         they are not those of its last step. Default: the last step's."""

@@ -207,6 +207,9 @@ class _Run:
         warning = self.mixer.train_measurement_warning(t.batch_size)
         if warning:
             self._say(f"warning: {warning}")
+        plan = self.mixer.describe(t.steps)
+        if plan:
+            self._say(plan)
         self.reference = (
             load_reference_model(self.mixer, self.manifest, device)
             if self.mixer.needs_reference_model
