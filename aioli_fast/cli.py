@@ -9,6 +9,7 @@ and exit status 2; nothing half-written is left looking complete.
 from __future__ import annotations
 
 import argparse
+import atexit
 import re
 import sys
 from pathlib import Path
@@ -127,9 +128,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
+    # at exit, not now: DeepSpeed caches its groups, so a process that trains again (tests, notebooks
+    # calling main) must keep them; at exit every rank is past its last collective
+    atexit.unregister(shutdown)  # (once, however often main runs in this process)
+    atexit.register(shutdown)
     train(cfg)
-    # every rank is past its last collective; the launcher's processes exit next
-    shutdown()
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
