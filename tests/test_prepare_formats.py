@@ -165,6 +165,23 @@ def test_damaged_and_binary_inputs(formats, tmp_path):
         prepare({"d" * 61: [str(folder)]}, tmp_path / "c3", **KW)
 
 
+def test_hidden_dataset_folders_are_skipped_and_documents_fill_whole_blocks(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    root = tmp_path / "in"
+    (root / ".cache").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(root / ".cache" / "ds"))  # hidden: skipped
+    (root / "notes.jsonl").write_text(jsonl(TEXTS), encoding="utf-8")
+    manifest = prepare({"d": [str(root)]}, tmp_path / "c1", **KW)
+    assert manifest["domains"][0]["documents"] == len(TEXTS)
+    # documents from Python are written in files of at most one block: no tiny tail blocks
+    from aioli_fast.data.blocks import plan_blocks
+    from aioli_fast.data.prepare import _write_documents
+
+    paths = _write_documents("d", iter(TEXTS), tmp_path / "texts", 20_000)
+    assert len(paths) > 1 and all(Path(p).stat().st_size <= 20_000 for p in paths)
+    assert all(b.end < 0 for b in plan_blocks("d", [Path(p) for p in paths], 20_000))  # none cut by offset
+
+
 def test_a_missing_column_or_reader_is_one_line(formats, tmp_path):
     with pytest.raises(
         DataError, match=r"docs.parquet: no column 'text' \(columns: content, id\); name the text"
