@@ -67,15 +67,20 @@ def iter_parquet(path: Path, field: str) -> Iterator[str]:
     except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
         raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
     _check_column(f.schema_arrow.names, path, field)
-    batches = f.iter_batches(columns=[field], batch_size=1024)
+    for batch in _read_batches(f.iter_batches(columns=[field], batch_size=1024), path, "Parquet"):
+        yield from _column_texts(batch.column(0), path, field)
+
+
+def _read_batches(batches, path: Path, kind: str):
+    """The record batches of a reader; an error while reading one names the file."""
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
-            raise DataError(f"cannot read {path} as Parquet: {exc}") from exc
-        yield from _column_texts(batch.column(0), path, field)
+            raise DataError(f"cannot read {path} as {kind}: {exc}") from exc
+        yield batch
 
 
 def iter_arrow(path: Path, field: str) -> Iterator[str]:
@@ -96,13 +101,7 @@ def iter_arrow(path: Path, field: str) -> Iterator[str]:
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             names = reader.schema.names
         _check_column(names, path, field)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types
-                raise DataError(f"cannot read {path} as Arrow: {exc}") from exc
+        for batch in _read_batches(batches, path, "Arrow"):
             yield from _column_texts(batch.column(names.index(field)), path, field)
 
 
