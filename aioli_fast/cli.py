@@ -193,9 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--domain",
         action="append",
         required=True,
-        metavar="NAME=PATH[,PATH...]",
-        help="a domain and its inputs: files, folders or globs (.txt-like, .jsonl, .gz); repeat per domain "
-        "(a repeated NAME adds inputs)",
+        metavar="NAME=PATH[,PATH...][:FIELD]",
+        help="a domain and its inputs: files, folders or globs (text, .jsonl, .gz, .zst, .parquet, .arrow, "
+        "datasets folders); :FIELD names the text field or column; repeat per domain (a repeated NAME adds "
+        "inputs)",
     )
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     p.add_argument(
@@ -218,9 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=positive_int,
         default=None,
-        help="tokenizer processes (default: 1 for inputs under 8 MiB, else one per CPU up to 8)",
+        help="processes preparing blocks (default: 1 for inputs under 8 MiB, else one per CPU up to 8)",
     )
-    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl inputs")
+    p.add_argument(
+        "--text-field", default="text", help="JSON field or column holding the text (every domain's default)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the document split")
     p.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
     p.add_argument(
