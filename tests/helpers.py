@@ -120,3 +120,25 @@ def guide_blocks(page: Path) -> list[str]:
     """The Python code blocks of a documentation page, in order."""
     text = page.read_text(encoding="utf-8")
     return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def run_guide(page: Path, args: list[str], monkeypatch, cwd: Path) -> list[str]:
+    """Run every Python block of a guide not marked ``# fragment`` as a script with ``args`` in ``cwd``
+    (its ``runs/`` cleared after each); returns what each printed. The page must have such blocks."""
+    import contextlib
+    import io
+    import shutil
+
+    blocks = guide_blocks(page)
+    runnable = [b for b in blocks if not b.startswith("# fragment\n")]
+    assert blocks and runnable, f"{page} has no runnable Python block"
+    monkeypatch.chdir(cwd)
+    printed = []
+    for index, code in enumerate(runnable):
+        monkeypatch.setattr(sys, "argv", ["example.py", *args])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, f"{page.name} block {index}", "exec"), {"__name__": "__main__"})
+        printed.append(out.getvalue())
+        shutil.rmtree(cwd / "runs", ignore_errors=True)
+    return printed

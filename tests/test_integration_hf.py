@@ -15,12 +15,9 @@ Tiny GPT-2 and Llama causal LMs built from configs (nothing downloaded), on the 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import guide_blocks, prepare_three_domains
+from helpers import prepare_three_domains, run_guide
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -371,17 +368,8 @@ def test_two_ddp_processes_read_disjoint_samples_and_agree(corpus, tmp_path):
 
 
 def test_every_python_block_of_the_guide_runs_or_is_marked_a_fragment(corpus, tmp_path, monkeypatch):
-    blocks = guide_blocks(ROOT / "docs" / "integrations" / "huggingface.md")
-    runnable = [b for b in blocks if not b.startswith("# fragment\n")]
-    assert blocks and runnable
-    monkeypatch.chdir(tmp_path)
-    for index, code in enumerate(runnable):
-        monkeypatch.setattr(sys, "argv", ["example.py", str(corpus)])
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            exec(compile(code, f"huggingface.md block {index}", "exec"), {"__name__": "__main__"})
-        printed = out.getvalue().strip().splitlines()
-        proportions = json.loads(printed[-1])
+    page = ROOT / "docs" / "integrations" / "huggingface.md"
+    for printed in run_guide(page, [str(corpus)], monkeypatch, tmp_path):
+        proportions = json.loads(printed.strip().splitlines()[-1])
         assert set(proportions) == set(DOMAINS) and abs(sum(proportions.values()) - 1) < 1e-5
         assert max(abs(p - 1 / 3) for p in proportions.values()) > 0.01
-        shutil.rmtree(tmp_path / "runs", ignore_errors=True)

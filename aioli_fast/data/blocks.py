@@ -60,11 +60,6 @@ class Block:
     def key(self) -> str:
         return f"{self.domain}/{self.index}"
 
-    def describe(self) -> str:
-        if self.end >= 0:
-            return f"bytes {self.start}-{self.end} of {self.files[0]}"
-        return self.files[0] if len(self.files) == 1 else f"{len(self.files)} files from {self.files[0]}"
-
 
 def is_jsonl(path: Path | str) -> bool:
     return str(path).endswith(JSONL_SUFFIXES)
@@ -225,9 +220,13 @@ def block_of_file(name: str) -> int | None:
 # --------------------------------------------------------------------------------------- preparing
 
 
-def _has_size(path: Path, size: int) -> bool:
+def shard_on_disk(out: Path, record: dict | None) -> bool:
+    """A shard record (``path`` relative to ``out``, ``bytes``) whose file is there with that size: shards
+    are renamed into place whole, so this is a finished shard."""
+    if record is None:
+        return False
     try:
-        return path.stat().st_size == size
+        return (out / record["path"]).stat().st_size == record["bytes"]
     except OSError:
         return False
 
@@ -394,7 +393,7 @@ def _pack_and_write(
             chunk = pack(tokens[start * L : stop * L + 1], L)  # samples start..stop, and only these
             rel = f"{block.domain}/{shard_name(split, block.index, k, segment)}"
             record = earlier.get(rel)
-            if not (record and record["sequences"] == len(chunk) and _has_size(out / rel, record["bytes"])):
+            if not (record and record["sequences"] == len(chunk) and shard_on_disk(out, record)):
                 keys = [
                     sample_key(block.domain, split, block.index, start + j, segment)
                     for j in range(len(chunk))

@@ -54,6 +54,7 @@ from .blocks import (
     plan_blocks,
     prepare_block,
     progress_path,
+    shard_on_disk,
 )
 from .readers import dataset_folder_files, is_readable_binary, unreadable_dataset_format
 from .shards import (
@@ -635,7 +636,7 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
         for record in s["blocks"].values()
         for split in record["entry"]["splits"].values()
         for sh in split["shards"]
-        if not _complete(out, sh)
+        if not shard_on_disk(out, sh)
     ]
     if missing:
         raise AioliError(
@@ -732,20 +733,10 @@ def _run_block(job: BlockJob) -> tuple[str, dict]:
 def _fingerprint(settings: dict, name: str, files: list[Path], blocks: list[Block]) -> str:
     """What a domain's shards depend on: the settings, its inputs (path, size, modification time) and
     how they are cut into blocks."""
-    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(str(f), st.st_size, st.st_mtime_ns) for f in files for st in (f.stat(),)]
     cuts = [(b.files, b.start, b.end) for b in blocks]
     text = json.dumps({"settings": settings, "domain": name, "inputs": stats, "blocks": cuts}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _complete(out: Path, record: dict | None) -> bool:
-    """A shard recorded in a state whose file is there with the recorded size."""
-    if record is None:
-        return False
-    try:
-        return (out / record["path"]).stat().st_size == record["bytes"]
-    except OSError:
-        return False
 
 
 def _state_name(part: int, parts: int) -> str:
@@ -802,7 +793,7 @@ def _block_done(out: Path, state: dict, block: Block, fingerprint: str) -> bool:
     record = state.get("blocks", {}).get(block.key)
     if record is None or record.get("fingerprint") != fingerprint:
         return False
-    return all(_complete(out, sh) for sp in record["entry"]["splits"].values() for sh in sp["shards"])
+    return all(shard_on_disk(out, sh) for sp in record["entry"]["splits"].values() for sh in sp["shards"])
 
 
 def _clear_block_files(out: Path, block: Block, temporary_only: bool = False) -> None:
@@ -917,14 +908,11 @@ def _prepare_into(
                 bar.update(1)
             left[name] -= 1
             if progress and not left[name] and parts == 1:
-                entries = [state["blocks"][f"{name}/{b}"]["entry"] for b in range(domains[name]["blocks"])]
-                summary = ", ".join(
-                    f"{split} {sum(e['splits'][split]['sequences'] for e in entries)}"
-                    for split in entries[0]["splits"]
-                )
-                documents = sum(e["documents"] for e in entries)
-                blocks = f"{len(entries)} block(s)"
-                say(f"prepared {name}: {documents} documents in {blocks} -> sequences {summary}")
+                n = domains[name]["blocks"]
+                blocks = [state["blocks"][f"{name}/{b}"]["entry"] for b in range(n)]
+                entry = _domain_entry(name, domains[name], blocks, seq_len, fractions)
+                summary = ", ".join(f"{split} {v['sequences']}" for split, v in entry["splits"].items())
+                say(f"prepared {name}: {entry['documents']} documents in {n} block(s) -> sequences {summary}")
     finally:
         if bar is not None:
             bar.close()
