@@ -20,7 +20,17 @@ from aioli_fast.mixing.aioli import AioliMixer
 DOMAINS = ["a", "b", "c"]
 K, R, S, F = 3, 2, 3, 0.5
 LEARN = R * K * S  # 18
-BASE = dict(sweeps=R, block_steps=S, one_hot_factor=F, round_steps=24, eta=1.0)
+# the paper's procedure: whole batches on the block mixtures, no uniform phase
+BASE = dict(
+    sweeps=R,
+    block_steps=S,
+    one_hot_factor=F,
+    round_steps=24,
+    eta=1.0,
+    learn_fraction=1.0,
+    prior_steps=0,
+    max_learn_share=1.0,
+)
 
 
 def make(**options) -> AioliMixer:
@@ -430,7 +440,7 @@ def test_one_domain_is_rejected():
 
 
 def test_none_options_mean_the_paper_defaults():
-    mixer = build_mixer("aioli", ["a", "b"], eta=None, round_steps=None)
+    mixer = build_mixer("aioli", ["a", "b"], eta=None, round_steps=None, learn_fraction=1.0)
     assert (mixer.eta, mixer.U, mixer.R, mixer.S, mixer.f, mixer.ema) == (0.2, 250, 4, 4, 0.625, 0.1)
     assert mixer.use_ema and mixer.measurement == "probe"
 
@@ -641,10 +651,15 @@ def test_an_overflow_to_plus_and_minus_inf_is_skipped_and_counted(update):
 
 
 def test_train_measurements_warn_when_domains_will_be_missing():
-    seven = build_mixer("aioli", [f"d{i}" for i in range(7)], measurement="train", one_hot_factor=0.75)
+    names = [f"d{i}" for i in range(7)]
+    paper = dict(learn_fraction=1.0, max_learn_share=1.0)
+    seven = build_mixer("aioli", names, measurement="train", one_hot_factor=0.75, **paper)
     message = seven.train_measurement_warning(8)  # the paper's 7-domain setting: 0.33 sequences each
     assert message is not None and "about 0.33 sequences" in message and "measurement=probe" in message
     assert seven.train_measurement_warning(512) is None
+    # a quarter of each batch on the block mixture: 8 x (0.75 / 7 + 0.25 x 0.25 / 6) = 0.94 sequences
+    partial = build_mixer("aioli", names, measurement="train", learn_fraction=0.25)
+    assert "about 0.94 sequences" in partial.train_measurement_warning(8)
     two = build_mixer("aioli", ["a", "b"], measurement="train", one_hot_factor=0.625)
     assert two.train_measurement_warning(8) is None  # 3 sequences of the other domain
     assert build_mixer("aioli", ["a", "b"], measurement="probe").train_measurement_warning(1) is None

@@ -40,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAINS = ["ab", "cd", "xyz"]
 # 3 domains x 1 sweep x 2-step blocks = 6 LearnParams steps, + 1 closing measurement step
 AIOLI = {"sweeps": 1, "block_steps": 2, "update": "cumulative", "eta": 2.0, "round_steps": 9}
+AIOLI.update(
+    learn_fraction=1.0, prior_steps=0, max_learn_share=1.0, one_hot_factor=0.625
+)  # the paper's procedure, scaled down
 
 TINY_LM = '''
 import torch

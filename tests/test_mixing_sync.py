@@ -20,7 +20,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from aioli_fast.mixing import build_mixer
 
 D3 = ["a", "b", "c"]
-AIOLI = dict(sweeps=2, block_steps=2, one_hot_factor=0.5, round_steps=16, eta=1.0)
+AIOLI = dict(
+    sweeps=2,
+    block_steps=2,
+    one_hot_factor=0.5,
+    round_steps=16,
+    eta=1.0,
+    learn_fraction=1.0,
+    prior_steps=0,
+    max_learn_share=1.0,
+)
 SCALAR_READS = {"aten._local_scalar_dense", "aten.equal", "aten.is_nonzero"}
 
 
@@ -106,6 +115,7 @@ CASES = {
         dict(AIOLI, measurement="train", diagonal=True, min_proportion=0.05),
     ),
     "aioli-restricted": ("aioli", dict(AIOLI, measurement="probe", prior_steps=3, update="cumulative")),
+    "aioli-partial": ("aioli", dict(AIOLI, measurement="probe", learn_fraction=0.25, block_order="mirrored")),
     "odm": ("odm", dict(update_every=2)),
     "doremi-json": ("doremi", dict(update_every=2, min_proportion=0.01)),
     "skillit-train": ("skillit", dict(update_every=2)),

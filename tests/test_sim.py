@@ -89,9 +89,15 @@ def test_measurements_have_the_stated_token_counts_and_noise():
     assert counts.tolist() == [0.0, float(sim.tokens_per_step)] and sums[0].item() == 0.0
 
 
+# the paper's procedure: whole batches on the block mixtures, no uniform phase, no cap on LearnParams
+PAPER = dict(learn_fraction=1.0, prior_steps=0, max_learn_share=1.0)
+
+
 def test_run_mixer_history():
     sim = LinearLawSimulator.random(2, seed=0)
-    mixer = build_mixer("aioli", ["a", "b"], measurement="probe", sweeps=1, block_steps=2, round_steps=10)
+    mixer = build_mixer(
+        "aioli", ["a", "b"], measurement="probe", sweeps=1, block_steps=2, round_steps=10, **PAPER
+    )
     history = run_mixer(mixer, sim, 30)
     assert len(history["loss"]) == len(history["proportions"]) == 30
     assert history["measurements"] == [3 * (1 * 2 + 1)]
@@ -107,7 +113,9 @@ PLANTED = [[0.8, 0.1, 0.1], [0.7, 0.6, 0.1], [0.7, 0.1, 0.6]]  # domain 0 helps 
 NOISES = [0.0, 0.003, 0.01, 0.03, 0.1]
 
 
-def recovery_error(measurement: str, noise: float, seed: int = 0, rounds: int = 3) -> float:
+def recovery_error(
+    measurement: str, noise: float, seed: int = 0, rounds: int = 3, learn_fraction: float = 1.0
+) -> float:
     """Mean over rounds of max |normalised estimate - normalised planted A| (no drift, no decay)."""
     sim = sim_of(
         [[v * 1e-2 for v in row] for row in PLANTED], [4.0, 4.1, 4.2], measure_noise=noise, seed=seed
@@ -123,6 +131,7 @@ def recovery_error(measurement: str, noise: float, seed: int = 0, rounds: int = 
         one_hot_factor=0.6,
         round_steps=U,
         eta=0.5,
+        **{**PAPER, "learn_fraction": learn_fraction},
     )
     errors = []
     for r in range(rounds):
@@ -142,11 +151,23 @@ def test_learn_params_recovers_a_planted_A_as_noise_shrinks(measurement):
     assert errors[2] < 0.01  # noise 0.01 per unit token: the normalised entries (0.03-0.3) within 0.01
 
 
+@pytest.mark.parametrize("measurement", ["probe", "train"])
+def test_partial_blocks_recover_a_planted_A(measurement):
+    """A quarter of each batch on the block mixture, the rest on the round's proportions (which move after
+    the first round): A = G·W⁻¹·(I − (1 − e)·p·1ᵀ)/e is exact without noise, and its noise is about 1/e
+    times the paper's at the same measurement noise."""
+    exact = recovery_error(measurement, 0.0, learn_fraction=0.25)
+    assert exact < 1e-4, exact
+    noisy = [recovery_error(measurement, 0.003, seed=s, learn_fraction=0.25) for s in range(3)]
+    paper = [recovery_error(measurement, 0.003, seed=s) for s in range(3)]
+    assert sum(paper) < sum(noisy) < 8 * sum(paper), (noisy, paper)
+
+
 def test_diagonal_ablation_recovers_a_planted_diagonal_A():
     A = [[3e-2, 0.0, 0.0], [0.0, 1e-2, 0.0], [0.0, 0.0, 2e-2]]
     sim = sim_of(A, [4.0, 4.0, 4.0])
     mixer = build_mixer(
-        "aioli", D3, measurement="probe", diagonal=True, sweeps=1, block_steps=2, round_steps=10
+        "aioli", D3, measurement="probe", diagonal=True, sweeps=1, block_steps=2, round_steps=10, **PAPER
     )
     drive(mixer, sim, 0, 10)
     torch.testing.assert_close(
@@ -198,7 +219,7 @@ def test_aioli_beats_stratified_when_one_domain_helps_all(update, measurement, e
     base = final_loss(build_mixer("stratified", D3), sim_of(HELPS, HELPS_L0, **kw))
     mixer = build_mixer(
         "aioli", D3, measurement=measurement, update=update, eta=eta, ema=0.5,
-        sweeps=2, block_steps=4, one_hot_factor=0.6, round_steps=60,
+        sweeps=2, block_steps=4, one_hot_factor=0.6, round_steps=60, **PAPER,
     )  # fmt: skip
     loss = final_loss(mixer, sim_of(HELPS, HELPS_L0, **kw))
     assert gain(loss, base, sum(HELPS_L0) / 3) > GAIN_AIOLI[update], (loss, base)

@@ -15,8 +15,24 @@ import yaml
 
 from aioli_fast.cli import main
 from aioli_fast.errors import AioliError, ConfigError
-from aioli_fast.harness.corpora import DOMAINS, chunk_text, collect
-from aioli_fast.harness.sources import dependency_closure
+from aioli_fast.harness import corpora
+from aioli_fast.harness.corpora import (
+    CORPUS_SETS,
+    DEFAULT_DOMAINS,
+    DOMAINS,
+    chunk_text,
+    collect,
+    corpus_domains,
+)
+from aioli_fast.harness.sources import (
+    collect_csv,
+    collect_cuda,
+    collect_metadata,
+    collect_stubs,
+    collect_tests,
+    collect_yaml,
+    dependency_closure,
+)
 from aioli_fast.harness.sweep import load_spec, plan, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +57,9 @@ def test_chunks_cut_at_line_breaks_and_keep_the_text():
 
 
 def test_every_domain_is_collected_from_this_installation_deterministically(tmp_path):
-    first = collect(tmp_path / "a", budget_bytes=30_000)
-    second = collect(tmp_path / "b", budget_bytes=30_000)
-    assert list(first) == list(DOMAINS)
+    first = collect(tmp_path / "a", "twelve", budget_bytes=30_000)
+    second = collect(tmp_path / "b", list(DOMAINS), budget_bytes=30_000)
+    assert list(first) == list(DOMAINS) == list(CORPUS_SETS["twelve"])
     sources = json.loads((tmp_path / "a" / "sources.json").read_text())
     assert sources["versions"]["torch"] != "not installed"
     for name in DOMAINS:
@@ -60,6 +76,46 @@ def test_every_domain_is_collected_from_this_installation_deterministically(tmp_
     assert "import" in Path(first["python"][0]).read_text()
     assert "#include" in Path(first["cpp"][0]).read_text() or "#pragma" in Path(first["cpp"][0]).read_text()
     assert "StartCharMetrics" in Path(first["fontmetrics"][0]).read_text()
+    text = {name: Path(first[name][0]).read_text() for name in CORPUS_SETS["twelve"][6:]}
+    assert "def " in text["stubs"] and ": ..." in text["stubs"]
+    assert "assert " in text["tests"] and "def test_" in text["tests"]
+    assert "__device__" in text["cuda"] or "__global__" in text["cuda"]
+    assert "- tag:" in text["yaml"] or "- func:" in text["yaml"]
+    assert "0x" in text["csv"]
+    files = sources["domains"]["metadata"]["files"]
+    assert files and not any(f.startswith("aioli-fast ") for f in files)  # not this package's own README
+
+
+@pytest.mark.parametrize(
+    "collector",
+    [collect_stubs, collect_tests, collect_cuda, collect_yaml, collect_csv, collect_metadata],
+    ids=lambda f: f.__name__,
+)
+def test_the_collectors_of_the_twelve_keep_their_budget_and_order(collector):
+    for budget in (12_000, 40_000):
+        docs, names = collector(budget)
+        assert docs and len(docs) == len(names) == len(set(names))
+        assert sum(len(d) for d in docs) <= budget
+        assert (docs, names) == collector(budget)
+        assert not any(n.startswith("/") for n in names)
+    # the files of a package (the distributions, for metadata) are taken in sorted order
+    packages = [n.split("/")[0] if "/" in n else "" for n in names]
+    for package in dict.fromkeys(packages):
+        mine = [n for n in names if n.split("/")[0] == package]
+        assert mine == sorted(mine), package
+
+
+def test_corpus_domains_are_the_six_unless_asked():
+    assert corpus_domains() == list(DEFAULT_DOMAINS) == list(CORPUS_SETS["six"])
+    assert CORPUS_SETS["six"] == ("python", "cpp", "licenses", "reference", "docstrings", "fontmetrics")
+    assert list(CORPUS_SETS["twelve"][:6]) == list(CORPUS_SETS["six"]) and len(CORPUS_SETS["twelve"]) == 12
+    assert corpus_domains("twelve") == list(DOMAINS)
+    assert corpus_domains(["csv", "six", "python"]) == ["csv", *CORPUS_SETS["six"]]
+    assert corpus_domains("stubs") == ["stubs"]
+    assert not set(CORPUS_SETS) & set(DOMAINS)  # a set name never shadows a domain
+    for bad in ("thirteen", ["python", "poetry"], [], 3, [3]):
+        with pytest.raises(AioliError, match="corpus domain"):
+            corpus_domains(bad)
 
 
 def test_licenses_come_only_from_the_package_and_its_dependencies():
@@ -146,11 +202,43 @@ def test_spec_errors_name_the_problem(tmp_path):
         load_spec(_spec(tmp_path, skills_graph_steps=0))
     with pytest.raises(ConfigError, match="corpus.seq_len"):
         load_spec(_spec(tmp_path, corpus={"seq_len": "long"}))
+    # the built-in corpus has the six unless corpus.domains asks for another set or list
+    with pytest.raises(ConfigError, match="domains must be distinct names"):
+        load_spec(_spec(tmp_path, domains=["python", "stubs"]))
+    for bad in ("thirteen", ["python", "poetry"], [], 12, {"set": "twelve"}):
+        with pytest.raises(ConfigError, match="corpus.domains"):
+            load_spec(_spec(tmp_path, corpus={"domains": bad}))
+    with pytest.raises(ConfigError, match="domains must be distinct names"):
+        load_spec(_spec(tmp_path, corpus={"domains": ["csv", "tests"]}, domains=["python", "csv"]))
+    with pytest.raises(ConfigError, match="corpus.prepared takes no other corpus key"):
+        load_spec(_spec(tmp_path, corpus={"prepared": str(tmp_path), "domains": "twelve"}))
     with pytest.raises(ConfigError, match="expected a mapping of config overrides"):
         load_spec(_spec(tmp_path, methods={"s": ["stratified"]}))
-    aioli = {"method": "aioli", "round_steps": 4, "sweeps": 1, "block_steps": 1}
+    aioli = {"method": "aioli", "round_steps": 4, "sweeps": 1, "block_steps": 1, "prior_steps": 0}
+    aioli.update(learn_fraction=1.0, max_learn_share=1.0)
     with pytest.raises(ConfigError, match="falls inside LearnParams"):  # step 9 of 9: round 2's first block
         load_spec(_spec(tmp_path, methods={"a": {"mixing": aioli, "train": {"steps": 9}}}))
+
+
+def test_the_sweep_builds_the_corpus_domains_its_spec_names(tmp_path, monkeypatch):
+    asked = []
+
+    def build(out, domains=None, **options):
+        asked.append((Path(out), domains))
+        raise RuntimeError("stop before training")
+
+    monkeypatch.setattr(corpora, "build_corpus", build)
+    methods = {"stratified": {"mixing": {"method": "stratified"}}}
+    corpus = {"path": str(tmp_path / "c12"), "domains": "twelve", "seq_len": 32, "budget_bytes": 40_000}
+    spec = load_spec(_spec(tmp_path, corpus=corpus, domains=["python", "csv"], methods=methods))
+    assert spec.corpus["domains"] == "twelve" and spec.domains == ["python", "csv"]
+    with pytest.raises(RuntimeError, match="stop before training"):
+        run_sweep(spec, tmp_path / "out")
+    # no corpus.domains: the six, as the sweeps before text12 built
+    spec = load_spec(_spec(tmp_path, methods=methods))
+    with pytest.raises(RuntimeError, match="stop before training"):
+        run_sweep(spec, tmp_path / "out6")
+    assert asked == [(tmp_path / "c12", "twelve"), (tmp_path / "corpus", None)]
 
 
 def test_methods_filter_adds_what_they_refer_to_and_the_baseline(tmp_path):
@@ -330,9 +418,15 @@ def test_cli_sweep_subset_and_tables_only(tmp_path, capsys):
 
 def test_the_shipped_specs_are_valid():
     names = sorted(path.stem for path in (ROOT / "configs" / "sweeps").glob("*.yaml"))
-    assert {"text2", "text3", "text6", "text2-diagnostics", "text2-long", "h200-text3"} <= set(names)
+    shipped = {"text2", "text3", "text6", "text12", "text2-diagnostics", "text2-long", "h200-text3"}
+    assert shipped <= set(names)
     for name in names:  # every spec, the GPU one included, loads and validates on the CPU
         load_spec(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+    text6, text12 = (load_spec(ROOT / "configs" / "sweeps" / f"{n}.yaml") for n in ("text6", "text12"))
+    assert text12.domains == corpus_domains(text12.corpus["domains"]) == list(CORPUS_SETS["twelve"])
+    assert text12.domains[:6] == text6.domains and "domains" not in text6.corpus
+    assert text12.corpus["path"] != text6.corpus["path"]  # the six-domain corpus is shared by text2/3/6
+    assert text12.base == text6.base
     for path in sorted((ROOT / "configs" / "sweeps").glob("text?.yaml")):
         spec = load_spec(path)
         assert len(spec.seeds) >= 3 and spec.baseline == "stratified"

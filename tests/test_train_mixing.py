@@ -63,6 +63,10 @@ AIOLI = {
     "round_steps": 10,
     "one_hot_factor": 0.8,
     "eta": 2.0,
+    # the paper's procedure (whole batches on block mixtures, no uniform phase), scaled down
+    "learn_fraction": 1.0,
+    "prior_steps": 0,
+    "max_learn_share": 1.0,
 }
 
 
@@ -132,7 +136,7 @@ def test_a_run_ending_inside_learnparams_reports_learned_proportions(corpus, cap
     assert "warning: the run ended inside LearnParams" in err
     assert (  # said at start-up: what LearnParams will cost
         "aioli: 2 round(s) of 10 steps, each starting with LearnParams (1 sweep(s) x 3 domains x 2 steps); "
-        "LearnParams takes 9 of the run's 13 steps (69%)"
+        "eta 2, one_hot_factor 0.8; LearnParams takes 9 of the run's 13 steps, 69% of its sequences"
     ) in err
 
 

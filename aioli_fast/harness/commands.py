@@ -65,8 +65,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "corpus", help="build the real-text corpus of the sweeps from this Python installation"
     )
     p.add_argument("--out", required=True, help="folder: raw/ (collected text) and corpus/ (prepared)")
-    p.add_argument("--domains", help="comma-separated subset of python,cpp,licenses,reference,docstrings,"
-                   "fontmetrics (default all)")  # fmt: skip
+    p.add_argument("--domains", help="comma-separated domains or domain sets: six (python,cpp,licenses,"
+                   "reference,docstrings,fontmetrics; the default), twelve (six plus stubs,tests,cuda,yaml,"
+                   "csv,metadata)")  # fmt: skip
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--budget-bytes", type=positive_int, default=1_500_000, help="per domain")
     p.add_argument(

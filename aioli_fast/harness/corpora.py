@@ -1,11 +1,13 @@
 """Real multi-domain text corpora built from what a Python installation of this package carries.
 
 No download is needed: every domain is collected from the Python standard library or from packages the
-install puts in (torch, its dependencies sympy and networkx, matplotlib). The same versions give the same
-bytes, so the same command rebuilds the same corpus anywhere (``sources.json`` beside the corpus records the
-versions, the files read and the sha256 of every domain's collected text, to compare two builds).
+install puts in (torch, its dependencies sympy and networkx, matplotlib, numpy, deepspeed; the
+``metadata`` domain also reads those of the ``dev`` extra). The same versions give the same bytes, so the
+same command rebuilds the same corpus anywhere (``sources.json`` beside the corpus records the versions,
+the files read and the sha256 of every domain's collected text, to compare two builds).
 
-Domains (``DOMAINS``; each collected into one ``.jsonl`` of documents, then prepared with byte tokens):
+Domains (``DOMAINS``; each collected into one ``.jsonl`` of documents, then prepared with byte tokens).
+The six of the default set (``CORPUS_SETS["six"]``, what the text2/text3/text6 sweeps read):
 
 - ``python``: standard-library ``.py`` source, tests excluded (code).
 - ``cpp``: C++ headers of torch (``torch/include/**/*.h``) (code in another language).
@@ -14,8 +16,22 @@ Domains (``DOMAINS``; each collected into one ``.jsonl`` of documents, then prep
 - ``docstrings``: docstrings of networkx and sympy modules, classes and functions (prose with mathematics).
 - ``fontmetrics``: Adobe font metric files shipped with matplotlib (tabular numeric records).
 
+The ``twelve`` set adds six more (the text12 sweep):
+
+- ``stubs``: type stubs (``.pyi``) of torch, matplotlib and numpy (declarations: signatures, overloads).
+- ``tests``: the unit tests of networkx and sympy (test code: assertions against expected values).
+- ``cuda``: CUDA kernels and device headers (``.cu``, ``.cuh``) of deepspeed and torch (GPU code).
+- ``yaml``: torch's YAML: torchgen's ATen operator schemas, dispatch tables and derivative formulas.
+- ``csv``: numpy's CSV validation data: tables of hexadecimal floats and integers (numeric test vectors).
+- ``metadata``: the long descriptions (READMEs, Markdown or reST) of the installed distributions this
+  package and its ``dev`` extra need (documentation with markup).
+
+A corpus is built from a domain set or from a list of domains (:func:`corpus_domains`); without one, from
+the six, so that corpora built before the set of twelve existed are still what the same command builds.
+
 The collectors are those of :mod:`aioli_fast.harness.sources`: every one walks its files in sorted order
-and stops at a byte budget, so the prefix taken is deterministic. Documents are cut at line breaks into
+(those of the twelve package by package, each package an equal share of the budget) and stops at a byte
+budget, so what is taken is deterministic. Documents are cut at line breaks into
 pieces of at most ``CHUNK_CHARS`` characters (:func:`chunk_text`) before the split, so val and test hold
 many pieces of many files.
 """
@@ -34,11 +50,17 @@ from ..errors import AioliError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir
 from .sources import (
     collect_cpp,
+    collect_csv,
+    collect_cuda,
     collect_docstrings,
     collect_fontmetrics,
     collect_licenses,
+    collect_metadata,
     collect_python,
     collect_reference,
+    collect_stubs,
+    collect_tests,
+    collect_yaml,
     dependency_closure,
 )
 
@@ -75,9 +97,48 @@ DOMAINS: dict[str, tuple[str, Callable[[int], tuple[list[str], list[str]]]]] = {
     "reference": ("Python language reference topics (pydoc_data)", collect_reference),
     "docstrings": ("docstrings of networkx and sympy", collect_docstrings),
     "fontmetrics": ("Adobe font metrics shipped with matplotlib", collect_fontmetrics),
+    "stubs": ("Python type stubs (.pyi) of torch, matplotlib and numpy", collect_stubs),
+    "tests": ("unit tests of networkx and sympy", collect_tests),
+    "cuda": ("CUDA kernels and device headers (.cu, .cuh) of deepspeed and torch", collect_cuda),
+    "yaml": ("torch's YAML: ATen operator schemas and derivative formulas (torchgen)", collect_yaml),
+    "csv": ("numpy's CSV validation data (hexadecimal test vectors)", collect_csv),
+    "metadata": ("package descriptions (Markdown, reST) of the installed dependencies", collect_metadata),
 }
-# the distributions whose versions decide the bytes collected
-SOURCE_DISTRIBUTIONS = ("torch", "matplotlib", "networkx", "sympy")
+# named sets of domains; a corpus built without naming its domains has the six
+_SIX = ("python", "cpp", "licenses", "reference", "docstrings", "fontmetrics")
+CORPUS_SETS: dict[str, tuple[str, ...]] = {
+    "six": _SIX,
+    "twelve": (*_SIX, "stubs", "tests", "cuda", "yaml", "csv", "metadata"),
+}
+DEFAULT_SET = "six"
+DEFAULT_DOMAINS = CORPUS_SETS[DEFAULT_SET]
+# the distributions whose versions decide the bytes collected (the licenses domain reads the dependency
+# closure, recorded as "dependencies"; the metadata domain's file names carry the versions it read)
+SOURCE_DISTRIBUTIONS = ("torch", "matplotlib", "networkx", "sympy", "numpy", "deepspeed")
+
+
+def corpus_domains(domains: str | Iterable[str] | None = None) -> list[str]:
+    """The domains a corpus is built from: ``None`` gives the default set (the six), a string or each
+    entry of a list or tuple is a domain or the name of a set in ``CORPUS_SETS`` (expanded in place; a
+    domain named twice is kept once)."""
+    if domains is None or isinstance(domains, str):
+        entries = [DEFAULT_SET if domains is None else domains]
+    else:
+        entries = list(domains) if isinstance(domains, (list, tuple)) else []
+    if not entries or not all(isinstance(e, str) for e in entries):
+        raise AioliError(
+            f"corpus domains: expected a set name {sorted(CORPUS_SETS)} or a list of domains, got {domains!r}"
+        )
+    names: list[str] = []
+    for entry in entries:
+        names.extend(n for n in CORPUS_SETS.get(entry, (entry,)) if n not in names)
+    unknown = [d for d in names if d not in DOMAINS]
+    if unknown or not names:
+        raise AioliError(
+            f"unknown corpus domain(s) {unknown or names}; the domains are {list(DOMAINS)}, "
+            f"the sets {sorted(CORPUS_SETS)}"
+        )
+    return names
 
 
 def installed_versions(distributions: Iterable[str]) -> dict[str, str]:
@@ -92,14 +153,14 @@ def installed_versions(distributions: Iterable[str]) -> dict[str, str]:
 
 
 def collect(
-    raw_dir: str | Path, domains: Iterable[str] | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES
+    raw_dir: str | Path,
+    domains: str | Iterable[str] | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
 ) -> dict[str, list[str]]:
     """Write one ``<domain>.jsonl`` per domain under ``raw_dir`` and ``sources.json``; returns the inputs
-    for :func:`aioli_fast.data.prepare` (domain -> [jsonl path])."""
-    names = list(DOMAINS) if domains is None else list(domains)
-    unknown = [d for d in names if d not in DOMAINS]
-    if unknown or not names:
-        raise AioliError(f"unknown corpus domain(s) {unknown or names}; the domains are {list(DOMAINS)}")
+    for :func:`aioli_fast.data.prepare` (domain -> [jsonl path]). ``domains``: as :func:`corpus_domains`
+    reads them (default the six)."""
+    names = corpus_domains(domains)
     if budget_bytes < 10_000:
         raise AioliError(f"budget_bytes must be at least 10000, got {budget_bytes}")
     raw = ensure_writable_dir(Path(raw_dir), "raw text folder")
@@ -139,7 +200,7 @@ def collect(
 
 def build_corpus(
     out: str | Path,
-    domains: Iterable[str] | None = None,
+    domains: str | Iterable[str] | None = None,
     *,
     seq_len: int = 128,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -148,7 +209,8 @@ def build_corpus(
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict:
-    """Collect the domains into ``out/raw`` and prepare them (byte tokens) into ``out/corpus``.
+    """Collect the domains into ``out/raw`` and prepare them (byte tokens) into ``out/corpus``;
+    ``domains`` is a set name (``six``, ``twelve``) or a list of domains and sets, default the six.
 
     Returns the manifest. Resumable: domains whose collected text did not change are not prepared again.
     A corpus already at ``out`` with another seq_len or other domains is replaced only with ``overwrite``
@@ -157,10 +219,7 @@ def build_corpus(
     from ..data import prepare
 
     out = Path(out)
-    names = list(DOMAINS) if domains is None else list(domains)
-    unknown = [d for d in names if d not in DOMAINS]
-    if unknown or not names:
-        raise AioliError(f"unknown corpus domain(s) {unknown or names}; the domains are {list(DOMAINS)}")
+    names = corpus_domains(domains)
     existing = out / "corpus" / "manifest.json"
     if existing.is_file() and not overwrite:
         old = json.loads(existing.read_text(encoding="utf-8"))

@@ -150,30 +150,34 @@ def license_files(budget_bytes: int) -> list[Path]:
     return [path for path, _ in taken]
 
 
-def _required_here(requirement: str) -> str | None:
+def _required_here(requirement: str, extras: Iterable[str] = ()) -> str | None:
     """The distribution a requirement names when it applies to this interpreter and platform without
-    extras (its environment marker evaluated), else None."""
+    extras or with one of ``extras`` (its environment marker evaluated), else None."""
+    extras = ("", *extras)
     try:
         from packaging.requirements import InvalidRequirement, Requirement
     except ImportError:  # packaging is a dependency of torch's; without it, markers are read as true
-        if "extra ==" in requirement:
+        if "extra ==" in requirement and not any(
+            f"extra == {q}{e}{q}" in requirement for e in extras if e for q in "'\""
+        ):
             return None
         return re.split(r"[ ;<>=!~\[(]", requirement.strip(), maxsplit=1)[0]
     try:
         req = Requirement(requirement)
     except InvalidRequirement:
         return None
-    if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+    if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras):
         return None
     return req.name
 
 
-def dependency_closure(root: str = "aioli_fast") -> list[str]:
-    """The installed distributions ``root`` needs (its requirements without extras, recursively), sorted."""
+def dependency_closure(root: str = "aioli_fast", extras: Iterable[str] = ()) -> list[str]:
+    """The installed distributions ``root`` needs (its requirements without extras, or with ``extras``
+    of ``root`` itself, recursively), sorted."""
     seen: dict[str, metadata.Distribution] = {}
-    todo = [root]
+    todo = [(root, tuple(extras))]
     while todo:
-        name = todo.pop()
+        name, wanted = todo.pop()
         key = re.sub(r"[-_.]+", "-", name).lower()
         if key in seen:
             continue
@@ -182,7 +186,8 @@ def dependency_closure(root: str = "aioli_fast") -> list[str]:
         except metadata.PackageNotFoundError:
             continue
         seen[key] = dist
-        todo.extend(name for name in map(_required_here, dist.requires or []) if name)
+        required = (_required_here(r, wanted) for r in dist.requires or [])
+        todo.extend((name, ()) for name in required if name)
     return sorted(seen)
 
 
@@ -257,3 +262,113 @@ def collect_fontmetrics(budget: int) -> tuple[list[str], list[str]]:
     root = mpl / "mpl-data" / "fonts"
     files = take_files(sorted(root.rglob("*.afm")), budget, max_file=200_000)
     return [read_text(p) for p in files], [f"matplotlib/mpl-data/fonts/{p.relative_to(root)}" for p in files]
+
+
+# ------------------------------------------------------------- the domains the twelve-domain corpus adds
+
+
+def package_files(
+    packages: Iterable[str],
+    suffixes: tuple[str, ...],
+    budget: int,
+    *,
+    tests: bool | None = None,
+    max_file: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """The files of the importable ``packages`` whose names end in one of ``suffixes``, each package's in
+    sorted order, deduplicated by content, within ``budget`` characters: every package gets an equal
+    share of what the ones before it left, so no single package fills the budget. ``tests``: True takes
+    only files inside a ``tests`` folder, False none, None both; files over ``max_file`` bytes are
+    skipped. Returns (documents, names), a name being ``<package>/<path inside it>``."""
+    packages = list(packages)
+    docs: list[str] = []
+    names: list[str] = []
+    total = 0
+    for i, package in enumerate(packages):
+        root = package_dir(package)
+        if root is None:
+            continue
+        candidates = []
+        for path in sorted(p for p in root.rglob("*") if p.name.endswith(suffixes)):
+            inside = path.relative_to(root)
+            if tests is not None and ("tests" in inside.parts[:-1]) != tests:
+                continue
+            if "__pycache__" in inside.parts or not path.is_file():
+                continue
+            if max_file is not None and path.stat().st_size > max_file:
+                continue
+            candidates.append((path, f"{package}/{inside.as_posix()}"))
+        share = (budget - total) // (len(packages) - i)
+        for name, text in distinct_within_budget(candidates, read_text, share):
+            docs.append(text)
+            names.append(name)
+            total += len(text)
+    return docs, names
+
+
+def collect_stubs(budget: int) -> tuple[list[str], list[str]]:
+    """Python type stubs (``.pyi``: signatures and overloads, no bodies) of torch, matplotlib and numpy,
+    the type checkers' test cases in ``tests`` folders excluded."""
+    # numpy, which has the most, comes last and takes what the others leave
+    return package_files(("torch", "matplotlib", "numpy"), (".pyi",), budget, tests=False, max_file=256_000)
+
+
+def collect_tests(budget: int) -> tuple[list[str], list[str]]:
+    """The unit tests of networkx and sympy (the ``.py`` files of their ``tests`` folders, which the
+    docstrings domain leaves out)."""
+    return package_files(("networkx", "sympy"), (".py",), budget, tests=True, max_file=100_000)
+
+
+def collect_cuda(budget: int) -> tuple[list[str], list[str]]:
+    """CUDA source (``.cu``, ``.cuh``: GPU kernels and device code) of deepspeed's ops and torch's
+    headers, which the cpp domain (``*.h`` only) leaves out."""
+    return package_files(("deepspeed", "torch"), (".cu", ".cuh"), budget, tests=False, max_file=128_000)
+
+
+def collect_yaml(budget: int) -> tuple[list[str], list[str]]:
+    """The YAML files torch ships: torchgen's declarations of the ATen operators
+    (``native_functions.yaml``: schemas and dispatch tables; ``derivatives.yaml``: backward formulas;
+    tags) and the export schema."""
+    return package_files(("torch", "torchgen"), (".yaml", ".yml"), budget, tests=False)
+
+
+def collect_csv(budget: int) -> tuple[list[str], list[str]]:
+    """numpy's CSV validation data: inputs and expected outputs of its math functions and the streams of
+    its random generators, as tables of hexadecimal numbers."""
+    return package_files(("numpy",), (".csv",), budget)
+
+
+def package_description(dist: metadata.Distribution) -> str:
+    """A distribution's long description (its README, in Markdown or reST), from the body of its
+    ``METADATA`` or, in older metadata, the ``Description`` field; empty when it has none."""
+    message = dist.metadata
+    body = message.get_payload() if hasattr(message, "get_payload") else None
+    text = body if isinstance(body, str) else ""
+    if not text.strip():
+        lines = (message.get("Description") or "").splitlines()
+        # folded lines of the field start with 8 spaces, or 7 and a '|'
+        text = "\n".join(lines[:1] + [re.sub(r"^( {8}| {7}\|)", "", line) for line in lines[1:]])
+    return "" if text.strip() in ("", "UNKNOWN") else text
+
+
+def collect_metadata(budget: int) -> tuple[list[str], list[str]]:
+    """The long descriptions (READMEs in Markdown or reST, some with changelogs) of the installed
+    distributions this package and its ``dev`` extra need (this package's own excluded: its README
+    changes with every edit), by distribution name, deduplicated; the names record the versions."""
+    candidates = []
+    for key in dependency_closure(extras=("dev",)):
+        dist = metadata.distribution(key)
+        if key == "aioli-fast":
+            continue
+        text = package_description(dist)
+        if text:
+            candidates.append((text, f"{key} {dist.version} (description)"))
+    out, hashes, total = [], set(), 0
+    for text, name in candidates:
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest in hashes or total + len(text) > budget:
+            continue
+        hashes.add(digest)
+        out.append((text, name))
+        total += len(text)
+    return [text for text, _ in out], [name for _, name in out]

@@ -45,7 +45,7 @@ from ..train import TrainingInterrupted, build_run_mixer
 SPEC_KEYS = {
     "name", "description", "corpus", "domains", "seeds", "base", "methods", "baseline", "skills_graph_steps",
 }  # fmt: skip
-CORPUS_KEYS = {"path", "seq_len", "budget_bytes", "prepared"}
+CORPUS_KEYS = {"path", "seq_len", "budget_bytes", "domains", "prepared"}
 RUN_OWNED_KEYS = ("data.path", "data.domains", "train.seed", "train.name", "train.out_dir")
 
 
@@ -97,10 +97,16 @@ def load_spec(path: str | Path) -> SweepSpec:
         if not manifest.is_file():
             raise ConfigError(f"{path}: corpus.prepared: {manifest} not found (prepare the corpus first)")
         known = [d["name"] for d in json.loads(manifest.read_text(encoding="utf-8")).get("domains", [])]
-    else:
-        from .corpora import DOMAINS
+    else:  # the built-in corpus: corpus.domains names its domains (a set of corpora.CORPUS_SETS, or a list)
+        from .corpora import corpus_domains
 
-        known = list(DOMAINS)
+        value = corpus.get("domains")
+        if value is not None and not isinstance(value, (str, list)):
+            raise ConfigError(f"{path}: corpus.domains must be a set name or a list of domains, got {value}")
+        try:
+            known = corpus_domains(value)
+        except AioliError as exc:
+            raise ConfigError(f"{path}: corpus.domains: {exc}") from exc
     if not domains or any(d not in known for d in domains) or len(set(domains)) != len(domains):
         raise ConfigError(f"{path}: domains must be distinct names from {known}, got {domains}")
     seeds = raw["seeds"]
@@ -357,6 +363,7 @@ def run_sweep(
     if not spec.corpus.get("prepared"):
         build_corpus(
             corpus_dir(spec, out),
+            spec.corpus.get("domains"),
             seq_len=int(spec.corpus.get("seq_len", 128)),
             budget_bytes=int(spec.corpus.get("budget_bytes", 1_500_000)),
             progress=False,

@@ -35,26 +35,65 @@ from . import lmo
 from .base import Mixer, accumulate, check_measurement, register_mixer
 from .static import proportions_tensor
 
+#: The paper's settings (arXiv 2411.05735) for 2, 3 and 7 domains: eta, one_hot_factor, ema (update ema),
+#: sweeps R, block_steps S, round_steps U.
+PAPER_SETTINGS: dict[int, dict[str, float | int]] = {
+    2: {"eta": 0.2, "one_hot_factor": 0.625, "ema": 0.1, "sweeps": 4, "block_steps": 4, "round_steps": 250},
+    3: {"eta": 0.1, "one_hot_factor": 0.5, "ema": 0.5, "sweeps": 4, "block_steps": 6, "round_steps": 250},
+    7: {"eta": 1.0, "one_hot_factor": 0.75, "ema": 0.1, "sweeps": 2, "block_steps": 10, "round_steps": 200},
+}
+#: the fraction of each LearnParams batch on the block mixture when ``learn_fraction`` is not set
+DEFAULT_LEARN_FRACTION = 0.25
+#: at most this share of the run's training sequences on LearnParams block mixtures, unless configured
+DEFAULT_MAX_LEARN_SHARE = 0.3
+#: rounds after the uniform phase that ``round_steps: auto`` aims for in a run shorter than 5 paper rounds
+AUTO_ROUNDS = 4
+#: the shortest block ``block_steps: auto`` gives a run long enough for AUTO_ROUNDS paper-length rounds
+AUTO_BLOCK_STEPS = 4
+
+
+def paper_setting(num_domains: int) -> int:
+    """The paper setting whose defaults a run of ``num_domains`` domains takes: the nearest domain count
+    of the paper's three (2, 3, 7), ties to the smaller: 2 for k <= 2, 3 for k = 3..5, 7 for k >= 6."""
+    return 2 if num_domains <= 2 else 3 if num_domains <= 5 else 7
+
+
+def _auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
 
 @register_mixer("aioli")
 class AioliMixer(Mixer):
-    """Aioli (Chen et al., ICLR 2025). Defaults are the paper's 2-domain setting."""
+    """Aioli (Chen et al., ICLR 2025). Unset options take the paper's settings for the nearest domain count
+    (:func:`paper_setting`); the schedule sizes default to ``auto`` (docs/mixing.md)."""
 
     OPTIONS = {
-        "eta": 0.2,
-        "round_steps": 250,
-        "sweeps": 4,
-        "block_steps": 4,
-        "one_hot_factor": 0.625,
+        "eta": None,
+        "round_steps": "auto",
+        "sweeps": "auto",
+        "block_steps": "auto",
+        "one_hot_factor": None,
+        "learn_fraction": DEFAULT_LEARN_FRACTION,
+        "block_order": "auto",
+        "max_learn_share": DEFAULT_MAX_LEARN_SHARE,
         "update": "ema",
-        "ema": 0.1,
+        "ema": None,
         "diagonal": False,
         "measurement": "probe",
         "measure_steps": 1,
-        "prior_steps": 0,
+        "prior_steps": "auto",
         "min_proportion": 0.0,
         "block_counts": "exact",
         "seed": 0,
+    }
+    OPTION_TYPES = {
+        "eta": float,
+        "one_hot_factor": float,
+        "ema": float,
+        "round_steps": int | str,
+        "sweeps": int | str,
+        "block_steps": int | str,
+        "prior_steps": int | str,
     }
     STATE = {
         "proportions": "_p_D",
@@ -71,11 +110,14 @@ class AioliMixer(Mixer):
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)
-        o = self.options
+        o = self.options = self.resolve_schedule(
+            self.options, len(self.domains), self.total_steps, self.warmup_steps
+        )
         D = self.num_domains
         self.eta, self.f = float(o["eta"]), float(o["one_hot_factor"])
         self.U, self.R, self.S = int(o["round_steps"]), int(o["sweeps"]), int(o["block_steps"])
         self.P, self.m = int(o["prior_steps"]), int(o["measure_steps"])
+        self.e = float(o["learn_fraction"])
         self.measurement = o["measurement"]
         self.use_ema, self.ema = o["update"] == "ema", float(o["ema"])
         self.diagonal, self.floor, self.seed = bool(o["diagonal"]), float(o["min_proportion"]), int(o["seed"])
@@ -88,6 +130,9 @@ class AioliMixer(Mixer):
         # one tensor per mixture, so that proportions() returns the same object within a block
         self._rows = [self.W_DD[j].clone() for j in range(D)]
         self._host_rows = [[self.f if i == j else (1 - self.f) / (D - 1) for i in range(D)] for j in range(D)]
+        # learn_fraction < 1: a round's block mixtures (1 - e)·p + e·W[j] around that round's p, built once
+        # per round (one host read of p); (round, base p [D], device rows, host rows)
+        self._partial: tuple[int, torch.Tensor, list[torch.Tensor], list[list[float]] | None] | None = None
         self._orders: dict[int, list[int]] = {}
         self._p_D = lmo.apply_floor(self._proportions_D, self.floor)
         self._A_bar_DD = torch.zeros(D, D, device=self.device)
@@ -100,6 +145,66 @@ class AioliMixer(Mixer):
         self.missing_measurements = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_A_DD = torch.zeros(D, D, device=self.device)
         self._rounds: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @staticmethod
+    def resolve_schedule(
+        options: dict[str, Any], num_domains: int, total_steps: int | None, warmup_steps: int = 0
+    ) -> dict[str, Any]:
+        """Options with every unset (None) or ``auto`` value resolved for ``num_domains`` domains and a run
+        of ``total_steps`` steps (None: unknown) with ``warmup_steps`` of learning-rate warm-up.
+
+        - eta, one_hot_factor, ema: the paper's setting for the nearest domain count (:func:`paper_setting`).
+        - prior_steps: a uniform (or prior) phase that covers the warm-up and the first quarter of the run:
+          ``max(warmup_steps, total_steps // 4)`` (``warmup_steps`` when the run length is unknown).
+        - sweeps: 2 (one mirrored pair) with ``learn_fraction < 1``; the paper's R with 1.
+        - round_steps: the paper's U (or longer, for blocks of at least :data:`AUTO_BLOCK_STEPS` steps with
+          many domains); in a run too short for :data:`AUTO_ROUNDS` such rounds after the prior phase, that
+          many equal rounds (the remainder lengthens the prior phase), never shorter than LearnParams
+          needs (one step per block plus a step on the learned proportions).
+        - block_steps: with ``learn_fraction < 1`` the blocks fill the round but for its last step
+          (``(U - 1 - closing measurement) // (R·k)``); with 1 the paper's S, shortened to fit the round.
+        - block_order: ``mirrored`` with ``learn_fraction < 1`` and an even R, else ``random``.
+        """
+        o = dict(options)
+        k = num_domains
+        paper = PAPER_SETTINGS[paper_setting(k)]
+        for key in ("eta", "one_hot_factor", "ema"):
+            if o.get(key) is None:
+                o[key] = paper[key]
+        e = float(o["learn_fraction"])
+        partial = e < 1
+        closing = int(o["measure_steps"]) if o["measurement"] == "train" else 0
+        if _auto(o["prior_steps"]):
+            o["prior_steps"] = max(int(warmup_steps), (total_steps or 0) // 4)
+        if _auto(o["sweeps"]):
+            o["sweeps"] = 2 if partial else paper["sweeps"]
+        R = o["sweeps"]
+        if _auto(o["round_steps"]):
+            if not isinstance(R, int):
+                raise ConfigError(f"mixing.sweeps must be an integer or 'auto', got {R!r}")
+            block = 1 if _auto(o["block_steps"]) else int(o["block_steps"])
+            shortest = R * k * block + closing + 1
+            # a long run gets blocks of at least AUTO_BLOCK_STEPS steps (many domains: longer rounds)
+            U = max(int(paper["round_steps"]), R * k * max(block, AUTO_BLOCK_STEPS) + closing + 1)
+            if total_steps is not None and isinstance(o["prior_steps"], int):
+                left = total_steps - o["prior_steps"]
+                if left < AUTO_ROUNDS * U:
+                    U = max(shortest, left // AUTO_ROUNDS)
+                    if U <= left:  # whole rounds: the remainder lengthens the uniform phase
+                        o["prior_steps"] += left % U
+            o["round_steps"] = max(U, shortest)
+        if _auto(o["block_steps"]):
+            U = o["round_steps"]
+            if not (isinstance(U, int) and isinstance(R, int)):
+                raise ConfigError("mixing.block_steps 'auto' needs integer round_steps and sweeps")
+            fit = max(1, (U - 1 - closing) // (R * k))
+            o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
+        if o["block_order"] == "auto":
+            o["block_order"] = "mirrored" if partial and isinstance(R, int) and R % 2 == 0 else "random"
+        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
+            if not isinstance(o[key], int) or isinstance(o[key], bool):
+                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {o[key]!r}")
+        return o
 
     def _check_options(self) -> None:
         D = self.num_domains
@@ -119,6 +224,20 @@ class AioliMixer(Mixer):
         for key, value, ok, rule in bad:
             if not ok:
                 raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
+        if not 0 < self.e <= 1:
+            raise ConfigError(f"mixing.learn_fraction must be in (0, 1], got {self.e}")
+        if self.e < 1 and self.diagonal:
+            raise ConfigError("mixing.diagonal (the paper's ablation) needs mixing.learn_fraction=1")
+        cap = float(self.options["max_learn_share"])
+        if not 0 < cap <= 1:
+            raise ConfigError(f"mixing.max_learn_share must be in (0, 1], got {cap}")
+        if self.options["block_order"] not in ("random", "mirrored"):
+            raise ConfigError(
+                "mixing.block_order must be 'random', 'mirrored' or 'auto', "
+                f"got {self.options['block_order']!r}"
+            )
+        if self.options["block_order"] == "mirrored" and self.R % 2:
+            raise ConfigError(f"mixing.block_order 'mirrored' needs an even mixing.sweeps, got {self.R}")
         if self.options["block_counts"] not in ("exact", "drawn"):
             raise ConfigError(
                 f"mixing.block_counts must be 'exact' or 'drawn', got {self.options['block_counts']!r}"
@@ -136,8 +255,21 @@ class AioliMixer(Mixer):
                 + (f" plus measure_steps={self.m}" if self.measurement == "train" else "")
                 + f"; use round_steps >= {need}"
             )
+        share = self.learn_share(self.total_steps)
+        if share > cap + 1e-9:
+            over = (
+                f"the run's {self.total_steps} steps" if self.total_steps else f"each round of {self.U} steps"
+            )
+            raise ConfigError(
+                f"mixing: LearnParams would train {100 * share:.0f}% of {over} on block mixtures "
+                "(sweeps x domains x block_steps x learn_fraction = "
+                f"{self.R} x {D} x {self.S} x {self.e:g} per round of {self.U}), above mixing.max_learn_share={cap:g}. Block mixtures cost quality "
+                "(docs/mixing.md); lower sweeps, block_steps or learn_fraction, raise round_steps, or set "
+                "mixing.max_learn_share to allow it (the paper's 7-domain settings need 0.7)"
+            )
 
     def initial_proportions(self, proportions):
+        self.options_prior = proportions is not None
         if proportions is None:
             return self.uniform()
         return proportions_tensor(proportions, self.domains, self.device)
@@ -157,20 +289,38 @@ class AioliMixer(Mixer):
         where = self.locate(step)
         return where is not None and where[1] < self.learned_offset
 
-    def describe(self, total_steps: int) -> str | None:
-        """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
-        D = self.num_domains
-        learn = sum(
+    def learn_steps_in(self, total_steps: int) -> int:
+        """Steps of a run of ``total_steps`` in LearnParams (block mixtures, closing train measurement)."""
+        return sum(
             min(self.learned_offset, max(0, total_steps - start))
             for start in range(self.P, total_steps, self.U)
         )
+
+    def learn_share(self, total_steps: int | None) -> float:
+        """The share of the training sequences that LearnParams draws from block mixtures, over a run of
+        ``total_steps`` (None: over one round): block steps x ``learn_fraction`` / steps."""
+        if total_steps is None:
+            return self.learn_steps * self.e / self.U
+        blocks = sum(
+            min(self.learn_steps, max(0, total_steps - start)) for start in range(self.P, total_steps, self.U)
+        )
+        return blocks * self.e / total_steps
+
+    def describe(self, total_steps: int) -> str | None:
+        """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
+        D = self.num_domains
+        learn = self.learn_steps_in(total_steps)
         rounds = len(range(self.P, total_steps, self.U))
         extra = f" + {self.m} measurement step(s)" if self.measurement == "train" else ""
-        prior = f"after {self.P} step(s) on the prior, " if self.P else ""
+        prior = f"after {self.P} step(s) on the {'prior' if self.options_prior else 'uniform mixture'}, "
+        fraction = (
+            "" if self.e == 1 else f" on {self.e:g} of each batch ({self.options['block_order']} sweeps)"
+        )
         return (
-            f"aioli: {prior}{rounds} round(s) of {self.U} steps, each starting with LearnParams "
-            f"({self.R} sweep(s) x {D} domains x {self.S} steps{extra}); LearnParams takes {learn} of the "
-            f"run's {total_steps} steps ({100 * learn / max(total_steps, 1):.0f}%)"
+            f"aioli: {prior if self.P else ''}{rounds} round(s) of {self.U} steps, each starting with "
+            f"LearnParams ({self.R} sweep(s) x {D} domains x {self.S} steps{extra}){fraction}; eta "
+            f"{self.eta:g}, one_hot_factor {self.f:g}; LearnParams takes {learn} of the run's {total_steps} "
+            f"steps, {100 * self.learn_share(total_steps):.0f}% of its sequences"
         )
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
@@ -198,7 +348,8 @@ class AioliMixer(Mixer):
         """Domain of each LearnParams block of round ``round_index`` (R permutations, drawn on the host)."""
         if round_index not in self._orders:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
-            self._orders = {round_index: lmo.learn_params_order(self.num_domains, self.R, gen).tolist()}
+            draw = lmo.mirrored_order if self.options["block_order"] == "mirrored" else lmo.learn_params_order
+            self._orders = {round_index: draw(self.num_domains, self.R, gen).tolist()}
         return self._orders[round_index]
 
     def locate(self, step: int) -> tuple[int, int] | None:
@@ -227,22 +378,42 @@ class AioliMixer(Mixer):
 
     # ---- the loop interface -------------------------------------------------------------------------
 
+    def _block_rows(
+        self, step: int, host: bool = False
+    ) -> tuple[list[torch.Tensor], list[list[float]] | None]:
+        """The block mixtures of ``step``'s round, on the device and (``host``) as floats: W's rows, or
+        (1 - e)·p + e·W[j] around the round's p (its update comes after its last block)."""
+        if self.e == 1:
+            return self._rows, self._host_rows
+        round_index = self.locate(step)[0]
+        if self._partial is None or self._partial[0] != round_index:
+            base_D, e = self._p_D, self.e
+            rows = [(1 - e) * base_D + e * self.W_DD[j] for j in range(self.num_domains)]
+            self._partial = (round_index, base_D, rows, None)
+        if host and self._partial[3] is None:
+            # the one host read of a round's proportions (the data stream needs them anyway)
+            p = self._partial[1].tolist()
+            rows_host = [[(1 - self.e) * a + self.e * w for a, w in zip(p, row)] for row in self._host_rows]
+            self._partial = (*self._partial[:3], rows_host)
+        return self._partial[2], self._partial[3]
+
     def proportions(self, step: int) -> torch.Tensor:
         self._finish_window(step)
         j = self._block_mixture(step)
-        return self._rows[j] if j is not None else self._p_D
+        return self._block_rows(step)[0][j] if j is not None else self._p_D
 
     def host_values(self, step: int) -> list[float] | None:
         j = self._block_mixture(step)
-        return list(self._host_rows[j]) if j is not None else None
+        return list(self._block_rows(step, host=True)[1][j]) if j is not None else None
 
     def schedule(self, step: int) -> list[list[float]] | None:
-        """At the first step of a round's LearnParams: the smoothed one-hot mixture of each of its steps."""
+        """At the first step of a round's LearnParams: the block mixture of each of its steps."""
         where = self.locate(step)
         if where is None or where[1] != 0:
             return None
         per_step = lmo.learn_params_schedule(torch.tensor(self.order(where[0])), self.S)
-        return [list(self._host_rows[j]) for j in per_step.tolist()]
+        host_rows = self._block_rows(step, host=True)[1]
+        return [list(host_rows[j]) for j in per_step.tolist()]
 
     def measurement_due(self, step: int) -> bool:
         return self.measurement != "train" and self._boundary(step) is not None
@@ -307,24 +478,28 @@ class AioliMixer(Mixer):
         if self.measurement != "train":
             return None
         D = self.num_domains
-        expected = batch_size * self.m * (1 - self.f) / (D - 1)
+        expected = batch_size * self.m * ((1 - self.e) / D + self.e * (1 - self.f) / (D - 1))
         if expected >= 2:
             return None
         return (
             f"mixing.measurement=train: a measurement sees about {expected:.2f} sequences of each "
-            f"domain other than the block's (batch {batch_size} x measure_steps {self.m} x "
-            f"(1 - one_hot_factor) / (k - 1)); many measurements will miss domains. Raise "
+            f"domain other than the block's (batch {batch_size} x measure_steps {self.m} x the block "
+            "mixture's share of it); many measurements will miss domains. Raise "
             "mixing.measure_steps or the batch size, or use mixing.measurement=probe"
         )
 
     def _update(self, round_index: int) -> None:
         order = self._order_tensor(round_index)
         G_DD = lmo.accumulate_loss_drops(self._L_nD, order, self.num_domains)
-        A_DD = (
-            lmo.diagonal_ablation(G_DD, self.f)
-            if self.diagonal
-            else lmo.solve_mixing_law(G_DD, self.W_inv_DD)
-        )
+        if self.e < 1:
+            # the blocks were built around the round's p (built at its first block; never None here,
+            # since the blocks run before the update, a resumed run rebuilds them from the same p)
+            base_D = self._partial[1] if self._partial and self._partial[0] == round_index else self._p_D
+            A_DD = lmo.solve_partial_mixing_law(G_DD, self.W_inv_DD, base_D, self.e)
+        elif self.diagonal:
+            A_DD = lmo.diagonal_ablation(G_DD, self.f)
+        else:
+            A_DD = lmo.solve_mixing_law(G_DD, self.W_inv_DD)
         ok = torch.isfinite(A_DD).all()  # before normalising, which would map a non-finite A to zeros
         A_DD = lmo.normalize_mixing_matrix(A_DD)
         if self.use_ema:
@@ -344,6 +519,10 @@ class AioliMixer(Mixer):
         self._rounds.append((round_index, A_DD.detach().clone(), self._p_D.detach().clone(), ok))
         self.skipped_updates += (~ok).to(torch.int64)
         self._round_done = round_index
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._partial = None  # rebuilt from the loaded proportions
 
     def metrics(self) -> dict[str, torch.Tensor]:
         return {"skipped_updates": self.skipped_updates, "missing_measurements": self.missing_measurements}

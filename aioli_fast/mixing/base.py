@@ -72,6 +72,9 @@ class Mixer:
         domains: domain names in domain-id order (D of them).
         device: where the state tensors live.
         proportions: optional mapping domain -> weight (method-specific meaning).
+        total_steps: the run's length in optimizer steps when known (methods that size a schedule to the
+            run use it, e.g. Aioli's ``auto`` options).
+        warmup_steps: the run's learning-rate warm-up in steps.
         **options: the method's options (see ``OPTIONS``); an option the method does not take is an error.
     """
 
@@ -96,8 +99,14 @@ class Mixer:
         domains: Sequence[str],
         device: torch.device | str = "cpu",
         proportions: dict[str, float] | None = None,
+        *,
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
         **options: Any,
     ):
+        if total_steps is not None and total_steps < 1:
+            raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+        self.total_steps, self.warmup_steps = total_steps, int(warmup_steps)
         if not domains:
             raise ConfigError("a mixer needs at least one domain")
         if len(set(domains)) != len(domains):
@@ -299,12 +308,24 @@ def build_mixer(
     domains: Sequence[str],
     device: torch.device | str = "cpu",
     proportions: dict[str, float] | None = None,
+    *,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
     **options: Any,
 ) -> Mixer:
-    """Look ``method`` up in the registry and build it with ``options`` (``None`` means the default)."""
+    """Look ``method`` up in the registry and build it with ``options`` (``None`` means the default).
+
+    ``total_steps`` and ``warmup_steps`` describe the run, for methods that size their schedule to it."""
     cls = MIXERS.get(method)
     if cls is None:
         near = difflib.get_close_matches(method, list(MIXERS), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(f"unknown mixing.method '{method}'{hint} (available: {', '.join(sorted(MIXERS))})")
-    return cls(domains, device=device, proportions=proportions, **options)
+    return cls(
+        domains,
+        device=device,
+        proportions=proportions,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        **options,
+    )

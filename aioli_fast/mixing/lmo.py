@@ -85,6 +85,22 @@ def learn_params_order(
     return torch.cat(perms)
 
 
+def mirrored_order(num_domains: int, sweeps: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[R·k] int64 (CPU): R sweeps in pairs, a random permutation of the k domains followed by its reverse.
+
+    Every domain's two blocks of a pair sit at mirrored positions, so their mean position is the same for
+    all domains: a loss drift that is linear in time adds the same amount to every column of G, which the
+    update does not see (it depends on column sums only through differences). Needs an even ``sweeps``.
+    """
+    if sweeps < 2 or sweeps % 2:
+        raise ConfigError(f"mixing.block_order 'mirrored' needs an even mixing.sweeps >= 2, got {sweeps}")
+    perms = []
+    for _ in range(sweeps // 2):
+        perm = torch.randperm(num_domains, generator=generator)
+        perms += [perm, perm.flip(0)]
+    return torch.cat(perms)
+
+
 def learn_params_schedule(order: torch.Tensor, block_steps: int) -> torch.Tensor:
     """[R·k·S] int64: the domain whose smoothed one-hot mixture is trained on at each LearnParams step."""
     if block_steps < 1:
@@ -132,6 +148,26 @@ def solve_mixing_law(G: torch.Tensor, W_inv: torch.Tensor) -> torch.Tensor:
     A·W[j], so G = A·Wᵀ = A·W (W is symmetric). Pass the inverse from :func:`smoothed_one_hot_inverse`.
     """
     return G @ W_inv
+
+
+def solve_partial_mixing_law(
+    G: torch.Tensor, W_inv: torch.Tensor, p_k: torch.Tensor, learn_fraction: float
+) -> torch.Tensor:
+    """A [..., k, k] when each block trained on ``(1 - e)·p + e·W[j]`` (a fraction e of every batch on
+    the smoothed one-hot mixture, the rest on the current proportions p).
+
+    Under the linear law G = (1 - e)·(A p)·1ᵀ + e·A·W, so G·W⁻¹ = (1 - e)·(A p)·1ᵀ + e·A (W is symmetric
+    with unit row sums, hence 1ᵀW⁻¹ = 1ᵀ) and (G·W⁻¹)·p = A p. Therefore
+
+        A = G·W⁻¹·(I − (1 − e)·p·1ᵀ) / e,
+
+    exact under the law; e = 1 is :func:`solve_mixing_law`. The noise of G is amplified by 1/e.
+    """
+    if not 0 < learn_fraction <= 1:
+        raise ConfigError(f"mixing.learn_fraction must be in (0, 1], got {learn_fraction}")
+    GW = G @ W_inv
+    Ap = (GW @ p_k.unsqueeze(-1)).squeeze(-1)  # [..., k]
+    return (GW - (1.0 - learn_fraction) * Ap.unsqueeze(-1)) / learn_fraction
 
 
 def diagonal_ablation(G: torch.Tensor, one_hot_factor: float) -> torch.Tensor:

@@ -141,7 +141,13 @@ def build_run_mixer(cfg: RunConfig, domains: list[str], device: torch.device) ->
     if cls is not None and options.get("seed") is None and "seed" in cls.OPTIONS:
         options["seed"] = cfg.train.seed
     return build_mixer(
-        cfg.mixing.method, domains, device=device, proportions=cfg.mixing.proportions, **options
+        cfg.mixing.method,
+        domains,
+        device=device,
+        proportions=cfg.mixing.proportions,
+        total_steps=cfg.train.steps,
+        warmup_steps=cfg.optim.warmup_steps,
+        **options,
     )
 
 
