@@ -263,7 +263,8 @@ class AioliMixer(Mixer):
             raise ConfigError(
                 f"mixing: LearnParams would train {100 * share:.0f}% of {over} on block mixtures "
                 "(sweeps x domains x block_steps x learn_fraction = "
-                f"{self.R} x {D} x {self.S} x {self.e:g} per round of {self.U}), above mixing.max_learn_share={cap:g}. Block mixtures cost quality "
+                f"{self.R} x {D} x {self.S} x {self.e:g} per round of {self.U}), above "
+                f"mixing.max_learn_share={cap:g}. Block mixtures cost quality "
                 "(docs/mixing.md); lower sweeps, block_steps or learn_fraction, raise round_steps, or set "
                 "mixing.max_learn_share to allow it (the paper's 7-domain settings need 0.7)"
             )
