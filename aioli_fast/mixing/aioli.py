@@ -179,24 +179,35 @@ class AioliMixer(Mixer):
         if _auto(o["sweeps"]):
             o["sweeps"] = 2 if partial else paper["sweeps"]
         R = o["sweeps"]
+        if not isinstance(R, int) or isinstance(R, bool):
+            raise ConfigError(f"mixing.sweeps must be an integer or 'auto', got {R!r}")
+        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
+            value = o[key]
+            if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
+                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
         if _auto(o["round_steps"]):
-            if not isinstance(R, int):
-                raise ConfigError(f"mixing.sweeps must be an integer or 'auto', got {R!r}")
-            block = 1 if _auto(o["block_steps"]) else int(o["block_steps"])
+            block = 1 if _auto(o["block_steps"]) else o["block_steps"]
             shortest = R * k * block + closing + 1
             # a long run gets blocks of at least AUTO_BLOCK_STEPS steps (many domains: longer rounds)
             U = max(int(paper["round_steps"]), R * k * max(block, AUTO_BLOCK_STEPS) + closing + 1)
-            if total_steps is not None and isinstance(o["prior_steps"], int):
-                left = total_steps - o["prior_steps"]
-                if left < AUTO_ROUNDS * U:
-                    U = max(shortest, left // AUTO_ROUNDS)
-                    if U <= left:  # whole rounds: the remainder lengthens the uniform phase
-                        o["prior_steps"] += left % U
+            if total_steps is not None:
+                P = o["prior_steps"]
+                if total_steps - P < shortest:  # too short for one round: a shorter uniform phase
+                    P = max(int(warmup_steps), total_steps - shortest) if _auto(options["prior_steps"]) else P
+                    if total_steps - P < shortest:
+                        raise ConfigError(
+                            f"mixing: a run of {total_steps} steps is too short for Aioli on {k} domains: "
+                            f"one round of LearnParams takes {shortest} steps (sweeps {R} x {k} domains x "
+                            f"block_steps {block}, plus a step on the learned proportions) after "
+                            f"{P} uniform step(s); train longer, or use fewer sweeps"
+                        )
+                left = total_steps - P
+                U = max(shortest, min(U, left // AUTO_ROUNDS))
+                # whole rounds: the remainder lengthens the uniform phase (with prior_steps auto)
+                o["prior_steps"] = P + (left % U if _auto(options["prior_steps"]) else 0)
             o["round_steps"] = max(U, shortest)
         if _auto(o["block_steps"]):
             U = o["round_steps"]
-            if not (isinstance(U, int) and isinstance(R, int)):
-                raise ConfigError("mixing.block_steps 'auto' needs integer round_steps and sweeps")
             fit = max(1, (U - 1 - closing) // (R * k))
             o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
         if o["block_order"] == "auto":
