@@ -138,6 +138,7 @@ def test_mirrored_sweeps_cancel_a_linear_drift():
             "aioli", names(k), learn_fraction=e, sweeps=2, block_steps=4, round_steps=2 * k * 4 + 1,
             block_order=order_kind, prior_steps=0, one_hot_factor=0.75, seed=1, max_learn_share=1.0,
         )  # fmt: skip
+
         def drifting(p_k, sim=sim, start=sim.train_step, base_drop=2e-3):
             # every domain's loss also falls by base_drop a step at the start, less every step
             start(p_k)
