@@ -376,3 +376,18 @@ def test_every_python_block_of_the_guide_runs_or_is_marked_a_fragment(corpus, tm
         proportions = json.loads(printed.strip().splitlines()[-1])
         assert set(proportions) == set(DOMAINS) and abs(sum(proportions.values()) - 1) < 1e-5
         assert max(abs(p - 1 / 3) for p in proportions.values()) > 0.01
+
+
+def test_aioli_with_no_option_is_sized_to_the_trainer_run(corpus, tmp_path):
+    """The defaults see the run's length and warm-up (``max_steps``, ``warmup_steps``): the uniform phase
+    covers a quarter of the run, and the rounds end with it."""
+    trainer = AioliTrainer(
+        model=tiny_model(corpus, "gpt2"),
+        args=training_args(tmp_path, max_steps=200, warmup_steps=60),
+        corpus=corpus,
+        mixer="aioli",
+    )
+    mixer = trainer.mixer
+    assert (mixer.total_steps, mixer.warmup_steps) == (200, 60)
+    assert mixer.P >= 60 and (200 - mixer.P) % mixer.U == 0 and mixer.e == 0.25
+    assert not mixer.in_learn_params(199)

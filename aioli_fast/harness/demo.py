@@ -59,9 +59,13 @@ DEMO_CONFIG = {
 # many short blocks for long ones: one sweep of 4 blocks per round, each measured over its first
 # measure_steps batches, and a cumulative exponentiated-gradient update with a large eta, so that a
 # consistent signal (noise stops improving early) adds up over the rounds. The first prior_steps train on
-# uniform proportions, past the first steps in which every domain, noise included, drops fast.
+# uniform proportions, past the first steps in which every domain, noise included, drops fast. The blocks
+# train whole batches on the block mixtures (learn_fraction 1), whose share of the run needs the cap lifted.
 DEMO_AIOLI_MIXING = {
     "method": "aioli",
+    "learn_fraction": 1.0,
+    "max_learn_share": 1.0,
+    "one_hot_factor": 0.625,
     "measurement": "train",
     "update": "cumulative",
     "eta": 3.0,

@@ -160,6 +160,8 @@ class OnlineMixing:
         rank, world_size: this process among the data-parallel ranks.
         lockstep: every rank runs the same number of forward passes in evaluation (sharded models).
         framework: the adapter's name, for messages.
+        total_steps, warmup_steps: the run's optimizer steps and learning-rate warm-up, when known: a
+            mixer given by name sizes its schedule to them (Aioli's ``auto`` options, docs/mixing.md).
     """
 
     def __init__(
@@ -184,6 +186,8 @@ class OnlineMixing:
         world_size: int = 1,
         lockstep: bool = False,
         framework: str = "this adapter",
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
     ):
         manifest = _manifest(corpus)
         domains = list(domains) if domains is not None else list(manifest.domains)
@@ -210,7 +214,13 @@ class OnlineMixing:
             if "method" in (mixer_options or {}):
                 raise ConfigError("mixer_options must not hold 'method': the mixer argument names the method")
             self.mixer = build_mixer(
-                mixer, domains, device=self.device, proportions=proportions, **dict(mixer_options or {})
+                mixer,
+                domains,
+                device=self.device,
+                proportions=proportions,
+                total_steps=total_steps,
+                warmup_steps=warmup_steps,
+                **dict(mixer_options or {}),
             )
         if self.mixer.needs_gradients or self.mixer.needs_reference_model:
             raise ConfigError(

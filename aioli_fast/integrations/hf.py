@@ -215,6 +215,8 @@ class AioliTrainer(Trainer):
             eval_split=eval_split,
             eval_max_sequences=eval_max_sequences,
             eval_batch_size=a.per_device_eval_batch_size,
+            total_steps=a.max_steps if a.max_steps and a.max_steps > 0 else None,
+            warmup_steps=a.get_warmup_steps(a.max_steps) if a.max_steps and a.max_steps > 0 else 0,
             probe_sequences=probe_sequences,
             num_workers=a.dataloader_num_workers,
             prefetch_factor=a.dataloader_prefetch_factor or 2,

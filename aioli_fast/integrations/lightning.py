@@ -175,6 +175,7 @@ class AioliDataModule(pl.LightningDataModule):
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             framework="AioliDataModule",
+            total_steps=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None,
             **self.options,
         )
         self.domains = self.mixing.domains

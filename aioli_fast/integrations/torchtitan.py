@@ -158,6 +158,8 @@ class AioliDataLoader(BaseDataLoader):
             eval_batch_size=c.eval_batch_size,
             eval_max_sequences=c.eval_max_sequences,
             probe_sequences=c.probe_sequences,
+            total_steps=trainer.config.training.steps,
+            warmup_steps=trainer.config.lr_scheduler.warmup_steps,
             num_workers=c.num_workers,
             rank=self.rank,
             world_size=self.world_size,
