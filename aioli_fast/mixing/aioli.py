@@ -1,18 +1,22 @@
 """Aioli: fit the mixing law's A online (LearnParams), then update the proportions by exponentiated gradient.
 
 The run is a sequence of rounds of ``round_steps`` (U) steps, after ``prior_steps`` (P) steps on the prior
-proportions (the restricted setting; P = 0 is unrestricted). A round is:
+proportions (uniform without a prior; with one, the restricted setting). A round is:
 
-    LearnParams   R·D blocks of S steps; block n trains on W[order[n]], the smoothed one-hot mixture of the
-                  n-th domain of R random permutations; per-domain losses are measured before the first
-                  block and after every block (R·D + 1 measurements)
-    update        G from the sequential loss drops, A = G·W⁻¹ (or the diagonal ablation), normalised;
-                  p updated by exponentiated gradient (cumulative) or from the EMA of A (ema)
+    LearnParams   R·D blocks of S steps; block n trains on (1 - e)·p + e·W[order[n]], W[j] the smoothed
+                  one-hot mixture of domain j, p the round's proportions, e = ``learn_fraction`` (1: the
+                  paper's whole-batch blocks), order[n] the n-th domain of R permutations (random, or
+                  mirrored pairs); per-domain losses are measured before the first block and after
+                  every block (R·D + 1 measurements)
+    update        G from the sequential loss drops, A = G·W⁻¹ (or the diagonal ablation; with e < 1,
+                  G·W⁻¹·(I - (1 - e)·p·1ᵀ)/e), normalised; p updated by exponentiated gradient
+                  (cumulative) or from the EMA of A (ema)
     exploit       the rest of the round trains on p
 
 The schedule of a round (which domain each block trains on) is drawn on the host from ``(seed, round)``,
 so the data stream knows every LearnParams mixture without a device read; the learned ``p`` is read once
-per round.
+per round. Unset options take defaults by domain count and run length (:meth:`AioliMixer.resolve_schedule`,
+docs/mixing.md).
 
 Measurement sources (``measurement``):
     full_val  the whole validation split, as the paper (the loop evaluates it before the step)
