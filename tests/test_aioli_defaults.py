@@ -169,3 +169,9 @@ def test_defaults_do_not_lose_to_stratified_on_the_simulator():
                 mixer = build_mixer(method, names(k), total_steps=800, warmup_steps=50)
                 drops[method] = start - run_mixer(mixer, sim, 800)["loss"][-1]
             assert drops["aioli"] >= 0.99 * drops["stratified"], (k, seed, drops)
+
+
+def test_a_run_too_short_for_a_round_says_so_and_stays_uniform():
+    mixer = build_mixer("aioli", names(3), total_steps=3)
+    assert "too short to apply a round's proportions: it trains on the uniform mixture" in mixer.describe(3)
+    assert all(mixer.host_proportions(step) == pytest.approx([1 / 3] * 3) for step in range(3))

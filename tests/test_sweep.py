@@ -156,6 +156,9 @@ def _spec(tmp_path: Path, **changes) -> Path:
                     "block_steps": 1,
                     "probe_sequences": 2,
                     "eta": 2.0,
+                    "learn_fraction": 1.0,
+                    "prior_steps": 0,
+                    "max_learn_share": 1.0,
                 }
             },
             "doremi": {"mixing": {"method": "doremi", "reference": "@run:stratified"}},

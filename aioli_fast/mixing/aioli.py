@@ -189,27 +189,23 @@ class AioliMixer(Mixer):
             value = o[key]
             if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
                 raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
+        auto_prior = _auto(options["prior_steps"])
         if _auto(o["round_steps"]):
             block = 1 if _auto(o["block_steps"]) else o["block_steps"]
             shortest = R * k * block + closing + 1
             # a long run gets blocks of at least AUTO_BLOCK_STEPS steps (many domains: longer rounds)
             U = max(int(paper["round_steps"]), R * k * max(block, AUTO_BLOCK_STEPS) + closing + 1)
             if total_steps is not None:
-                P = o["prior_steps"]
-                if total_steps - P < shortest:  # too short for one round: a shorter uniform phase
-                    P = max(int(warmup_steps), total_steps - shortest) if _auto(options["prior_steps"]) else P
-                    if total_steps - P < shortest:
-                        raise ConfigError(
-                            f"mixing: a run of {total_steps} steps is too short for Aioli on {k} domains: "
-                            f"one round of LearnParams takes {shortest} steps (sweeps {R} x {k} domains x "
-                            f"block_steps {block}, plus a step on the learned proportions) after "
-                            f"{P} uniform step(s); train longer, or use fewer sweeps"
-                        )
-                left = total_steps - P
-                U = max(shortest, min(U, left // AUTO_ROUNDS))
-                # whole rounds: the remainder lengthens the uniform phase (with prior_steps auto)
-                o["prior_steps"] = P + (left % U if _auto(options["prior_steps"]) else 0)
+                if total_steps - o["prior_steps"] < shortest and auto_prior:
+                    # too short for one round after a quarter of the run: a shorter uniform phase
+                    o["prior_steps"] = max(int(warmup_steps), total_steps - shortest)
+                    if total_steps - o["prior_steps"] < shortest:  # no round fits: uniform throughout
+                        o["prior_steps"] = total_steps
+                U = min(U, max(1, (total_steps - o["prior_steps"]) // AUTO_ROUNDS))
             o["round_steps"] = max(U, shortest)
+        if total_steps is not None and auto_prior and total_steps > o["prior_steps"] + o["round_steps"]:
+            # whole rounds: what they leave over lengthens the uniform phase, so the run ends on p
+            o["prior_steps"] += (total_steps - o["prior_steps"]) % o["round_steps"]
         if _auto(o["block_steps"]):
             U = o["round_steps"]
             fit = max(1, (U - 1 - closing) // (R * k))
@@ -332,11 +328,17 @@ class AioliMixer(Mixer):
         fraction = (
             "" if self.e == 1 else f" on {self.e:g} of each batch ({self.options['block_order']} sweeps)"
         )
+        short = ""
+        if not self.exploit_spans(total_steps):
+            short = (
+                f"; the run is too short to apply a round's proportions: it trains on the "
+                f"{'prior' if self.options_prior else 'uniform mixture'} throughout"
+            )
         return (
             f"aioli: {prior if self.P else ''}{rounds} round(s) of {self.U} steps, each starting with "
             f"LearnParams ({self.R} sweep(s) x {D} domains x {self.S} steps{extra}){fraction}; eta "
             f"{self.eta:g}, one_hot_factor {self.f:g}; LearnParams takes {learn} of the run's {total_steps} "
-            f"steps, {100 * self.learn_share(total_steps):.0f}% of its sequences"
+            f"steps, {100 * self.learn_share(total_steps):.0f}% of its sequences{short}"
         )
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
