@@ -463,6 +463,16 @@ RESUME_CASES = {
         dict(measurement="train", prior_steps=5, min_proportion=0.05, update="cumulative"),
         5 + U_RESUME + LEARN + 3,
     ),
+    # partial blocks around the round's p (the defaults' design): mid-LearnParams of round 1, whose block
+    # mixtures are rebuilt from the loaded proportions
+    "partial-mirrored-mid-learn": (
+        dict(measurement="probe", learn_fraction=0.25, block_order="mirrored"),
+        U_RESUME + 7,
+    ),
+    "partial-train-mid-window": (
+        dict(measurement="train", measure_steps=2, learn_fraction=0.5, block_order="mirrored"),
+        U_RESUME + 2 * S + 1,
+    ),
 }
 
 

@@ -50,7 +50,7 @@ PAPER_SETTINGS: dict[int, dict[str, float | int]] = {
 DEFAULT_LEARN_FRACTION = 0.25
 #: at most this share of the run's training sequences on LearnParams block mixtures, unless configured
 DEFAULT_MAX_LEARN_SHARE = 0.3
-#: rounds after the uniform phase that ``round_steps: auto`` aims for in a run shorter than 5 paper rounds
+#: rounds after the uniform phase that ``round_steps: auto`` gives a run too short for that many paper rounds
 AUTO_ROUNDS = 4
 #: the shortest block ``block_steps: auto`` gives a run long enough for AUTO_ROUNDS paper-length rounds
 AUTO_BLOCK_STEPS = 4
