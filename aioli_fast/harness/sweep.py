@@ -523,20 +523,23 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
         "skills_graph_wall_s": (
             json.loads(graph_timing.read_text())["wall_s"] if graph_timing.is_file() else None
         ),
-        "environment": environment(),
+        "environment": environment((spec.base.get("train") or {}).get("threads")),
         "stale_runs": stale,
         "methods": methods,
     }
 
 
-def environment() -> dict:
+def environment(threads: int | None = None) -> dict:
+    """Date, machine, versions, and the CPU threads of each run (``train.threads`` of the spec's base, else
+    what a run would take by default here)."""
+    from ..train.components import cpu_threads
     from .corpora import installed_versions
 
     versions = installed_versions(("torch", "deepspeed", "triton", "numpy", "aioli_fast"))
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": cpu_threads(threads),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": versions,
     }
