@@ -463,11 +463,16 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
             final = json.loads(final_path.read_text(encoding="utf-8"))
             timing = json.loads((directory / "sweep_run.json").read_text(encoding="utf-8"))
             train_records = read_metrics(directory / "metrics.jsonl", tolerate_partial_last_line=True)[0]
-            # Aioli's LearnParams steps (block mixtures, the closing train measurement), from the mixer
-            in_learn_params = (
-                build_run_mixer(cfg, spec.domains, torch.device("cpu")).in_learn_params
+            # Aioli's LearnParams steps (block mixtures, the closing train measurement), from the mixer;
+            # partial blocks (learn_fraction < 1) stay within that fraction of p and fill the rounds, so
+            # they are kept: leaving them out would leave one point a round
+            mixer = (
+                build_run_mixer(cfg, spec.domains, torch.device("cpu"))
                 if cfg.mixing.method == "aioli"
-                else lambda step: False
+                else None
+            )
+            in_learn_params = (
+                mixer.in_learn_params if mixer is not None and mixer.e == 1 else lambda step: False
             )
             seeds[seed] = {
                 "test_ppl": final["average"]["test_ppl"],
@@ -652,8 +657,8 @@ def write_results(spec: SweepSpec, out: Path, results: dict) -> None:
     panels = proportion_panels(spec, results)
     if panels:
         title = (
-            f"{spec.name}: proportions over training (mean over seeds, range shaded; Aioli: LearnParams "
-            "blocks left out)"
+            f"{spec.name}: proportions over training (mean over seeds, range shaded; Aioli: whole-batch "
+            "LearnParams blocks left out)"
         )
         png = plot_proportions(panels, spec.domains, stacked=False, title=title)
         atomic_write_bytes(out / "proportions.png", png)
