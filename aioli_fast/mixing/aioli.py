@@ -169,6 +169,10 @@ class AioliMixer(Mixer):
           (``(U - 1 - closing measurement) // (R·k)``); with 1 the paper's S, shortened to fit the round.
         - block_order: ``mirrored`` with ``learn_fraction < 1`` and an even R, else ``random``.
         """
+        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
+            value = options[key]
+            if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
+                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
         o = dict(options)
         k = num_domains
         paper = PAPER_SETTINGS[paper_setting(k)]
@@ -183,12 +187,6 @@ class AioliMixer(Mixer):
         if _auto(o["sweeps"]):
             o["sweeps"] = 2 if partial else paper["sweeps"]
         R = o["sweeps"]
-        if not isinstance(R, int) or isinstance(R, bool):
-            raise ConfigError(f"mixing.sweeps must be an integer or 'auto', got {R!r}")
-        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
-            value = o[key]
-            if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
-                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
         auto_prior = _auto(options["prior_steps"])
         if _auto(o["round_steps"]):
             block = 1 if _auto(o["block_steps"]) else o["block_steps"]
@@ -211,10 +209,7 @@ class AioliMixer(Mixer):
             fit = max(1, (U - 1 - closing) // (R * k))
             o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
         if o["block_order"] == "auto":
-            o["block_order"] = "mirrored" if partial and isinstance(R, int) and R % 2 == 0 else "random"
-        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
-            if not isinstance(o[key], int) or isinstance(o[key], bool):
-                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {o[key]!r}")
+            o["block_order"] = "mirrored" if partial and R % 2 == 0 else "random"
         return o
 
     def _check_options(self) -> None:
@@ -281,7 +276,7 @@ class AioliMixer(Mixer):
             )
 
     def initial_proportions(self, proportions):
-        self.options_prior = proportions is not None
+        self.has_prior = proportions is not None
         if proportions is None:
             return self.uniform()
         return proportions_tensor(proportions, self.domains, self.device)
@@ -301,22 +296,20 @@ class AioliMixer(Mixer):
         where = self.locate(step)
         return where is not None and where[1] < self.learned_offset
 
+    def _steps_per_round(self, total_steps: int, length: int) -> int:
+        """The first ``length`` steps of every round of a run of ``total_steps``, counted."""
+        return sum(min(length, max(0, total_steps - start)) for start in range(self.P, total_steps, self.U))
+
     def learn_steps_in(self, total_steps: int) -> int:
         """Steps of a run of ``total_steps`` in LearnParams (block mixtures, closing train measurement)."""
-        return sum(
-            min(self.learned_offset, max(0, total_steps - start))
-            for start in range(self.P, total_steps, self.U)
-        )
+        return self._steps_per_round(total_steps, self.learned_offset)
 
     def learn_share(self, total_steps: int | None) -> float:
         """The share of the training sequences that LearnParams draws from block mixtures, over a run of
         ``total_steps`` (None: over one round): block steps x ``learn_fraction`` / steps."""
         if total_steps is None:
             return self.learn_steps * self.e / self.U
-        blocks = sum(
-            min(self.learn_steps, max(0, total_steps - start)) for start in range(self.P, total_steps, self.U)
-        )
-        return blocks * self.e / total_steps
+        return self._steps_per_round(total_steps, self.learn_steps) * self.e / total_steps
 
     def describe(self, total_steps: int) -> str | None:
         """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
@@ -324,15 +317,16 @@ class AioliMixer(Mixer):
         learn = self.learn_steps_in(total_steps)
         rounds = len(range(self.P, total_steps, self.U))
         extra = f" + {self.m} measurement step(s)" if self.measurement == "train" else ""
-        prior = f"after {self.P} step(s) on the {'prior' if self.options_prior else 'uniform mixture'}, "
+        start_mixture = "prior" if self.has_prior else "uniform mixture"
+        prior = f"after {self.P} step(s) on the {start_mixture}, "
         fraction = (
             "" if self.e == 1 else f" on {self.e:g} of each batch ({self.options['block_order']} sweeps)"
         )
         short = ""
         if not self.exploit_spans(total_steps):
             short = (
-                f"; the run is too short to apply a round's proportions: it trains on the "
-                f"{'prior' if self.options_prior else 'uniform mixture'} throughout"
+                f"; the run is too short to apply a round's proportions: it trains on the {start_mixture} "
+                "throughout"
             )
         return (
             f"aioli: {prior if self.P else ''}{rounds} round(s) of {self.U} steps, each starting with "
