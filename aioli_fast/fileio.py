@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,9 +73,11 @@ def ensure_writable_dir(path: str | Path, what: str = "output directory") -> Pat
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # a name of this process's own: processes checking the same folder at once (the parts of a
+        # prepare) must not remove each other's probe
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise AioliError(f"{what} {path} is not writable: {exc.strerror or exc}") from exc
     return path

@@ -28,3 +28,24 @@ def test_ensure_writable_dir_creates_and_rejects(tmp_path):
     blocker.write_text("x")
     with pytest.raises(AioliError, match=f"run directory {blocker / 'sub'} is not writable"):
         ensure_writable_dir(blocker / "sub", "run directory")
+
+
+def _check_many_times(folder: str) -> str:
+    from aioli_fast.fileio import ensure_writable_dir
+
+    try:
+        for _ in range(300):
+            ensure_writable_dir(folder)
+    except Exception as exc:  # reported to the parent
+        return repr(exc)
+    return ""
+
+
+def test_processes_checking_one_folder_at_once_do_not_trip_each_other(tmp_path):
+    """The parts of a prepare check their shared output folder at the same moment."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        errors = pool.map(_check_many_times, [str(tmp_path / "out")] * 4)
+    assert errors == ["", "", "", ""]
+    assert list((tmp_path / "out").iterdir()) == []  # no probe left behind
