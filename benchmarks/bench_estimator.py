@@ -39,6 +39,7 @@ import torch
 
 from aioli_fast.harness.sim import LinearLawSimulator, run_mixer
 from aioli_fast.mixing import build_mixer
+from aioli_fast.mixing.aioli import learn_params_steps
 
 S_PAPER = 4  # the paper's block length at 2 domains (10 at 7): the reference design's S
 
@@ -72,7 +73,7 @@ def angle(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_design(k: int, options: dict, seed: int, regime: dict) -> dict:
     sim = LinearLawSimulator.random(k, seed=seed, **regime)
     truth = centred_colsums(sim.A0_kk)
-    learn = options["sweeps"] * k * options["block_steps"]
+    learn = learn_params_steps(options["sweeps"], k, options["block_steps"])
     mixer = build_mixer("aioli", [f"d{i}" for i in range(k)], round_steps=learn + 1, seed=seed, **options)
     history = run_mixer(mixer, sim, learn + 1)
     uniform = torch.full((k,), 1.0 / k, dtype=torch.float64)

@@ -248,7 +248,7 @@ def run_with_given_measurements(mixer, L_rounds, count=64.0):
     """Feed probe measurements L_rounds[r][n] ([k] losses; NaN = domain absent) and return the
     float32 losses the mixer saw (after sum / count), with the proportions of each round's exploit."""
     seen, exploit = [], []
-    P, U = mixer.P, mixer.U
+    P, U = mixer.plan.uniform_steps, mixer.plan.round_steps
     for r, L_nk in enumerate(L_rounds):
         seen.append([])
         for step in range(P + r * U, P + (r + 1) * U):
@@ -319,7 +319,7 @@ def test_ema_update_restarts_from_uniform_with_the_smoothed_A():
 
 def run_with_given_measurements_from(mixer, r, rows, count=64.0):
     """Round ``r`` only (see :func:`run_with_given_measurements`); returns (seen losses, exploit p)."""
-    P, U = mixer.P, mixer.U
+    P, U = mixer.plan.uniform_steps, mixer.plan.round_steps
     seen = []
     for step in range(P + r * U, P + (r + 1) * U):
         if mixer.measurement_due(step):
@@ -441,7 +441,7 @@ def test_one_domain_is_rejected():
 
 def test_none_options_mean_the_paper_defaults():
     mixer = build_mixer("aioli", ["a", "b"], eta=None, round_steps=None, learn_fraction=1.0)
-    assert (mixer.eta, mixer.U, mixer.R, mixer.S, mixer.f, mixer.ema) == (0.2, 250, 4, 4, 0.625, 0.1)
+    assert (mixer.eta, mixer.plan.round_steps, mixer.plan.sweeps, mixer.plan.block_steps, mixer.one_hot_factor, mixer.ema) == (0.2, 250, 4, 4, 0.625, 0.1)
     assert mixer.use_ema and mixer.measurement == "probe"
 
 

@@ -212,9 +212,9 @@ def test_aioli_paper_presets_build_their_mixer(k, eta, U, R, S, f, ema, steps):
     cfg = load_config(CONFIGS / f"paper_{k}domains.yaml")
     assert cfg.train.steps == steps and cfg.model.preset == "pythia-160m"
     mixer = build_mixer("aioli", [f"d{i}" for i in range(k)], **cfg.mixing.options())
-    assert (mixer.eta, mixer.U, mixer.R, mixer.S, mixer.f, mixer.ema) == (eta, U, R, S, f, ema)
+    assert (mixer.eta, mixer.plan.round_steps, mixer.plan.sweeps, mixer.plan.block_steps, mixer.one_hot_factor, mixer.ema) == (eta, U, R, S, f, ema)
     assert mixer.use_ema and mixer.measurement == "full_val"
-    assert mixer.learn_steps == R * k * S < U
+    assert mixer.plan.learn_steps == R * k * S < U
 
 
 def test_a_mixer_registered_outside_the_package_takes_its_options_from_yaml(tmp_path):

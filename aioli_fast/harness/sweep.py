@@ -472,7 +472,7 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
                 else None
             )
             in_learn_params = (
-                mixer.in_learn_params if mixer is not None and mixer.e == 1 else lambda step: False
+                mixer.in_learn_params if mixer is not None and mixer.plan.learn_fraction == 1 else lambda step: False
             )
             seeds[seed] = {
                 "test_ppl": final["average"]["test_ppl"],

@@ -5,5 +5,6 @@
 
 from . import aioli, doge, doremi, odm, skillit, static  # noqa: F401 - register the mixers
 from .base import MEASUREMENTS, MIXERS, Mixer, build_mixer, option_types, register_mixer
+from .sums import DomainSums
 
-__all__ = ["MEASUREMENTS", "MIXERS", "Mixer", "build_mixer", "option_types", "register_mixer"]
+__all__ = ["MEASUREMENTS", "MIXERS", "DomainSums", "Mixer", "build_mixer", "option_types", "register_mixer"]

@@ -15,8 +15,9 @@ proportions (uniform without a prior; with one, the restricted setting). A round
 
 The schedule of a round (which domain each block trains on) is drawn on the host from ``(seed, round)``,
 so the data stream knows every LearnParams mixture without a device read; the learned ``p`` is read once
-per round. Unset options take defaults by domain count and run length (:meth:`AioliMixer.resolve_schedule`,
-docs/mixing.md).
+per round. Unset options take defaults by domain count and run length (:func:`resolve_options`,
+docs/mixing.md); the resolved round structure is an :class:`AioliSchedule` (readable names; the paper's
+letters U, R, S, P, e, m appear only in comments and in ``lmo``).
 
 Measurement sources (``measurement``):
     full_val  the whole validation split, as the paper (the loop evaluates it before the step)
@@ -30,14 +31,16 @@ Measurement sources (``measurement``):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from . import lmo
-from .base import Mixer, accumulate, check_measurement, register_mixer
+from .base import Mixer, check_measurement, register_mixer
 from .static import proportions_tensor
+from .sums import DomainSums
 
 #: The paper's settings (arXiv 2411.05735) for 2, 3 and 7 domains: eta, one_hot_factor, ema (update ema),
 #: sweeps R, block_steps S, round_steps U.
@@ -54,22 +57,205 @@ DEFAULT_MAX_LEARN_SHARE = 0.3
 AUTO_ROUNDS = 4
 #: the shortest block ``block_steps: auto`` gives a run long enough for AUTO_ROUNDS paper-length rounds
 AUTO_BLOCK_STEPS = 4
+#: the options whose value may be ``auto`` (sized to the domain count and the run length)
+SCHEDULE_OPTIONS = ("round_steps", "sweeps", "block_steps", "prior_steps")
 
 
 def paper_setting(num_domains: int) -> int:
     """The paper setting whose defaults a run of ``num_domains`` domains takes: the nearest domain count
-    of the paper's three (2, 3, 7), ties to the smaller: 2 for k <= 2, 3 for k = 3..5, 7 for k >= 6."""
+    of the paper's three (2, 3, 7), ties to the smaller: 2 for D <= 2, 3 for D = 3..5, 7 for D >= 6."""
     return 2 if num_domains <= 2 else 3 if num_domains <= 5 else 7
+
+
+def learn_params_steps(sweeps: int, num_domains: int, block_steps: int, closing_steps: int = 0) -> int:
+    """Steps of one round's LearnParams: ``sweeps x num_domains`` blocks of ``block_steps`` steps (the
+    paper's R·k·S), plus ``closing_steps`` (the closing measurement of ``measurement: train``)."""
+    return sweeps * num_domains * block_steps + closing_steps
 
 
 def _auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
 
+@dataclass(frozen=True)
+class AioliSchedule:
+    """Aioli's round structure for a run, resolved once (:func:`resolve_options`). Host-only arithmetic.
+
+    The run trains ``uniform_steps`` steps on the uniform mixture (or the prior), then rounds of
+    ``round_steps``. A round's first :attr:`learn_steps` steps are LearnParams: ``sweeps`` permutations of
+    the D domains, a block of ``block_steps`` steps per domain, each on ``learn_fraction`` of the block's
+    smoothed one-hot mixture (the rest on the round's proportions); in ``measurement: train`` the next
+    ``closing_steps`` steps measure the round's last losses on the previous proportions. The rest of the
+    round, from :attr:`learned_offset`, trains on the proportions learned in it.
+    """
+
+    num_domains: int  # D
+    round_steps: int  # U
+    sweeps: int  # R
+    block_steps: int  # S
+    uniform_steps: int  # P (mixing.prior_steps)
+    measure_steps: int  # m: the first steps of a block whose training losses measure it (measurement: train)
+    learn_fraction: float  # e
+    closing_steps: int  # m in measurement: train, else 0
+
+    @property
+    def blocks(self) -> int:
+        """LearnParams blocks in a round (R·D)."""
+        return self.sweeps * self.num_domains
+
+    @property
+    def learn_steps(self) -> int:
+        """Steps of a round's LearnParams blocks."""
+        return learn_params_steps(self.sweeps, self.num_domains, self.block_steps)
+
+    @property
+    def learned_offset(self) -> int:
+        """Offset in a round of the first step that trains on the proportions learned in that round."""
+        return self.learn_steps + self.closing_steps
+
+    def locate(self, step: int) -> tuple[int, int] | None:
+        """(round, offset in the round) of ``step``, or None during the uniform phase."""
+        if step < self.uniform_steps:
+            return None
+        return divmod(step - self.uniform_steps, self.round_steps)
+
+    def in_learn_params(self, step: int) -> bool:
+        """Whether ``step`` belongs to LearnParams (a block mixture, or the closing train measurement)."""
+        where = self.locate(step)
+        return where is not None and where[1] < self.learned_offset
+
+    def block_at(self, step: int) -> tuple[int, int] | None:
+        """(round, block index in the round) of a step that trains on a block mixture, else None."""
+        where = self.locate(step)
+        if where is None or where[1] >= self.learn_steps:
+            return None
+        return where[0], where[1] // self.block_steps
+
+    def boundary(self, step: int) -> tuple[int, int] | None:
+        """(round, n) when ``step`` starts the measurement of block boundary n (0..R·D), else None."""
+        where = self.locate(step)
+        if where is None:
+            return None
+        round_index, offset = where
+        if offset % self.block_steps or offset > self.learn_steps:
+            return None
+        return round_index, offset // self.block_steps
+
+    def steps_per_round(self, total_steps: int, length: int) -> int:
+        """The first ``length`` steps of every round of a run of ``total_steps``, counted."""
+        return sum(
+            min(length, max(0, total_steps - start))
+            for start in range(self.uniform_steps, total_steps, self.round_steps)
+        )
+
+    def rounds_in(self, total_steps: int) -> int:
+        """Rounds that start within a run of ``total_steps``."""
+        return len(range(self.uniform_steps, total_steps, self.round_steps))
+
+    def learn_steps_in(self, total_steps: int) -> int:
+        """Steps of a run of ``total_steps`` in LearnParams (block mixtures, closing train measurement)."""
+        return self.steps_per_round(total_steps, self.learned_offset)
+
+    def learn_share(self, total_steps: int | None) -> float:
+        """The share of the training sequences that LearnParams draws from block mixtures, over a run of
+        ``total_steps`` (None: over one round): block steps x ``learn_fraction`` / steps."""
+        if total_steps is None:
+            return self.learn_steps * self.learn_fraction / self.round_steps
+        return self.steps_per_round(total_steps, self.learn_steps) * self.learn_fraction / total_steps
+
+    def exploit_spans(self, total_steps: int) -> list[tuple[int, int]]:
+        """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
+        spans, begin = [], self.uniform_steps
+        while begin + self.learned_offset < total_steps:
+            spans.append((begin + self.learned_offset, min(begin + self.round_steps, total_steps) - 1))
+            begin += self.round_steps
+        return spans
+
+
+def resolve_options(
+    options: dict[str, Any], num_domains: int, total_steps: int | None, warmup_steps: int = 0
+) -> dict[str, Any]:
+    """Options with every unset (None) or ``auto`` value resolved for ``num_domains`` domains and a run
+    of ``total_steps`` steps (None: unknown) with ``warmup_steps`` of learning-rate warm-up.
+
+    - eta, one_hot_factor, ema: the paper's setting for the nearest domain count (:func:`paper_setting`).
+    - prior_steps: a uniform (or prior) phase that covers the warm-up and the first quarter of the run:
+      ``max(warmup_steps, total_steps // 4)`` (``warmup_steps`` when the run length is unknown).
+    - sweeps: 2 (one mirrored pair) with ``learn_fraction < 1``; the paper's with 1.
+    - round_steps: the paper's (or longer, for blocks of at least :data:`AUTO_BLOCK_STEPS` steps with
+      many domains); in a run too short for :data:`AUTO_ROUNDS` such rounds after the prior phase, that
+      many equal rounds (the remainder lengthens the prior phase), never shorter than LearnParams
+      needs (one step per block plus a step on the learned proportions).
+    - block_steps: with ``learn_fraction < 1`` the blocks fill the round but for its last step and the
+      closing measurement; with 1 the paper's, shortened to fit the round.
+    - block_order: ``mirrored`` with ``learn_fraction < 1`` and an even number of sweeps, else ``random``.
+    """
+    for key in SCHEDULE_OPTIONS:
+        value = options[key]
+        if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
+            raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
+    o = dict(options)
+    D = num_domains
+    paper = PAPER_SETTINGS[paper_setting(D)]
+    for key in ("eta", "one_hot_factor", "ema"):
+        if o.get(key) is None:
+            o[key] = paper[key]
+    partial = float(o["learn_fraction"]) < 1
+    closing = int(o["measure_steps"]) if o["measurement"] == "train" else 0
+    auto_prior = _auto(o["prior_steps"])
+    if auto_prior:
+        o["prior_steps"] = max(int(warmup_steps), (total_steps or 0) // 4)
+    if _auto(o["sweeps"]):
+        o["sweeps"] = 2 if partial else paper["sweeps"]
+    sweeps = o["sweeps"]
+    if _auto(o["round_steps"]):
+        block = 1 if _auto(o["block_steps"]) else o["block_steps"]
+        shortest = learn_params_steps(sweeps, D, block, closing) + 1
+        # a long run gets blocks of at least AUTO_BLOCK_STEPS steps (many domains: longer rounds)
+        round_steps = max(
+            int(paper["round_steps"]),
+            learn_params_steps(sweeps, D, max(block, AUTO_BLOCK_STEPS), closing) + 1,
+        )
+        if total_steps is not None:
+            if total_steps - o["prior_steps"] < shortest and auto_prior:
+                # too short for one round after a quarter of the run: a shorter uniform phase
+                o["prior_steps"] = max(int(warmup_steps), total_steps - shortest)
+                if total_steps - o["prior_steps"] < shortest:  # no round fits: uniform throughout
+                    o["prior_steps"] = total_steps
+            round_steps = min(round_steps, max(1, (total_steps - o["prior_steps"]) // AUTO_ROUNDS))
+        o["round_steps"] = max(round_steps, shortest)
+    if total_steps is not None and auto_prior and total_steps > o["prior_steps"] + o["round_steps"]:
+        # whole rounds: what they leave over lengthens the uniform phase, so the run ends on p
+        o["prior_steps"] += (total_steps - o["prior_steps"]) % o["round_steps"]
+    if _auto(o["block_steps"]):
+        # the longest blocks that leave the closing measurement and one learned step in the round
+        fit = max(1, (o["round_steps"] - 1 - closing) // learn_params_steps(sweeps, D, 1))
+        o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
+    if o["block_order"] == "auto":
+        o["block_order"] = "mirrored" if partial and sweeps % 2 == 0 else "random"
+    return o
+
+
+def schedule_of(options: dict[str, Any], num_domains: int) -> AioliSchedule:
+    """The :class:`AioliSchedule` of options resolved by :func:`resolve_options`."""
+    measure_steps = int(options["measure_steps"])
+    return AioliSchedule(
+        num_domains=num_domains,
+        round_steps=int(options["round_steps"]),
+        sweeps=int(options["sweeps"]),
+        block_steps=int(options["block_steps"]),
+        uniform_steps=int(options["prior_steps"]),
+        measure_steps=measure_steps,
+        learn_fraction=float(options["learn_fraction"]),
+        closing_steps=measure_steps if options["measurement"] == "train" else 0,
+    )
+
+
 @register_mixer("aioli")
 class AioliMixer(Mixer):
     """Aioli (Chen et al., ICLR 2025). Unset options take the paper's settings for the nearest domain count
-    (:func:`paper_setting`); the schedule sizes default to ``auto`` (docs/mixing.md)."""
+    (:func:`paper_setting`); the schedule sizes default to ``auto`` (docs/mixing.md). The resolved round
+    structure is :attr:`plan` (an :class:`AioliSchedule`)."""
 
     OPTIONS = {
         "eta": None,
@@ -104,7 +290,7 @@ class AioliMixer(Mixer):
         "A_bar": "_A_bar_DD",
         "has_A_bar": "_has_A_bar",
         "losses": "_L_nD",
-        "window": "_acc_2D",
+        "window": "_window",
         "window_end": "_pending",
         "round_done": "_round_done",
         "skipped_updates": "skipped_updates",
@@ -114,35 +300,36 @@ class AioliMixer(Mixer):
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)
-        o = self.options = self.resolve_schedule(
+        o = self.options = resolve_options(
             self.options, len(self.domains), self.total_steps, self.warmup_steps
         )
         D = self.num_domains
-        self.eta, self.f = float(o["eta"]), float(o["one_hot_factor"])
-        self.U, self.R, self.S = int(o["round_steps"]), int(o["sweeps"]), int(o["block_steps"])
-        self.P, self.m = int(o["prior_steps"]), int(o["measure_steps"])
-        self.e = float(o["learn_fraction"])
+        self.eta, self.one_hot_factor = float(o["eta"]), float(o["one_hot_factor"])
         self.measurement = o["measurement"]
         self.use_ema, self.ema = o["update"] == "ema", float(o["ema"])
-        self.diagonal, self.floor, self.seed = bool(o["diagonal"]), float(o["min_proportion"]), int(o["seed"])
+        self.diagonal, self.min_proportion = bool(o["diagonal"]), float(o["min_proportion"])
+        self.seed = int(o["seed"])
         # LearnParams block batches with exact per-domain counts, as the reference code draws them
         self.exact_schedule = o["block_counts"] == "exact"
-        self.learn_steps = self.R * D * self.S  # LearnParams: R sweeps x D blocks x S steps
         self._check_options()
-        self.W_DD = lmo.smoothed_one_hot(D, self.f, device=self.device)
-        self.W_inv_DD = lmo.smoothed_one_hot_inverse(D, self.f, device=self.device)
+        #: the round structure of this run
+        self.plan = plan = schedule_of(o, D)
+        self._check_plan()
+        f = self.one_hot_factor
+        self.W_DD = lmo.smoothed_one_hot(D, f, device=self.device)
+        self.W_inv_DD = lmo.smoothed_one_hot_inverse(D, f, device=self.device)
         # one tensor per mixture, so that proportions() returns the same object within a block
         self._rows = [self.W_DD[j].clone() for j in range(D)]
-        self._host_rows = [[self.f if i == j else (1 - self.f) / (D - 1) for i in range(D)] for j in range(D)]
+        self._host_rows = [[f if i == j else (1 - f) / (D - 1) for i in range(D)] for j in range(D)]
         # learn_fraction < 1: a round's block mixtures (1 - e)·p + e·W[j] around that round's p, built once
         # per round (one host read of p); (round, base p [D], device rows, host rows)
         self._partial: tuple[int, torch.Tensor, list[torch.Tensor], list[list[float]] | None] | None = None
         self._orders: dict[int, list[int]] = {}
-        self._p_D = lmo.apply_floor(self._proportions_D, self.floor)
+        self._p_D = lmo.apply_floor(self._proportions_D, self.min_proportion)
         self._A_bar_DD = torch.zeros(D, D, device=self.device)
         self._has_A_bar = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._L_nD = torch.full((self.R * D + 1, D), float("nan"), device=self.device)
-        self._acc_2D = torch.zeros(2, D, device=self.device)
+        self._L_nD = torch.full((plan.blocks + 1, D), float("nan"), device=self.device)
+        self._window = DomainSums.zeros(D, self.device)  # the open train-mode measurement
         self._pending: int | None = None  # global step at which the open train-mode window ends
         self._round_done = -1  # index of the last round whose update has been applied
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -150,126 +337,80 @@ class AioliMixer(Mixer):
         self.last_A_DD = torch.zeros(D, D, device=self.device)
         self._rounds: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @staticmethod
-    def resolve_schedule(
-        options: dict[str, Any], num_domains: int, total_steps: int | None, warmup_steps: int = 0
-    ) -> dict[str, Any]:
-        """Options with every unset (None) or ``auto`` value resolved for ``num_domains`` domains and a run
-        of ``total_steps`` steps (None: unknown) with ``warmup_steps`` of learning-rate warm-up.
-
-        - eta, one_hot_factor, ema: the paper's setting for the nearest domain count (:func:`paper_setting`).
-        - prior_steps: a uniform (or prior) phase that covers the warm-up and the first quarter of the run:
-          ``max(warmup_steps, total_steps // 4)`` (``warmup_steps`` when the run length is unknown).
-        - sweeps: 2 (one mirrored pair) with ``learn_fraction < 1``; the paper's R with 1.
-        - round_steps: the paper's U (or longer, for blocks of at least :data:`AUTO_BLOCK_STEPS` steps with
-          many domains); in a run too short for :data:`AUTO_ROUNDS` such rounds after the prior phase, that
-          many equal rounds (the remainder lengthens the prior phase), never shorter than LearnParams
-          needs (one step per block plus a step on the learned proportions).
-        - block_steps: with ``learn_fraction < 1`` the blocks fill the round but for its last step
-          (``(U - 1 - closing measurement) // (R·k)``); with 1 the paper's S, shortened to fit the round.
-        - block_order: ``mirrored`` with ``learn_fraction < 1`` and an even R, else ``random``.
-        """
-        for key in ("round_steps", "sweeps", "block_steps", "prior_steps"):
-            value = options[key]
-            if not (_auto(value) or (isinstance(value, int) and not isinstance(value, bool))):
-                raise ConfigError(f"mixing.{key} must be an integer or 'auto', got {value!r}")
-        o = dict(options)
-        k = num_domains
-        paper = PAPER_SETTINGS[paper_setting(k)]
-        for key in ("eta", "one_hot_factor", "ema"):
-            if o.get(key) is None:
-                o[key] = paper[key]
-        e = float(o["learn_fraction"])
-        partial = e < 1
-        closing = int(o["measure_steps"]) if o["measurement"] == "train" else 0
-        if _auto(o["prior_steps"]):
-            o["prior_steps"] = max(int(warmup_steps), (total_steps or 0) // 4)
-        if _auto(o["sweeps"]):
-            o["sweeps"] = 2 if partial else paper["sweeps"]
-        R = o["sweeps"]
-        auto_prior = _auto(options["prior_steps"])
-        if _auto(o["round_steps"]):
-            block = 1 if _auto(o["block_steps"]) else o["block_steps"]
-            shortest = R * k * block + closing + 1
-            # a long run gets blocks of at least AUTO_BLOCK_STEPS steps (many domains: longer rounds)
-            U = max(int(paper["round_steps"]), R * k * max(block, AUTO_BLOCK_STEPS) + closing + 1)
-            if total_steps is not None:
-                if total_steps - o["prior_steps"] < shortest and auto_prior:
-                    # too short for one round after a quarter of the run: a shorter uniform phase
-                    o["prior_steps"] = max(int(warmup_steps), total_steps - shortest)
-                    if total_steps - o["prior_steps"] < shortest:  # no round fits: uniform throughout
-                        o["prior_steps"] = total_steps
-                U = min(U, max(1, (total_steps - o["prior_steps"]) // AUTO_ROUNDS))
-            o["round_steps"] = max(U, shortest)
-        if total_steps is not None and auto_prior and total_steps > o["prior_steps"] + o["round_steps"]:
-            # whole rounds: what they leave over lengthens the uniform phase, so the run ends on p
-            o["prior_steps"] += (total_steps - o["prior_steps"]) % o["round_steps"]
-        if _auto(o["block_steps"]):
-            U = o["round_steps"]
-            fit = max(1, (U - 1 - closing) // (R * k))
-            o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
-        if o["block_order"] == "auto":
-            o["block_order"] = "mirrored" if partial and R % 2 == 0 else "random"
-        return o
-
     def _check_options(self) -> None:
-        D = self.num_domains
+        """The options that do not depend on the round structure."""
+        D, o = self.num_domains, self.options
         if D < 2:
             raise ConfigError("mixing.method 'aioli' needs at least 2 domains")
-        lmo.check_one_hot_factor(self.f, D)
+        lmo.check_one_hot_factor(self.one_hot_factor, D)
         bad = [
             ("eta", self.eta, self.eta >= 0, ">= 0"),
-            ("round_steps", self.U, self.U >= 1, ">= 1"),
-            ("sweeps", self.R, self.R >= 1, ">= 1"),
-            ("block_steps", self.S, self.S >= 1, ">= 1"),
-            ("measure_steps", self.m, 1 <= self.m <= self.S, f"in [1, block_steps={self.S}]"),
-            ("prior_steps", self.P, self.P >= 0, ">= 0"),
+            ("round_steps", o["round_steps"], o["round_steps"] >= 1, ">= 1"),
+            ("sweeps", o["sweeps"], o["sweeps"] >= 1, ">= 1"),
+            ("block_steps", o["block_steps"], o["block_steps"] >= 1, ">= 1"),
+            (
+                "measure_steps",
+                o["measure_steps"],
+                1 <= o["measure_steps"] <= o["block_steps"],
+                f"in [1, block_steps={o['block_steps']}]",
+            ),
+            ("prior_steps", o["prior_steps"], o["prior_steps"] >= 0, ">= 0"),
             ("ema", self.ema, 0 <= self.ema <= 1, "in [0, 1]"),
-            ("min_proportion", self.floor, 0 <= self.floor * D <= 1, f"in [0, 1/k = {1 / D:.4g}]"),
+            (
+                "min_proportion",
+                self.min_proportion,
+                0 <= self.min_proportion * D <= 1,
+                f"in [0, 1/k = {1 / D:.4g}]",
+            ),
         ]
         for key, value, ok, rule in bad:
             if not ok:
                 raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
-        if not 0 < self.e <= 1:
-            raise ConfigError(f"mixing.learn_fraction must be in (0, 1], got {self.e}")
-        if self.e < 1 and self.diagonal:
+        e = float(o["learn_fraction"])
+        if not 0 < e <= 1:
+            raise ConfigError(f"mixing.learn_fraction must be in (0, 1], got {e}")
+        if e < 1 and self.diagonal:
             raise ConfigError("mixing.diagonal (the paper's ablation) needs mixing.learn_fraction=1")
-        cap = float(self.options["max_learn_share"])
+        cap = float(o["max_learn_share"])
         if not 0 < cap <= 1:
             raise ConfigError(f"mixing.max_learn_share must be in (0, 1], got {cap}")
-        if self.options["block_order"] not in ("random", "mirrored"):
+        if o["block_order"] not in ("random", "mirrored"):
             raise ConfigError(
-                "mixing.block_order must be 'random', 'mirrored' or 'auto', "
-                f"got {self.options['block_order']!r}"
+                f"mixing.block_order must be 'random', 'mirrored' or 'auto', got {o['block_order']!r}"
             )
-        if self.options["block_order"] == "mirrored" and self.R % 2:
-            raise ConfigError(f"mixing.block_order 'mirrored' needs an even mixing.sweeps, got {self.R}")
-        if self.options["block_counts"] not in ("exact", "drawn"):
-            raise ConfigError(
-                f"mixing.block_counts must be 'exact' or 'drawn', got {self.options['block_counts']!r}"
-            )
-        if self.options["update"] not in ("ema", "cumulative"):
-            raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {self.options['update']!r}")
+        if o["block_order"] == "mirrored" and o["sweeps"] % 2:
+            raise ConfigError(f"mixing.block_order 'mirrored' needs an even mixing.sweeps, got {o['sweeps']}")
+        if o["block_counts"] not in ("exact", "drawn"):
+            raise ConfigError(f"mixing.block_counts must be 'exact' or 'drawn', got {o['block_counts']!r}")
+        if o["update"] not in ("ema", "cumulative"):
+            raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {o['update']!r}")
         check_measurement(self.measurement)
-        learn = self.R * D * self.S
-        need = self.learned_offset + 1  # at least one step of a round trains on the learned proportions
-        if self.U < need:
+
+    def _check_plan(self) -> None:
+        """A round must fit LearnParams and a learned step; LearnParams must stay within its share."""
+        plan, D, cap = self.plan, self.num_domains, float(self.options["max_learn_share"])
+        need = plan.learned_offset + 1  # at least one step of a round trains on the learned proportions
+        if plan.round_steps < need:
             raise ConfigError(
-                f"mixing.round_steps={self.U} leaves no steps to train on the learned proportions: "
+                f"mixing.round_steps={plan.round_steps} leaves no steps to train on the learned proportions: "
                 "LearnParams "
-                f"takes sweeps x domains x block_steps = {self.R} x {D} x {self.S} = {learn} steps"
-                + (f" plus measure_steps={self.m}" if self.measurement == "train" else "")
+                f"takes sweeps x domains x block_steps = {plan.sweeps} x {D} x {plan.block_steps} = "
+                f"{plan.learn_steps} steps"
+                + (f" plus measure_steps={plan.measure_steps}" if plan.closing_steps else "")
                 + f"; use round_steps >= {need}"
             )
-        share = self.learn_share(self.total_steps)
+        share = plan.learn_share(self.total_steps)
         if share > cap + 1e-9:
             over = (
-                f"the run's {self.total_steps} steps" if self.total_steps else f"each round of {self.U} steps"
+                f"the run's {self.total_steps} steps"
+                if self.total_steps
+                else f"each round of {plan.round_steps} steps"
             )
             raise ConfigError(
                 f"mixing: LearnParams would train {100 * share:.0f}% of {over} on block mixtures "
                 "(sweeps x domains x block_steps x learn_fraction = "
-                f"{self.R} x {D} x {self.S} x {self.e:g} per round of {self.U}), above "
+                f"{plan.sweeps} x {D} x {plan.block_steps} x {plan.learn_fraction:g} per round of "
+                f"{plan.round_steps}), above "
                 f"mixing.max_learn_share={cap:g}. Block mixtures cost quality "
                 "(docs/mixing.md); lower sweeps, block_steps or learn_fraction, raise round_steps, or set "
                 "mixing.max_learn_share to allow it (the paper's 7-domain settings need 0.7)"
@@ -282,64 +423,50 @@ class AioliMixer(Mixer):
         return proportions_tensor(proportions, self.domains, self.device)
 
     # ---- the schedule (host only) -------------------------------------------------------------------
-    #
-    # Offsets in a round: [0, learn_steps) LearnParams blocks; in train mode [learn_steps, learned_offset)
-    # the closing measurement, still on the previous proportions; [learned_offset, U) the learned ones.
-
-    @property
-    def learned_offset(self) -> int:
-        """Offset in a round of the first step that trains on the proportions learned in that round."""
-        return self.learn_steps + (self.m if self.measurement == "train" else 0)
 
     def in_learn_params(self, step: int) -> bool:
         """Whether ``step`` belongs to LearnParams (a block mixture, or the closing train measurement)."""
-        where = self.locate(step)
-        return where is not None and where[1] < self.learned_offset
-
-    def _steps_per_round(self, total_steps: int, length: int) -> int:
-        """The first ``length`` steps of every round of a run of ``total_steps``, counted."""
-        return sum(min(length, max(0, total_steps - start)) for start in range(self.P, total_steps, self.U))
-
-    def learn_steps_in(self, total_steps: int) -> int:
-        """Steps of a run of ``total_steps`` in LearnParams (block mixtures, closing train measurement)."""
-        return self._steps_per_round(total_steps, self.learned_offset)
+        return self.plan.in_learn_params(step)
 
     def learn_share(self, total_steps: int | None) -> float:
-        """The share of the training sequences that LearnParams draws from block mixtures, over a run of
-        ``total_steps`` (None: over one round): block steps x ``learn_fraction`` / steps."""
-        if total_steps is None:
-            return self.learn_steps * self.e / self.U
-        return self._steps_per_round(total_steps, self.learn_steps) * self.e / total_steps
+        """The share of the training sequences on block mixtures (:meth:`AioliSchedule.learn_share`)."""
+        return self.plan.learn_share(total_steps)
+
+    def exploit_spans(self, total_steps: int) -> list[tuple[int, int]]:
+        """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
+        return self.plan.exploit_spans(total_steps)
 
     def describe(self, total_steps: int) -> str | None:
         """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
-        D = self.num_domains
-        learn = self.learn_steps_in(total_steps)
-        rounds = len(range(self.P, total_steps, self.U))
-        extra = f" + {self.m} measurement step(s)" if self.measurement == "train" else ""
+        plan, D = self.plan, self.num_domains
+        learn = plan.learn_steps_in(total_steps)
+        extra = f" + {plan.closing_steps} measurement step(s)" if plan.closing_steps else ""
         start_mixture = "prior" if self.has_prior else "uniform mixture"
-        prior = f"after {self.P} step(s) on the {start_mixture}, "
+        prior = f"after {plan.uniform_steps} step(s) on the {start_mixture}, "
         fraction = (
-            "" if self.e == 1 else f" on {self.e:g} of each batch ({self.options['block_order']} sweeps)"
+            ""
+            if plan.learn_fraction == 1
+            else f" on {plan.learn_fraction:g} of each batch ({self.options['block_order']} sweeps)"
         )
         short = ""
-        if not self.exploit_spans(total_steps):
+        if not plan.exploit_spans(total_steps):
             short = (
                 f"; the run is too short to apply a round's proportions: it trains on the {start_mixture} "
                 "throughout"
             )
         return (
-            f"aioli: {prior if self.P else ''}{rounds} round(s) of {self.U} steps, each starting with "
-            f"LearnParams ({self.R} sweep(s) x {D} domains x {self.S} steps{extra}){fraction}; eta "
-            f"{self.eta:g}, one_hot_factor {self.f:g}; LearnParams takes {learn} of the run's {total_steps} "
-            f"steps, {100 * self.learn_share(total_steps):.0f}% of its sequences{short}"
+            f"aioli: {prior if plan.uniform_steps else ''}{plan.rounds_in(total_steps)} round(s) of "
+            f"{plan.round_steps} steps, each starting with LearnParams ({plan.sweeps} sweep(s) x {D} domains "
+            f"x {plan.block_steps} steps{extra}){fraction}; eta {self.eta:g}, one_hot_factor "
+            f"{self.one_hot_factor:g}; LearnParams takes {learn} of the run's {total_steps} steps, "
+            f"{100 * plan.learn_share(total_steps):.0f}% of its sequences{short}"
         )
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:
         """The learned proportions, never a LearnParams block mixture: a run that ends inside
         LearnParams reports those learned last (uniform before the first round), with a note."""
         last = total_steps - 1
-        if not self.in_learn_params(last):
+        if not self.plan.in_learn_params(last):
             return self.host_proportions(last), None
         learned = [float(p) for p in self._p_D.tolist()]
         return learned, (
@@ -348,45 +475,19 @@ class AioliMixer(Mixer):
             "round's exploit phase (see mixing.round_steps) to train on learned proportions to the end"
         )
 
-    def exploit_spans(self, total_steps: int) -> list[tuple[int, int]]:
-        """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
-        spans, begin = [], self.P
-        while begin + self.learned_offset < total_steps:
-            spans.append((begin + self.learned_offset, min(begin + self.U, total_steps) - 1))
-            begin += self.U
-        return spans
-
     def order(self, round_index: int) -> list[int]:
-        """Domain of each LearnParams block of round ``round_index`` (R permutations, drawn on the host)."""
+        """Domain of each LearnParams block of round ``round_index`` (the sweeps' permutations, drawn on
+        the host)."""
         if round_index not in self._orders:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
             draw = lmo.mirrored_order if self.options["block_order"] == "mirrored" else lmo.learn_params_order
-            self._orders = {round_index: draw(self.num_domains, self.R, gen).tolist()}
+            self._orders = {round_index: draw(self.num_domains, self.plan.sweeps, gen).tolist()}
         return self._orders[round_index]
-
-    def locate(self, step: int) -> tuple[int, int] | None:
-        """(round, offset in the round) of ``step``, or None during the prior phase."""
-        if step < self.P:
-            return None
-        return divmod(step - self.P, self.U)
 
     def _block_mixture(self, step: int) -> int | None:
         """The domain whose smoothed one-hot mixture ``step`` trains on, or None outside LearnParams."""
-        where = self.locate(step)
-        if where is None or where[1] >= self.learn_steps:
-            return None
-        round_index, offset = where
-        return self.order(round_index)[offset // self.S]
-
-    def _boundary(self, step: int) -> tuple[int, int] | None:
-        """(round, n) when ``step`` starts the measurement of block boundary n (0..R·D), else None."""
-        where = self.locate(step)
-        if where is None:
-            return None
-        round_index, offset = where
-        if offset % self.S or offset > self.learn_steps:
-            return None
-        return round_index, offset // self.S
+        at = self.plan.block_at(step)
+        return None if at is None else self.order(at[0])[at[1]]
 
     # ---- the loop interface -------------------------------------------------------------------------
 
@@ -395,17 +496,18 @@ class AioliMixer(Mixer):
     ) -> tuple[list[torch.Tensor], list[list[float]] | None]:
         """The block mixtures of ``step``'s round, on the device and (``host``) as floats: W's rows, or
         (1 - e)·p + e·W[j] around the round's p (its update comes after its last block)."""
-        if self.e == 1:
+        e = self.plan.learn_fraction
+        if e == 1:
             return self._rows, self._host_rows
-        round_index = self.locate(step)[0]
+        round_index = self.plan.locate(step)[0]
         if self._partial is None or self._partial[0] != round_index:
-            base_D, e = self._p_D, self.e
+            base_D = self._p_D
             rows = [(1 - e) * base_D + e * self.W_DD[j] for j in range(self.num_domains)]
             self._partial = (round_index, base_D, rows, None)
         if host and self._partial[3] is None:
             # the one host read of a round's proportions (the data stream needs them anyway)
             p = self._partial[1].tolist()
-            rows_host = [[(1 - self.e) * a + self.e * w for a, w in zip(p, row)] for row in self._host_rows]
+            rows_host = [[(1 - e) * a + e * w for a, w in zip(p, row)] for row in self._host_rows]
             self._partial = (*self._partial[:3], rows_host)
         return self._partial[2], self._partial[3]
 
@@ -420,37 +522,37 @@ class AioliMixer(Mixer):
 
     def schedule(self, step: int) -> list[list[float]] | None:
         """At the first step of a round's LearnParams: the block mixture of each of its steps."""
-        where = self.locate(step)
+        where = self.plan.locate(step)
         if where is None or where[1] != 0:
             return None
-        per_step = lmo.learn_params_schedule(torch.tensor(self.order(where[0])), self.S)
+        per_step = lmo.learn_params_schedule(torch.tensor(self.order(where[0])), self.plan.block_steps)
         host_rows = self._block_rows(step, host=True)[1]
         return [list(host_rows[j]) for j in per_step.tolist()]
 
     def measurement_due(self, step: int) -> bool:
-        return self.measurement != "train" and self._boundary(step) is not None
+        return self.measurement != "train" and self.plan.boundary(step) is not None
 
     def observe_measurement(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         if self.measurement == "train":
             raise ConfigError("mixing.measurement is 'train': losses come from observe(), not measurements")
-        at = self._boundary(step)
+        at = self.plan.boundary(step)
         if at is None:
             raise ConfigError(f"no loss measurement is due at step {step}")
-        self._record(at, *self.reduce(loss_sum_D, count_D))
+        self._record(at, self.reduce(loss_sum_D, count_D))
 
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         if self.measurement != "train":
             return
         self._finish_window(step)
-        where = self.locate(step)
+        plan = self.plan
+        where = plan.locate(step)
         if where is None:
             return
-        round_index, offset = where
-        n, into = divmod(offset, self.S)
-        if n > self.R * self.num_domains or into >= self.m:
+        n, into = divmod(where[1], plan.block_steps)
+        if n > plan.blocks or into >= plan.measure_steps:
             return
-        accumulate(self._acc_2D, loss_sum_D, count_D)
-        self._pending = step - into + self.m
+        self._window.add(loss_sum_D, count_D)
+        self._pending = step - into + plan.measure_steps
 
     # ---- internals ----------------------------------------------------------------------------------
 
@@ -458,24 +560,24 @@ class AioliMixer(Mixer):
         """Close the open train-mode measurement window once ``step`` is past it."""
         if self._pending is None or step < self._pending:
             return
-        start = self._pending - self.m
+        start = self._pending - self.plan.measure_steps
         self._pending = None
-        sums, counts = self.reduce(self._acc_2D[0], self._acc_2D[1])
-        self._acc_2D.zero_()
-        at = self._boundary(start)
+        measured = self._window.reduced()
+        self._window.zero_()
+        at = self.plan.boundary(start)
         if at is not None:
-            self._record(at, sums, counts)
+            self._record(at, measured)
 
-    def _record(self, at: tuple[int, int], loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+    def _record(self, at: tuple[int, int], measured: DomainSums) -> None:
         round_index, n = at
         if round_index <= self._round_done:
             return  # already applied (a resumed run replaying a step)
         if n == 0:
             self._L_nD.fill_(float("nan"))
-        L_D = lmo.losses_from_sums(loss_sum_D, count_D)
+        L_D = measured.losses()
         self.missing_measurements += (~torch.isfinite(L_D)).sum()
         self._L_nD[n] = L_D
-        if n == self.R * self.num_domains:
+        if n == self.plan.blocks:
             self._update(round_index)
 
     def _order_tensor(self, round_index: int) -> torch.Tensor:
@@ -490,12 +592,13 @@ class AioliMixer(Mixer):
         if self.measurement != "train":
             return None
         D = self.num_domains
-        expected = batch_size * self.m * ((1 - self.e) / D + self.e * (1 - self.f) / (D - 1))
+        m, e, f = self.plan.measure_steps, self.plan.learn_fraction, self.one_hot_factor
+        expected = batch_size * m * ((1 - e) / D + e * (1 - f) / (D - 1))
         if expected >= 2:
             return None
         return (
             f"mixing.measurement=train: a measurement sees about {expected:.2f} sequences of each "
-            f"domain other than the block's (batch {batch_size} x measure_steps {self.m} x the block "
+            f"domain other than the block's (batch {batch_size} x measure_steps {m} x the block "
             "mixture's share of it); many measurements will miss domains. Raise "
             "mixing.measure_steps or the batch size, or use mixing.measurement=probe"
         )
@@ -503,13 +606,14 @@ class AioliMixer(Mixer):
     def _update(self, round_index: int) -> None:
         order = self._order_tensor(round_index)
         G_DD = lmo.accumulate_loss_drops(self._L_nD, order, self.num_domains)
-        if self.e < 1:
+        e = self.plan.learn_fraction
+        if e < 1:
             # the blocks were built around the round's p (built at its first block; never None here,
             # since the blocks run before the update, a resumed run rebuilds them from the same p)
             base_D = self._partial[1] if self._partial and self._partial[0] == round_index else self._p_D
-            A_DD = lmo.solve_partial_mixing_law(G_DD, self.W_inv_DD, base_D, self.e)
+            A_DD = lmo.solve_partial_mixing_law(G_DD, self.W_inv_DD, base_D, e)
         elif self.diagonal:
-            A_DD = lmo.diagonal_ablation(G_DD, self.f)
+            A_DD = lmo.diagonal_ablation(G_DD, self.one_hot_factor)
         else:
             A_DD = lmo.solve_mixing_law(G_DD, self.W_inv_DD)
         ok = torch.isfinite(A_DD).all()  # before normalising, which would map a non-finite A to zeros
@@ -524,7 +628,7 @@ class AioliMixer(Mixer):
             # a prior of 0 for a domain would otherwise keep it at 0 for the whole run
             base_D = self.uniform() if round_index == 0 else self._p_D
             p_new = lmo.exponentiated_gradient(base_D, A_DD, self.eta)
-        p_new = lmo.apply_floor(p_new, self.floor)
+        p_new = lmo.apply_floor(p_new, self.min_proportion)
         self._p_D = torch.where(ok, p_new, self._p_D)  # a new tensor: the loop sees the change
         self.last_A_DD = torch.where(ok, A_DD, self.last_A_DD)
         # device tensors, read once at the end (summary): what each round estimated and chose

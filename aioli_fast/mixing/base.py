@@ -37,8 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..distributed import all_reduce_sum
 from ..errors import ConfigError
+from .sums import DomainSums
 
 MEASUREMENTS = ("train", "probe", "full_val")
 
@@ -57,12 +57,6 @@ def read_json_option(key: str, path: str | Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"mixing.{key}: cannot read {path}: {exc}") from exc
-
-
-def accumulate(window_2D: torch.Tensor, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-    """Add one micro-batch's sums and counts to a [2, D] window on the device (in place, no host read)."""
-    window_2D[0] += loss_sum_D.detach().to(window_2D.dtype)
-    window_2D[1] += count_D.to(window_2D.dtype)
 
 
 class Mixer:
@@ -91,7 +85,8 @@ class Mixer:
     reference_checkpoint: Path | None = None
     #: option name -> type, for options whose default does not show it (a None default means ``str``)
     OPTION_TYPES: ClassVar[dict[str, type]] = {}
-    #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied).
+    #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied, a
+    #: :class:`DomainSums` is saved as its ``[2, D]`` tensor).
     STATE: ClassVar[dict[str, str]] = {"proportions": "_proportions_D"}
 
     def __init__(
@@ -217,13 +212,10 @@ class Mixer:
         :meth:`observe` (with ``needs_reference_model``; this rank's)."""
         raise ConfigError(f"mixing.method '{self.name}' takes no reference-model losses")
 
-    def reduce(self, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sums and counts summed over the data-parallel ranks (one small collective; identity alone)."""
-        both_2D = torch.stack(
-            [loss_sum_D.to(self.device, torch.float32), count_D.to(self.device, torch.float32)]
-        )
-        both_2D = all_reduce_sum(both_2D)
-        return both_2D[0], both_2D[1]
+    def reduce(self, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> DomainSums:
+        """This rank's sums [D] and counts [D] summed over the data-parallel ranks, on the mixer's device
+        (one small collective; a copy alone). Unpacks as ``(loss_sum_D, count_D)``."""
+        return DomainSums.of(loss_sum_D, count_D, self.device).reduced()
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """Device tensors worth logging (read by the loop at log steps only)."""
@@ -246,6 +238,8 @@ class Mixer:
         state: dict[str, Any] = {"method": self.name, "domains": list(self.domains)}
         for key, attr in self.STATE.items():
             value = getattr(self, attr)
+            if isinstance(value, DomainSums):
+                value = value.buffer  # stored as its [2, D] tensor
             state[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
         return state
 
@@ -261,6 +255,9 @@ class Mixer:
             raise ConfigError(f"mixer state lacks {missing}")
         for key, attr in self.STATE.items():
             value, current = state[key], getattr(self, attr)
+            sums = isinstance(current, DomainSums)
+            if sums:
+                current = current.buffer
             if isinstance(current, torch.Tensor):
                 if not isinstance(value, torch.Tensor) or value.shape != current.shape:
                     got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -269,7 +266,7 @@ class Mixer:
                         f"({self.num_domains} domains)"
                     )
                 value = value.to(current.device, current.dtype, copy=True)  # never alias the caller's tensor
-            setattr(self, attr, value)
+            setattr(self, attr, DomainSums(value) if sums else value)
         self._host_cache = (None, [])
 
 

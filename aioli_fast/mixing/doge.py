@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..distributed import all_reduce_sum
 from .base import register_mixer
 from .online import OnlineMixer
 
@@ -69,8 +70,9 @@ class DoGEMixer(OnlineMixer):
 
     def observe_alignment(self, step: int, scores_D: torch.Tensor) -> None:
         """This rank's alignment scores [D]; averaged over ranks."""
-        total, ranks = self.reduce(scores_D.detach(), torch.ones_like(scores_D))
-        self._scores_D = total / ranks
+        scores_D = scores_D.detach().to(self.device, torch.float32)
+        total = all_reduce_sum(torch.stack([scores_D, torch.ones_like(scores_D)]))  # [2, D]: sums, ranks
+        self._scores_D = total[0] / total[1]
         self._window_open = True
 
     def update(self, step: int, loss_D: torch.Tensor) -> torch.Tensor:

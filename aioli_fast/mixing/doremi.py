@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from .base import accumulate, read_json_option, register_mixer
+from .base import read_json_option, register_mixer
 from .online import OnlineMixer
+from .sums import DomainSums
 
 
 def excess_loss(loss_D: torch.Tensor, reference_D: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ class DoReMiMixer(OnlineMixer):
     STATE = {
         **OnlineMixer.STATE,
         "log_weights": "log_alpha_D",
-        "reference_window": "_ref_window_2D",
+        "reference_window": "_ref_window",
         "proportions_sum": "proportions_sum_D",
         "averaged_updates": "averaged_updates",
     }
@@ -82,7 +83,7 @@ class DoReMiMixer(OnlineMixer):
                     f"mixing.reference: no checkpoint at {ref} (expected model.pt or a run directory)"
                 )
         self.log_alpha_D = torch.log(self._proportions_D)
-        self._ref_window_2D = torch.zeros(2, self.num_domains, device=self.device)
+        self._ref_window = DomainSums.zeros(self.num_domains, self.device)
         self.proportions_sum_D = torch.zeros(self.num_domains, device=self.device)
         self.averaged_updates = torch.zeros((), dtype=torch.int64, device=self.device)
 
@@ -92,14 +93,14 @@ class DoReMiMixer(OnlineMixer):
 
     def observe_reference(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         """The reference model's per-domain sums and counts on the same micro-batch as :meth:`observe`."""
-        accumulate(self._ref_window_2D, loss_sum_D, count_D)
+        self._ref_window.add(loss_sum_D, count_D)
 
     def update(self, step: int, loss_D: torch.Tensor) -> torch.Tensor:
         if self.reference_D is not None:
             reference_D = self.reference_D
         else:
-            sums, counts = self.reduce(self._ref_window_2D[0], self._ref_window_2D[1])
-            self._ref_window_2D.zero_()
+            sums, counts = self._ref_window.reduced()
+            self._ref_window.zero_()
             reference_D = sums / counts.clamp_min(1)
             reference_D = torch.where(counts > 0, reference_D, torch.full_like(reference_D, float("nan")))
         lam_D = excess_loss(loss_D, reference_D)

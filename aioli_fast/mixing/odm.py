@@ -2,8 +2,8 @@
 
 Each domain is an arm whose reward is its training loss (a high loss means there is still much to learn).
 The importance-weighted reward estimate is smoothed, ``R_i ← α·R_i + (1-α)·L_i / π_i`` for the domains
-seen in the window, and the policy is ``π = (1 - k·ε_t)·softmax(ε_{t-1}·R) + ε_t`` with the exploration
-rate ``ε_t = min(1/k, sqrt(ln k / (k·t)))`` (t: updates so far). In the LMO view A_t is diagonal with
+seen in the window, and the policy is ``π = (1 - D·ε_t)·softmax(ε_{t-1}·R) + ε_t`` with the exploration
+rate ``ε_t = min(1/D, sqrt(ln D / (D·t)))`` (D domains, t: updates so far). In the LMO view A_t is diagonal with
 the smoothed rewards.
 """
 
@@ -19,17 +19,17 @@ from .online import OnlineMixer
 
 
 def exploration_rate(num_domains: int, t: int) -> float:
-    """ε_t = min(1/k, sqrt(ln k / (k·t))); 1/k before the first update."""
-    k = num_domains
-    if t <= 0 or k < 2:
-        return 1.0 / k
-    return min(1.0 / k, math.sqrt(math.log(k) / (k * t)))
+    """ε_t = min(1/D, sqrt(ln D / (D·t))); 1/D before the first update."""
+    D = num_domains
+    if t <= 0 or D < 2:
+        return 1.0 / D
+    return min(1.0 / D, math.sqrt(math.log(D) / (D * t)))
 
 
 def exp3_policy(reward_D: torch.Tensor, eps_prev: float, eps: float) -> torch.Tensor:
-    """π = (1 - k·ε)·softmax(ε_prev · R) + ε."""
-    k = reward_D.shape[-1]
-    return (1.0 - k * eps) * torch.softmax(eps_prev * reward_D, dim=-1) + eps
+    """π = (1 - D·ε)·softmax(ε_prev · R) + ε."""
+    D = reward_D.shape[-1]
+    return (1.0 - D * eps) * torch.softmax(eps_prev * reward_D, dim=-1) + eps
 
 
 @register_mixer("odm")
@@ -51,8 +51,8 @@ class ODMMixer(OnlineMixer):
         estimate = torch.where(seen, loss_D / self._proportions_D.clamp_min(1e-12), self.reward_D)
         smoothed = self.alpha * self.reward_D + (1 - self.alpha) * estimate
         reward_D = torch.where(seen, smoothed, self.reward_D)
-        t, k = self.num_updates, self.num_domains  # updates before this one
-        policy_D = exp3_policy(reward_D, exploration_rate(k, t), exploration_rate(k, t + 1))
+        t, D = self.num_updates, self.num_domains  # updates before this one
+        policy_D = exp3_policy(reward_D, exploration_rate(D, t), exploration_rate(D, t + 1))
         ok = torch.isfinite(reward_D).all() & torch.isfinite(policy_D).all()
         self.reward_D = torch.where(ok, reward_D, self.reward_D)  # an overflowing window leaves no trace
         return policy_D  # the caller skips (and counts) a non-finite policy

@@ -15,14 +15,15 @@ import torch
 
 from ..errors import ConfigError
 from . import lmo
-from .base import Mixer, accumulate
+from .base import Mixer
+from .sums import DomainSums
 
 
 class OnlineMixer(Mixer):
     OPTIONS = {"eta": 1.0, "update_every": 1, "min_proportion": 0.0}
     STATE = {
         "proportions": "_proportions_D",
-        "window": "_window_2D",
+        "window": "_window",
         "window_open": "_window_open",
         "last_update": "_last_update",
         "num_updates": "num_updates",
@@ -43,14 +44,14 @@ class OnlineMixer(Mixer):
             raise ConfigError(f"mixing.update_every must be >= 1, got {self.every}")
         if not 0 <= self.floor * self.num_domains <= 1:
             raise ConfigError(f"mixing.min_proportion must be in [0, 1/k], got {self.floor}")
-        self._window_2D = torch.zeros(2, self.num_domains, device=self.device)
+        self._window = DomainSums.zeros(self.num_domains, self.device)
         self._window_open = False
         self._last_update = -1
         self.num_updates = 0  # host counter: a function of the step schedule, never read from the device
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        accumulate(self._window_2D, loss_sum_D, count_D)
+        self._window.add(loss_sum_D, count_D)
         self._window_open = True
 
     def update_due(self, step: int) -> bool:
@@ -59,10 +60,10 @@ class OnlineMixer(Mixer):
     def proportions(self, step: int) -> torch.Tensor:
         if self.update_due(step) and self._window_open:
             self._last_update = step
-            sums, counts = self.reduce(self._window_2D[0], self._window_2D[1])
-            self._window_2D.zero_()
+            window = self._window.reduced()
+            self._window.zero_()
             self._window_open = False
-            self._apply(self.update(step, lmo.losses_from_sums(sums, counts)))
+            self._apply(self.update(step, window.losses()))
         return self._proportions_D
 
     def _apply(self, p_new: torch.Tensor) -> None:

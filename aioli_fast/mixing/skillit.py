@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from . import lmo
 from .base import check_measurement, read_json_option, register_mixer
 from .online import OnlineMixer
+from .sums import DomainSums
 
 
 def skills_graph_from_losses(before_D: torch.Tensor, after_jD: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class SkillItMixer(OnlineMixer):
         "skills_graph": None,
         "measurement": "train",
     }
-    STATE = {**OnlineMixer.STATE, "measured": "_measured_2D", "has_measured": "_has_measured"}
+    STATE = {**OnlineMixer.STATE, "measured": "_measured", "has_measured": "_has_measured"}
 
     def __init__(self, domains, device="cpu", proportions=None, **options):
         super().__init__(domains, device=device, proportions=proportions, **options)
@@ -88,7 +89,7 @@ class SkillItMixer(OnlineMixer):
             load_skills_graph(self.options["skills_graph"], self.domains), device=self.device
         )
         self.measurement = check_measurement(self.options["measurement"])
-        self._measured_2D = torch.zeros(2, self.num_domains, device=self.device)
+        self._measured = DomainSums.zeros(self.num_domains, self.device)
         self._has_measured = False
 
     def measurement_due(self, step: int) -> bool:
@@ -97,8 +98,7 @@ class SkillItMixer(OnlineMixer):
     def observe_measurement(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
         if not self.measurement_due(step):
             raise ConfigError(f"no loss measurement is due at step {step}")
-        sums, counts = self.reduce(loss_sum_D, count_D)
-        self._measured_2D = torch.stack([sums, counts])
+        self._measured = self.reduce(loss_sum_D, count_D)
         self._has_measured = True
         self._window_open = True  # an update is due now even without training observations
 
@@ -108,7 +108,7 @@ class SkillItMixer(OnlineMixer):
 
     def update(self, step: int, loss_D: torch.Tensor) -> torch.Tensor:
         if self.measurement != "train":
-            loss_D = lmo.losses_from_sums(self._measured_2D[0], self._measured_2D[1])
+            loss_D = self._measured.losses()
         loss_D = torch.where(torch.isfinite(loss_D), loss_D, torch.zeros_like(loss_D))  # absent: no pull
         A_DD = loss_D.unsqueeze(-1) * self.S_DD
         return lmo.exponentiated_gradient(self._proportions_D, A_DD, self.eta)
