@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .options import MixingOptions
 
 
 @dataclass
@@ -44,9 +45,11 @@ class DataSection:
 
     path: str = ""
     domains: list[str] | None = None  # a subset, in domain-id order; default all, in manifest order
-    assignment: str = "categorical"  # categorical (i.i.d., as the paper) | largest_remainder
-    num_workers: int = 0  # DataLoader processes reading shards; 0 reads in the training process
-    prefetch_factor: int = 2  # batches each worker prepares ahead
+    # categorical (i.i.d., as the paper) | largest_remainder
+    assignment: str = MixingOptions.assignment
+    # DataLoader processes reading shards; 0 reads in the training process
+    num_workers: int = MixingOptions.num_workers
+    prefetch_factor: int = MixingOptions.prefetch_factor  # batches each worker prepares ahead
     on_error: str = "raise"  # raise | skip (bad samples replaced, counted and warned about)
 
     def check(self) -> None:
@@ -78,7 +81,7 @@ class MixingSection:
 
     method: str = "stratified"
     proportions: dict[str, float] | None = None
-    probe_sequences: int = 16  # per domain, for measurement: probe
+    probe_sequences: int = MixingOptions.probe_sequences  # per domain, for measurement: probe
     settings: dict[str, Any] = field(default_factory=dict)  # the options that are set (YAML: beside method)
 
     @classmethod
@@ -246,6 +249,24 @@ class RunConfig:
             f.name: self.mixing.to_dict() if f.name == "mixing" else dataclasses.asdict(getattr(self, f.name))
             for f in dataclasses.fields(self)
         }
+
+    def mixing_options(self) -> MixingOptions:
+        """What the run tells its mixing loop, as the adapters are told it (the held-out split of
+        measurements is ``val``; the stream's seed is ``train.seed``)."""
+        return MixingOptions(
+            mixer=self.mixing.method,
+            mixer_options=self.mixing.options(),
+            domains=copy.deepcopy(self.data.domains),
+            proportions=copy.deepcopy(self.mixing.proportions),
+            seed=self.train.seed,
+            assignment=self.data.assignment,
+            eval_split="val",
+            eval_batch_size=self.eval.batch_size,
+            eval_max_sequences=self.eval.max_sequences,
+            probe_sequences=self.mixing.probe_sequences,
+            num_workers=self.data.num_workers,
+            prefetch_factor=self.data.prefetch_factor,
+        )
 
     def validate(self) -> None:
         """Checks that no single type can express: ranges, finiteness, cross-field agreement."""

@@ -471,9 +471,8 @@ def collect_results(spec: SweepSpec, out: Path) -> dict:
                 if cfg.mixing.method == "aioli"
                 else None
             )
-            in_learn_params = (
-                mixer.in_learn_params if mixer is not None and mixer.plan.learn_fraction == 1 else lambda step: False
-            )
+            whole_blocks = mixer is not None and mixer.plan.learn_fraction == 1
+            in_learn_params = mixer.in_learn_params if whole_blocks else lambda step: False
             seeds[seed] = {
                 "test_ppl": final["average"]["test_ppl"],
                 "val_ppl": final["average"]["val_ppl"],

@@ -20,7 +20,6 @@ so a framework that restores its RNG on resume gets the dropout of the uninterru
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,14 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Manifest, MixtureStream, load_manifest
+from ..data import Manifest, load_manifest
 from ..data.stream import Batch
-from ..distributed import all_reduce_sum, to_cpu
+from ..distributed import to_cpu
+from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
+from ..evaluation import (
+    domain_results,
+    eval_mode,
+    evaluate,
+    measure_losses,
+    measurement_batches,
+    split_batches,
+)
 from ..kernels import DomainLoss, domain_cross_entropy
-from ..mixing import Mixer, build_mixer
-from ..mixing.base import accumulate
-from ..train.evaluate import domain_results, evaluate, measure_losses, probe_batches, split_batches
+from ..mixing import DomainSums, Mixer, build_mixer
+from ..options import MixingOptions
 
 STATE_VERSION = 1
 
@@ -88,24 +95,13 @@ def domain_metrics(res: Mapping[str, Any], prefix: str) -> dict[str, float]:
     return metrics
 
 
-def reduced_metrics(domains: Sequence[str], sums_2D: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Per-domain metrics of this rank's ``[2, D]`` loss sums and token counts, summed over all ranks
-    (collective); empty when no rank counted a token."""
-    both = all_reduce_sum(sums_2D)
-    if not bool(both[1].sum() > 0):
+def reduced_metrics(domains: Sequence[str], sums: DomainSums, prefix: str) -> dict[str, float]:
+    """Per-domain metrics of this rank's loss sums and token counts, summed over all ranks (collective);
+    empty when no rank counted a token."""
+    total = sums.reduced()
+    if not bool(total.count.sum() > 0):
         return {}
-    return domain_metrics(domain_results(domains, both[0], both[1]), prefix)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """``model.eval()`` inside, the previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+    return domain_metrics(domain_results(domains, total), prefix)
 
 
 def _manifest(corpus: str | Path | Manifest) -> Manifest:
@@ -143,20 +139,14 @@ class CorpusSplit:
 
 class OnlineMixing:
     """A prepared corpus drawn by this rank's :class:`~aioli_fast.data.MixtureStream` in the proportions
-    a mixer learns online; the framework-neutral part of every adapter (module docstring).
+    a mixer learns online; the framework-neutral part of every adapter (module docstring). The mixer is
+    run around each step by a :class:`~aioli_fast.driver.MixingDriver`, as in the native trainer.
 
     Args:
         corpus: the folder written by ``aioli-fast prepare`` (or its loaded ``Manifest``).
         step_rows: sequences this rank trains on per optimizer step (micro-batch x accumulation).
-        mixer: a method name (built on ``device`` with ``mixer_options`` and ``proportions``) or a built
-            :class:`~aioli_fast.mixing.Mixer` over the same domains.
-        domains: the corpus domains to train on, in domain-id order (default: all).
-        seed, assignment, num_workers, prefetch_factor: the stream's (:class:`MixtureStream`).
-        eval_split: the held-out split of per-domain evaluation and of probe / full-validation
-            measurements (``None``, or a split the corpus lacks: neither).
-        eval_max_sequences, eval_batch_size: per domain at most this many sequences, in batches of
-            this size, for evaluation and full-validation measurements.
-        probe_sequences: sequences per domain of the fixed probe (``measurement: probe``).
+        device: where the mixer's state and the per-domain losses live.
+        options: the :class:`~aioli_fast.options.MixingOptions` (or give its fields as keywords).
         rank, world_size: this process among the data-parallel ranks.
         lockstep: every rank runs the same number of forward passes in evaluation (sharded models).
         framework: the adapter's name, for messages.
@@ -170,89 +160,101 @@ class OnlineMixing:
         *,
         step_rows: int,
         device: torch.device | str,
-        mixer: str | Mixer = "aioli",
-        mixer_options: Mapping[str, Any] | None = None,
-        domains: Sequence[str] | None = None,
-        proportions: Mapping[str, float] | None = None,
-        seed: int = 0,
-        assignment: str = "categorical",
-        eval_split: str | None = "val",
-        eval_max_sequences: int | None = None,
-        eval_batch_size: int = 8,
-        probe_sequences: int = 16,
-        num_workers: int = 0,
-        prefetch_factor: int = 2,
+        options: MixingOptions | None = None,
         rank: int = 0,
         world_size: int = 1,
         lockstep: bool = False,
         framework: str = "this adapter",
         total_steps: int | None = None,
         warmup_steps: int = 0,
+        **mixing: Any,
     ):
+        if options is not None and mixing:
+            raise ConfigError(
+                f"give the mixing options as options= or as keywords, not both ({sorted(mixing)})"
+            )
+        o = options if options is not None else MixingOptions.from_keywords(mixing, framework)
         manifest = _manifest(corpus)
-        domains = list(domains) if domains is not None else list(manifest.domains)
+        domains = list(o.domains) if o.domains is not None else list(manifest.domains)
         unknown = [d for d in domains if d not in manifest.domains]
         if unknown:
             raise ConfigError(f"domains {unknown} are not in the corpus (it has {list(manifest.domains)})")
         if step_rows < 1:
             raise ConfigError(f"a step needs at least one sequence per rank, got {step_rows}")
+        eval_split = o.eval_split
         if eval_split is not None and not all((d, eval_split) in manifest.shards for d in domains):
             eval_split = None  # the corpus has no such split: no per-domain evaluation
+        self.options = o
         self.manifest, self.domains = manifest, domains
         self.device = torch.device(device)
-        self.eval_split, self.eval_max_sequences = eval_split, eval_max_sequences
-        self.eval_batch_size, self.probe_sequences = eval_batch_size, probe_sequences
+        self.eval_split, self.eval_max_sequences = eval_split, o.eval_max_sequences
+        self.eval_batch_size, self.probe_sequences = o.eval_batch_size, o.probe_sequences
         self.rank, self.world_size, self.lockstep = rank, world_size, lockstep
         self.step_rows = step_rows
-        if isinstance(mixer, Mixer):
-            if mixer.domains != domains:
-                raise ConfigError(f"the mixer is for domains {mixer.domains}, the corpus side has {domains}")
-            if mixer_options or proportions:
+        if isinstance(o.mixer, Mixer):
+            if o.mixer.domains != domains:
+                raise ConfigError(
+                    f"the mixer is for domains {o.mixer.domains}, the corpus side has {domains}"
+                )
+            if o.mixer_options or o.proportions:
                 raise ConfigError("mixer_options and proportions are for a mixer given by name")
-            self.mixer = mixer
+            self.mixer = o.mixer
         else:
-            if "method" in (mixer_options or {}):
+            if "method" in o.mixer_options:
                 raise ConfigError("mixer_options must not hold 'method': the mixer argument names the method")
             self.mixer = build_mixer(
-                mixer,
+                o.mixer,
                 domains,
                 device=self.device,
-                proportions=proportions,
+                proportions=o.proportions,
                 total_steps=total_steps,
                 warmup_steps=warmup_steps,
-                **dict(mixer_options or {}),
+                **o.mixer_options,
             )
         if self.mixer.needs_gradients or self.mixer.needs_reference_model:
             raise ConfigError(
                 f"mixing method '{self.mixer.name}' needs per-domain gradients or a reference model, which "
                 f"{framework} does not compute; use `aioli-fast train` (DoReMi works with a .json reference)"
             )
-        if self.mixer.measurement in ("probe", "full_val") and eval_split is None:
+        kind = self.mixer.measurement
+        if kind in ("probe", "full_val") and eval_split is None:
             raise ConfigError(
-                f"mixing measurement '{self.mixer.measurement}' needs a held-out split in the corpus; "
-                "use measurement='train'"
+                f"mixing measurement '{kind}' needs a held-out split in the corpus; use measurement='train'"
             )
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:
             warnings.warn(warning, stacklevel=3)
-        self.stream = MixtureStream(
+        self._held_out = None
+        if kind in ("probe", "full_val"):
+            self._held_out = measurement_batches(
+                kind,
+                manifest,
+                domains,
+                eval_split,
+                probe_sequences=o.probe_sequences,
+                batch_size=o.eval_batch_size,
+                max_sequences=o.eval_max_sequences,
+                world_size=world_size,
+            )
+        self.driver = MixingDriver.for_corpus(
             manifest,
             domains,
+            self.mixer,
             step_rows,
-            self.mixer.host_proportions(0),
-            seed=seed,
-            assignment=assignment,
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor,
+            seed=o.seed,
+            assignment=o.assignment,
+            num_workers=o.num_workers,
+            prefetch_factor=o.prefetch_factor,
             rank=rank,
             world_size=world_size,
         )
-        self._probe: list | None = None
-        self._scheduled_until = 0  # the stream holds a block of host-known mixtures up to this step
-        self._proportions_D: torch.Tensor | None = None  # the mixer's tensor last handed to the stream
-        self.host_proportions: list[float] = self.mixer.host_proportions(0)  # of the last step drawn
+        self.stream = self.driver.stream
         self.step_tokens = 0  # counted tokens of this rank's batch of the step drawn last
-        self._window_2D = torch.zeros(2, len(domains), device=self.device)
+
+    @property
+    def host_proportions(self) -> list[float]:
+        """The proportions the batch of the last step drawn was drawn with."""
+        return self.driver.drawn_proportions
 
     # ------------------------------------------------------------------------------------------- data
 
@@ -269,30 +271,7 @@ class OnlineMixing:
 
         ``logits_fn`` gives the logits of held-out batches for a measurement (run in eval mode of
         ``model`` when it is given, under ``torch.no_grad``)."""
-        if self.stream.step != step:
-            raise AioliError(
-                f"the mixture stream is at step {self.stream.step} but training at step {step}: resume from "
-                "a checkpoint that holds the adapter's mixer and stream state, and do not reuse an adapter "
-                "that has trained"
-            )
-        mixer = self.mixer
-        if mixer.measurement_due(step):
-            mixer.observe_measurement(step, *self._measure(logits_fn, model))
-        schedule = mixer.schedule(step)
-        if schedule:
-            self.stream.set_schedule(schedule, start=step, exact=mixer.exact_schedule)
-            self._scheduled_until = step + len(schedule)
-        current = mixer.proportions(step)
-        if current is not self._proportions_D:
-            self._proportions_D = current
-            host_p = mixer.host_proportions(step)
-            if step >= self._scheduled_until:
-                self.stream.set_proportions(host_p, step=step)
-        self.host_proportions = [float(p) for p in self.stream.proportions]
-        with torch.random.fork_rng(devices=[]):
-            # starting the stream's reader processes draws from the global RNG, which would change the
-            # model's dropout after a resume (the readers start at another step): keep it out
-            batch = next(self.stream)
+        batch = self.driver.draw(step, lambda: self._measure(logits_fn, model))
         self.step_tokens = int(batch.labels.ne(-100).sum())
         return batch
 
@@ -308,27 +287,13 @@ class OnlineMixing:
             for start in range(0, len(batch.domain_ids), rows)
         ]
 
-    def _measure(
-        self, logits_fn: LogitsFn, model: torch.nn.Module | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _measure(self, logits_fn: LogitsFn, model: torch.nn.Module | None) -> DomainSums:
         """This rank's share of a probe / full-validation measurement (the mixer all-reduces it)."""
-        D = len(self.domains)
-        if self.mixer.measurement == "probe":
-            if self._probe is None:
-                per_process = -(-D * self.probe_sequences // self.world_size)
-                self._probe = probe_batches(
-                    self.manifest, self.domains, self.eval_split, self.probe_sequences, per_process
-                )
-            batches = self._probe
-        else:
-            batches = split_batches(
-                self.manifest, self.domains, self.eval_split, self.eval_batch_size, self.eval_max_sequences
-            )
-        with eval_mode(model) if model is not None else contextlib.nullcontext():
+        with eval_mode(model):
             return measure_losses(
                 logits_fn,
-                batches,
-                D,
+                self._held_out(),
+                len(self.domains),
                 device=self.device,
                 rank=self.rank,
                 world_size=self.world_size,
@@ -351,9 +316,7 @@ class OnlineMixing:
 
     def observe(self, step: int, out: DomainLoss) -> None:
         """Feed a training micro-batch's per-domain loss to the mixer and the log window."""
-        loss_sum_D = out.loss_sum.detach()
-        self.mixer.observe(step, loss_sum_D, out.count)
-        accumulate(self._window_2D, loss_sum_D, out.count)
+        self.driver.observe(step, out.loss_sum, out.count)
 
     def step_loss(self, out: DomainLoss) -> torch.Tensor:
         """A training micro-batch's token-loss sum over the tokens of this rank's whole step batch: the
@@ -366,9 +329,7 @@ class OnlineMixing:
         """``proportions/<domain>`` of the last step drawn, ``domain_loss/<domain>`` (mean token loss
         since the previous call, over all ranks; absent for a domain without tokens) and the mixer's
         ``mixer/<metric>``. Collective: every rank calls it."""
-        both = all_reduce_sum(self._window_2D)
-        self._window_2D.zero_()
-        sums, counts = both.tolist()
+        sums, counts = self.driver.take_window().buffer.tolist()
         logs: dict[str, float] = {}
         for name, p, s, n in zip(self.domains, self.host_proportions, sums, counts):
             logs[f"proportions/{name}"] = p
@@ -380,7 +341,7 @@ class OnlineMixing:
 
     def reset_window(self) -> None:
         """Forget the per-domain training losses gathered since the last :meth:`train_logs`."""
-        self._window_2D.zero_()
+        self.driver.window.zero_()
 
     def evaluate_domains(
         self, logits_fn: LogitsFn, model: torch.nn.Module | None = None, prefix: str = "eval"
@@ -391,7 +352,7 @@ class OnlineMixing:
         held-out split."""
         if self.eval_split is None:
             return {}
-        with eval_mode(model) if model is not None else contextlib.nullcontext():
+        with eval_mode(model):
             res = evaluate(
                 logits_fn,
                 self.manifest,
@@ -412,15 +373,16 @@ class OnlineMixing:
         """This rank's mixer and stream state after optimizer step ``step - 1`` (on the CPU)."""
         if self.stream.step != step:
             raise AioliError(f"the stream is at step {self.stream.step}, training at step {step}")
+        driver = self.driver.state_dict()
         return {
             "version": STATE_VERSION,
             "step": step,
             "rank": self.rank,
             "world_size": self.world_size,
             "domains": list(self.domains),
-            "mixer": to_cpu(self.mixer.state_dict()),
-            "stream": self.stream.state_dict(),
-            "scheduled_until": self._scheduled_until,
+            "mixer": to_cpu(driver["mixer"]),
+            "stream": driver["stream"],
+            "scheduled_until": driver["scheduled_until"],
         }
 
     def load_state_dict(
@@ -445,11 +407,8 @@ class OnlineMixing:
             raise AioliError(
                 f"{source} holds the mixing state of step {state['step']}, training resumes at {step}"
             )
-        self.mixer.load_state_dict(state["mixer"])
-        self.stream.load_state_dict(state["stream"])
-        self._scheduled_until = int(state["scheduled_until"])
-        self._proportions_D = None
+        self.driver.load_state_dict(state)
 
     def close(self) -> None:
         """Stop the stream's reader processes."""
-        self.stream.close()
+        self.driver.close()

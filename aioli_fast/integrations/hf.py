@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..data import Manifest, load_manifest
 from ..errors import AioliError, ConfigError
 from ..kernels import DomainLoss
-from ..mixing import Mixer
+from ..options import MixingOptions
 from .common import CorpusSplit, OnlineMixing, model_logits
 
 STATE_FILE = "aioli_state_rank{rank}.pt"
@@ -130,20 +130,14 @@ class AioliTrainer(Trainer):
 
     Args (keyword-only; every other argument is the Trainer's):
         corpus: the folder written by ``aioli-fast prepare`` (or its loaded ``Manifest``).
-        mixer: a method name (``"aioli"``, ``"odm"``, ``"static"``, ...; built on ``args.device`` with
-            ``mixer_options``) or a built :class:`~aioli_fast.mixing.Mixer` over the same domains.
-        mixer_options: the method's options (docs/mixing.md), e.g. ``{"measurement": "train",
-            "round_steps": 100}``.
-        domains: the corpus domains to train on, in domain-id order (default: all).
-        proportions: ``{domain: weight}``, the prior / static proportions of methods that take them.
-        seed: the stream's seed (default: ``args.data_seed``, else ``args.seed``).
-        assignment: how the slots of a global batch get their domains (``categorical`` or
-            ``largest_remainder``; see :class:`~aioli_fast.data.MixtureStream`).
-        eval_split: the held-out split ``evaluate()`` reports per domain (``None``: no per-domain
-            evaluation). Also the split of probe / full-validation mixer measurements.
-        eval_max_sequences: at most this many sequences per domain in ``evaluate()`` and ``full_val``
-            measurements (default: the whole split).
-        probe_sequences: sequences per domain of the fixed probe (``measurement: probe``).
+        **mixing: the fields of :class:`~aioli_fast.options.MixingOptions`: ``mixer`` (a method name,
+            default ``"aioli"``, built on ``args.device``, or a built :class:`~aioli_fast.mixing.Mixer`),
+            ``mixer_options`` (the method's options, docs/mixing.md, e.g. ``{"measurement": "train"}``),
+            ``domains``, ``proportions``, ``seed`` (default: ``args.data_seed``, else ``args.seed``),
+            ``assignment``, ``eval_split`` (the held-out split ``evaluate()`` reports per domain and
+            probe / full-validation measurements read; ``None``: neither), ``eval_max_sequences``,
+            ``probe_sequences``; ``eval_batch_size``, ``num_workers`` and ``prefetch_factor`` default to
+            the ``TrainingArguments``' evaluation batch size and data-loader settings.
 
     ``args.max_steps`` must be set (the stream has no end). ``train_dataset`` must not be given.
     """
@@ -151,21 +145,10 @@ class AioliTrainer(Trainer):
     #: compute_loss scales each micro-batch's loss by the tokens of the whole optimizer step itself
     loss_is_scaled_for_ga = True
 
-    def __init__(
-        self,
-        *args: Any,
-        corpus: str | Path | Manifest,
-        mixer: str | Mixer = "aioli",
-        mixer_options: Mapping[str, Any] | None = None,
-        domains: Sequence[str] | None = None,
-        proportions: Mapping[str, float] | None = None,
-        seed: int | None = None,
-        assignment: str = "categorical",
-        eval_split: str | None = "val",
-        eval_max_sequences: int | None = None,
-        probe_sequences: int = 16,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, corpus: str | Path | Manifest, **kwargs: Any):
+        mixing = {name: kwargs.pop(name) for name in MixingOptions.names() if name in kwargs}
+        if mixing.get("seed") is None:
+            mixing.pop("seed", None)  # the Trainer's data seed
         if kwargs.get("train_dataset") is not None or (len(args) > 3 and args[3] is not None):
             raise ConfigError(
                 "AioliTrainer draws its training data from `corpus`; do not pass a train_dataset"
@@ -176,6 +159,7 @@ class AioliTrainer(Trainer):
                 "change how logits are obtained instead of passing compute_loss_func"
             )
         manifest = corpus if isinstance(corpus, Manifest) else load_manifest(corpus)
+        eval_split, domains = mixing.get("eval_split", MixingOptions.eval_split), mixing.get("domains")
         if kwargs.get("eval_dataset") is None and eval_split is not None:
             names = list(domains) if domains is not None else list(manifest.domains)
             if all((d, eval_split) in manifest.shards for d in names):  # (else: no per-domain evaluation)
@@ -202,24 +186,21 @@ class AioliTrainer(Trainer):
             # the stream state in the checkpoint says where to continue; skipping batches would draw
             # (and train on) other data than the uninterrupted run
             a.ignore_data_skip = True
+        options = MixingOptions.from_keywords(
+            mixing,
+            "AioliTrainer",
+            seed=a.data_seed if a.data_seed is not None else a.seed,
+            eval_batch_size=a.per_device_eval_batch_size,
+            num_workers=a.dataloader_num_workers,
+            prefetch_factor=a.dataloader_prefetch_factor or 2,
+        )
         self.mixing = OnlineMixing(
             manifest,
             step_rows=a.per_device_train_batch_size * a.gradient_accumulation_steps,
             device=a.device,
-            mixer=mixer,
-            mixer_options=mixer_options,
-            domains=domains,
-            proportions=proportions,
-            seed=seed if seed is not None else (a.data_seed if a.data_seed is not None else a.seed),
-            assignment=assignment,
-            eval_split=eval_split,
-            eval_max_sequences=eval_max_sequences,
-            eval_batch_size=a.per_device_eval_batch_size,
-            total_steps=a.max_steps if a.max_steps and a.max_steps > 0 else None,
-            warmup_steps=a.get_warmup_steps(a.max_steps) if a.max_steps and a.max_steps > 0 else 0,
-            probe_sequences=probe_sequences,
-            num_workers=a.dataloader_num_workers,
-            prefetch_factor=a.dataloader_prefetch_factor or 2,
+            options=options,
+            total_steps=a.max_steps,
+            warmup_steps=a.get_warmup_steps(a.max_steps),
             rank=a.process_index,
             world_size=a.world_size,
             lockstep=self.is_deepspeed_enabled or self.is_fsdp_enabled,  # sharded: every rank forwards alike

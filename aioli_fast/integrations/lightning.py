@@ -45,7 +45,7 @@ reference losses works), manual optimization, several optimizers, and model-shar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,8 @@ import torch
 from ..data import Manifest
 from ..distributed import gather_objects
 from ..errors import AioliError, ConfigError
-from ..mixing import Mixer
+from ..mixing import DomainSums
+from ..options import MixingOptions
 from .common import CorpusSplit, OnlineMixing, model_logits, reduced_metrics
 
 __all__ = ["AioliCallback", "AioliDataModule"]
@@ -98,18 +99,15 @@ class AioliDataModule(pl.LightningDataModule):
         corpus: the folder written by ``aioli-fast prepare`` (or its loaded ``Manifest``).
         batch_size: sequences per micro-batch and rank (the step batch of a rank is this times
             ``accumulate_grad_batches``).
-        mixer: a method name (``"aioli"``, ``"odm"``, ``"static"``, ...) or a built
-            :class:`~aioli_fast.mixing.Mixer` over the same domains; ``mixer_options`` its options
-            (docs/mixing.md), ``proportions`` the prior / static ``{domain: weight}``.
-        domains: the corpus domains to train on, in domain-id order (default: all).
-        seed: the stream's seed. assignment: ``categorical`` or ``largest_remainder``.
-        eval_split: the held-out split of validation and of probe / full-validation measurements
-            (``None``: neither). eval_batch_size (default ``batch_size``), eval_max_sequences: per domain.
-        probe_sequences: sequences per domain of the fixed probe (``measurement: probe``).
-        num_workers: reader processes of the stream.
         logits_fn: ``(module, input_ids) -> logits`` for the mixer's probe / full-validation
             measurements (default: ``module(input_ids)``, or ``module(input_ids=..., use_cache=False)``
             for a Hugging Face model; an output with ``.logits`` is fine).
+        **mixing: the fields of :class:`~aioli_fast.options.MixingOptions`: ``mixer`` (a method name,
+            default ``"aioli"``, or a built :class:`~aioli_fast.mixing.Mixer`), ``mixer_options``,
+            ``domains``, ``proportions``, ``seed``, ``assignment``, ``eval_split`` (the held-out split of
+            validation and of probe / full-validation measurements; ``None``: neither),
+            ``eval_batch_size`` (default ``batch_size``), ``eval_max_sequences``, ``probe_sequences``,
+            ``num_workers``, ``prefetch_factor``.
 
     The batches are dicts of ``input_ids`` ``[B, T]``, ``labels`` ``[B, T]`` (already the next tokens:
     not to be shifted again) and ``domain_ids`` ``[B]``.
@@ -120,41 +118,21 @@ class AioliDataModule(pl.LightningDataModule):
         corpus: str | Path | Manifest,
         *,
         batch_size: int,
-        mixer: str | Mixer = "aioli",
-        mixer_options: Mapping[str, Any] | None = None,
-        domains: Sequence[str] | None = None,
-        proportions: Mapping[str, float] | None = None,
-        seed: int = 0,
-        assignment: str = "categorical",
-        eval_split: str | None = "val",
-        eval_batch_size: int | None = None,
-        eval_max_sequences: int | None = None,
-        probe_sequences: int = 16,
-        num_workers: int = 0,
         logits_fn: Callable[[torch.nn.Module, torch.Tensor], Any] | None = None,
+        **mixing: Any,
     ):
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         self.corpus, self.batch_size = corpus, batch_size
-        self.options = dict(
-            mixer=mixer,
-            mixer_options=mixer_options,
-            domains=domains,
-            proportions=proportions,
-            seed=seed,
-            assignment=assignment,
-            eval_split=eval_split,
-            eval_max_sequences=eval_max_sequences,
-            eval_batch_size=eval_batch_size or batch_size,
-            probe_sequences=probe_sequences,
-            num_workers=num_workers,
-        )
+        if mixing.get("eval_batch_size") is None:
+            mixing.pop("eval_batch_size", None)
+        self.options = MixingOptions.from_keywords(mixing, "AioliDataModule", eval_batch_size=batch_size)
         self.logits_fn = logits_fn or model_logits
         self.mixing: OnlineMixing | None = None
         self._queue: list[dict[str, torch.Tensor]] = []  # micro-batches of the current step still to train
         self._resumed: dict[str, Any] | None = None  # this rank's state from a checkpoint, until step one
-        self._val_2D: torch.Tensor | None = None
+        self._val: DomainSums | None = None  # per-domain sums of the validation batches seen
 
     # -------------------------------------------------------------------------------------- lifecycle
 
@@ -176,7 +154,7 @@ class AioliDataModule(pl.LightningDataModule):
             world_size=trainer.world_size,
             framework="AioliDataModule",
             total_steps=trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None,
-            **self.options,
+            options=self.options,
         )
         self.domains = self.mixing.domains
 
@@ -244,19 +222,18 @@ class AioliDataModule(pl.LightningDataModule):
         if trainer is not None and trainer.training:
             mixing.observe(trainer.global_step, out)
             return mixing.step_loss(out) * trainer.accumulate_grad_batches
-        if self._val_2D is None:
-            self._val_2D = torch.zeros(2, len(mixing.domains), device=out.loss_sum.device)
-        self._val_2D[0] += out.loss_sum.detach().to(self._val_2D.dtype)
-        self._val_2D[1] += out.count.to(self._val_2D.dtype)
+        if self._val is None:
+            self._val = DomainSums.zeros(len(mixing.domains), out.loss_sum.device)
+        self._val.add(out.loss_sum, out.count)
         return out.loss
 
     def validation_metrics(self, prefix: str = "val") -> dict[str, float]:
         """Per-domain loss and perplexity of the validation batches seen since the last call, summed
         over ranks (collective); empty when no validation batch went through :meth:`loss`."""
         mixing = self._ready()
-        sums = self._val_2D if self._val_2D is not None else torch.zeros(2, len(mixing.domains))
-        self._val_2D = None
-        return reduced_metrics(mixing.domains, sums.to(mixing.device), prefix)
+        sums = self._val if self._val is not None else DomainSums.zeros(len(mixing.domains), mixing.device)
+        self._val = None
+        return reduced_metrics(mixing.domains, DomainSums(sums.buffer.to(mixing.device)), prefix)
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -333,7 +310,7 @@ class AioliCallback(pl.Callback):
             pl_module.log_dict(dm._ready().train_logs(), on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._datamodule(trainer)._val_2D = None
+        self._datamodule(trainer)._val = None
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         metrics = self._datamodule(trainer).validation_metrics("val")

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -55,6 +55,7 @@ from torchtitan.trainer import Trainer
 from ..data import load_manifest
 from ..errors import AioliError, ConfigError
 from ..kernels import DomainLoss
+from ..options import MixingOptions
 from .common import OnlineMixing, logits_from
 
 __all__ = ["AioliDataLoader", "AioliLoss", "AioliTrainer", "CorpusTokenizer", "aioli_config"]
@@ -94,24 +95,14 @@ class AioliDataLoader(BaseDataLoader):
     """This rank's micro-batches of a prepared corpus, mixed online (module docstring).
 
     ``Config.dataset_path`` is the corpus folder; the other fields are those of
-    :class:`~aioli_fast.integrations.common.OnlineMixing`. Yields ``({"input": [B, T], "domain_ids":
+    :class:`~aioli_fast.options.MixingOptions`. Yields ``({"input": [B, T], "domain_ids":
     [B]}, labels [B, T])`` with labels already the next tokens. Usable only inside
     :class:`AioliTrainer`, which attaches the trainer (optimizer step, accumulation, device).
     """
 
     @dataclass(kw_only=True, slots=True)
-    class Config(BaseDataLoader.Config):
-        mixer: str = "aioli"
-        mixer_options: dict[str, Any] = field(default_factory=dict)
-        domains: list[str] | None = None
-        proportions: dict[str, float] | None = None
-        seed: int = 0
-        assignment: str = "categorical"
-        eval_split: str | None = "val"
-        eval_batch_size: int = 8
-        eval_max_sequences: int | None = None
-        probe_sequences: int = 16
-        num_workers: int = 0
+    class Config(BaseDataLoader.Config, MixingOptions):
+        """torchtitan's data-loader config with the fields of :class:`~aioli_fast.options.MixingOptions`."""
 
     def __init__(
         self,
@@ -144,23 +135,14 @@ class AioliDataLoader(BaseDataLoader):
         """Build the mixing side for ``trainer`` (its accumulation, device and model)."""
         c = self.config
         self.trainer = trainer
+        options = MixingOptions(**{name: getattr(c, name) for name in MixingOptions.names()})
         self.mixing = OnlineMixing(
             self.manifest,
             step_rows=self.local_batch_size * trainer.gradient_accumulation_steps,
             device=trainer.device,
-            mixer=c.mixer,
-            mixer_options=c.mixer_options,
-            domains=c.domains,
-            proportions=c.proportions,
-            seed=c.seed,
-            assignment=c.assignment,
-            eval_split=c.eval_split,
-            eval_batch_size=c.eval_batch_size,
-            eval_max_sequences=c.eval_max_sequences,
-            probe_sequences=c.probe_sequences,
+            options=options,
             total_steps=trainer.config.training.steps,
             warmup_steps=trainer.config.lr_scheduler.warmup_steps,
-            num_workers=c.num_workers,
             rank=self.rank,
             world_size=self.world_size,
             lockstep=self.world_size > 1,

@@ -2,9 +2,9 @@
 
 Each domain is an arm whose reward is its training loss (a high loss means there is still much to learn).
 The importance-weighted reward estimate is smoothed, ``R_i ← α·R_i + (1-α)·L_i / π_i`` for the domains
-seen in the window, and the policy is ``π = (1 - D·ε_t)·softmax(ε_{t-1}·R) + ε_t`` with the exploration
-rate ``ε_t = min(1/D, sqrt(ln D / (D·t)))`` (D domains, t: updates so far). In the LMO view A_t is diagonal with
-the smoothed rewards.
+seen in the window, and the policy is ``π = (1 - D·ε_t)·softmax(ε_{t-1}·R) + ε_t`` with the
+exploration rate ``ε_t = min(1/D, sqrt(ln D / (D·t)))`` (D domains, t: updates so far). In the LMO view
+A_t is diagonal with the smoothed rewards.
 """
 
 from __future__ import annotations

@@ -17,12 +17,12 @@ import torch
 
 from ..config import RunConfig
 from ..data import Manifest
+from ..device import resolve_device
 from ..errors import AioliError, ConfigError, DataError
 from ..mixing import MIXERS, Mixer, build_mixer
 from ..mixing.doge import gradient_alignment
 from ..model import GPT, preset_config
 from .checkpoint import load_checkpoint
-from .device import resolve_device
 from .evaluate import same_tokenizer
 
 

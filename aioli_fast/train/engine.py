@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, merge_mappings
+from ..device import autocast_context
 from ..distributed import DistInfo, group_info
 from ..errors import ConfigError
 from ..model import GPT, ModelOutput
-from .device import autocast_context
 
 # --------------------------------------------------------------------------------------------------
 # processes

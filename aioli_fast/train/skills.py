@@ -17,11 +17,11 @@ import torch
 
 from ..config import RunConfig
 from ..data import load_manifest
+from ..device import resolve_device, resolve_precision
 from ..errors import ConfigError
 from ..fileio import atomic_write_json, ensure_writable_dir
 from ..mixing.skillit import skills_graph_from_losses
 from .components import build_model, held_out_splits, select_domains
-from .device import resolve_device, resolve_precision
 from .evaluate import evaluate
 from .trainer import train
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import all_reduce_
+from ..mixing import DomainSums
 
 
 @dataclass(frozen=True)
@@ -46,14 +47,9 @@ class LossWindow:
         self.num_domains = D = num_domains
         #: the packed buffer [2D + 3] (what a checkpoint stores; see the module docstring for the layout)
         self.buffer = torch.zeros(2 * D + 3, device=device)
-        self.loss_sum_D = self.buffer[:D]
-        self.count_D = self.buffer[D : 2 * D]
+        #: the per-domain part, a view of the buffer's first 2D values (micro-batches are added to it)
+        self.sums = DomainSums(self.buffer[: 2 * D].view(2, D))
         self._loss_total, self._finite_steps, self._steps = (self.buffer[2 * D + i] for i in range(3))
-
-    def add_micro_batch(self, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        """Add one micro-batch's per-domain sums [D] and counts [D] (no host read)."""
-        self.loss_sum_D += loss_sum_D
-        self.count_D += count_D
 
     def add_step(self, step_loss: torch.Tensor) -> None:
         """Count one optimizer step and add its loss [] when finite (no host read)."""

@@ -2,12 +2,13 @@
 
 One optimizer step (:meth:`_Run.train_step`; every rank does the same, in the same order):
 
-    1. measure     mixer.measurement_due(step) -> probe / full-validation losses, sharded, all-reduced
-    2. mixture     mixer.schedule / mixer.proportions -> the stream (only when they change)
-    3. batch       next(stream): this rank's share of the global batch
-    4. micro-batches   engine.forward -> (mixer.observe_alignment) -> engine.backward -> engine.step;
-                   mixer.observe (and observe_reference); the optimizer steps on the last micro-batch
-    5. bookkeeping the loss window, token counts
+    1. batch       driver.draw(step): the mixer's pre-step calls (a probe / full-validation measurement
+                   when due, a LearnParams block or new proportions to the stream), then this rank's
+                   share of the global batch (:class:`aioli_fast.driver.MixingDriver`)
+    2. micro-batches   engine.forward -> (mixer.observe_alignment) -> engine.backward -> engine.step;
+                   driver.observe (the mixer, the loss window; and mixer.observe_reference); the
+                   optimizer steps on the last micro-batch
+    3. bookkeeping the step loss, token counts
 and after it (:meth:`_Run.after_step`): log, checkpoint, stop on SIGTERM, evaluate, each when due.
 The mixer updates at its own step boundaries from statistics all-reduced over ranks, so every rank
 holds the same proportions (the hooks it is driven by are declared on :class:`aioli_fast.mixing.Mixer`).
@@ -36,9 +37,12 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data import MixtureStream, load_manifest
+from ..data import load_manifest
+from ..device import resolve_precision
 from ..distributed import all_reduce_, any_rank, barrier, host_group, launch_info, on_rank0
+from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
+from ..evaluation import evaluate, format_table, measure_losses, measurement_batches, probe_batches
 from ..fileio import atomic_write_json, progress_bar, say
 from ..mixing import MIXERS
 from .checkpoint import CheckpointWriteError, RunCheckpoints, save_checkpoint, set_rng_state
@@ -57,9 +61,7 @@ from .components import (
     select_domains,
     set_cpu_threads,
 )
-from .device import resolve_precision
 from .engine import DeepSpeedEngine, TorchEngine, init_distributed, resolve_backend
-from .evaluate import evaluate, format_table, measure_losses, probe_batches, split_batches
 from .logger import MetricsLog
 from .resume import prepare_run_dir
 from .stats import LossWindow, WindowTotals
@@ -203,7 +205,6 @@ class _Run:
         self.model = self.engine.module
         self.lockstep = backend == "deepspeed" and cfg.engine.zero_stage == 3
         self.mixer = build_run_mixer(cfg, self.domains, device)
-        self.measure = self._measurement_source()
         warning = self.mixer.train_measurement_warning(t.batch_size)
         if warning:
             self._say(f"warning: {warning}")
@@ -223,33 +224,34 @@ class _Run:
             self.gradient_probe = tuple(
                 torch.from_numpy(np.concatenate(parts)).to(device) for parts in zip(*probe, strict=True)
             )
-        self.stream = MixtureStream(
+        D = len(self.domains)
+        self.window = LossWindow(D, device)  # this rank's, until the next log step
+        # the mixer around each step: measurements, LearnParams blocks, proportions to the stream
+        options = cfg.mixing_options()
+        self.driver = MixingDriver.for_corpus(
             self.manifest,
             self.domains,
+            self.mixer,
             self.per_rank,
-            self.mixer.host_proportions(0),
-            seed=t.seed,
-            assignment=cfg.data.assignment,
-            num_workers=cfg.data.num_workers,
-            prefetch_factor=cfg.data.prefetch_factor,
+            seed=options.seed,
+            assignment=options.assignment,
+            num_workers=options.num_workers,
+            prefetch_factor=options.prefetch_factor,
             on_error=cfg.data.on_error,
             rank=info.rank,
             world_size=info.world_size,
+            measure=self._measurement_source(),
+            window=self.window.sums,
         )
+        self.stream = self.driver.stream
         if info.world_size > 1 and cfg.checkpoint.on_sigterm:
             host_group()  # made now, by every rank, for the per-step agreement on stopping
         self.run_dir = Path(t.out_dir) / (t.name or "run")
         self.checkpoints = RunCheckpoints(checkpoint_folder(cfg), cfg.checkpoint.keep_last, info.rank)
-        D = len(self.domains)
-        # loop state (saved in checkpoints)
+        # loop state (saved in checkpoints, with the driver's)
         self.step = 0
         self.total_tokens = 0
-        self.measurements, self.measure_time = 0, 0.0
-        self.scheduled_until = 0
-        self.window = LossWindow(D, device)  # this rank's, until the next log step
         self.window_tokens = 0  # this launch's tokens in the log window (throughput)
-        self.proportions_D: torch.Tensor | None = None  # the mixer's tensor the stream was last given
-        self.host_p: list[float] = []  # the same on the host
         self.last_saved: int | None = None  # step of the last checkpoint written
         self.train_start = self.window_start = 0.0
         self.skipped_before = 0
@@ -260,35 +262,35 @@ class _Run:
     # ---------------------------------------------------------------------------------------- setup
 
     def _measurement_source(self):
-        """``model -> (loss_sum_D, count_D)`` for probe / full_val measurements (sharded), or None."""
-        kind, cfg = self.mixer.measurement, self.cfg
+        """This rank's share of a probe / full-validation measurement of the model, or None."""
+        kind, o = self.mixer.measurement, self.cfg.mixing_options()
         if kind not in ("probe", "full_val"):
             return None
-        if "val" not in self.eval_splits:
+        if o.eval_split not in self.eval_splits:
             raise ConfigError(
                 f"mixing.measurement={kind} needs a val split in the corpus; use mixing.measurement=train"
             )
-        shard = {
-            "device": self.device,
-            "precision": self.precision,
-            "rank": self.info.rank,
-            "world_size": self.info.world_size,
-            "lockstep": self.lockstep,
-            "all_reduce": False,  # the mixer all-reduces the shares itself
-        }
-        D = len(self.domains)
-        if kind == "probe":  # one batched no-grad forward per process
-            per_process = -(-len(self.domains) * cfg.mixing.probe_sequences // self.info.world_size)
-            probe = probe_batches(self.manifest, self.domains, "val", cfg.mixing.probe_sequences, per_process)
-            return lambda model: measure_losses(model, probe, D, **shard)
-
-        def full_val(model):
-            batches = split_batches(
-                self.manifest, self.domains, "val", cfg.eval.batch_size, cfg.eval.max_sequences
-            )
-            return measure_losses(model, batches, D, **shard)
-
-        return full_val
+        batches = measurement_batches(
+            kind,
+            self.manifest,
+            self.domains,
+            o.eval_split,
+            probe_sequences=o.probe_sequences,
+            batch_size=o.eval_batch_size,
+            max_sequences=o.eval_max_sequences,
+            world_size=self.info.world_size,
+        )
+        return lambda: measure_losses(
+            self.model,
+            batches(),
+            len(self.domains),
+            device=self.device,
+            precision=self.precision,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            lockstep=self.lockstep,
+            all_reduce=False,  # the mixer all-reduces the shares itself
+        )
 
     def _prepare_run_dir(self) -> Path | None:
         return prepare_run_dir(self.cfg, self.run_dir, self.checkpoints, self.info, self.engine.kind)
@@ -313,9 +315,9 @@ class _Run:
             "stream": self.stream.state_dict(),
             "loop": {
                 "total_tokens": self.total_tokens,
-                "measurements": self.measurements,
-                "measure_time": self.measure_time,
-                "scheduled_until": self.scheduled_until,
+                "measurements": self.driver.measurements,
+                "measure_time": self.driver.measure_time,
+                "scheduled_until": self.driver.scheduled_until,
                 "skipped_steps": self.engine.skipped_steps + self.skipped_before,
             },
         }
@@ -341,8 +343,8 @@ class _Run:
         self.step = self.resumed_from = state["step"]
         self.resumed_checkpoint = checkpoint
         self.total_tokens = loop["total_tokens"]
-        self.measurements, self.measure_time = loop["measurements"], loop["measure_time"]
-        self.scheduled_until = loop["scheduled_until"]
+        self.driver.measurements, self.driver.measure_time = loop["measurements"], loop["measure_time"]
+        self.driver.scheduled_until = loop["scheduled_until"]
         self.window.load_(own["window"])
         self.skipped_before = loop["skipped_steps"] - self.engine.skipped_steps
         set_rng_state(own["rng"])
@@ -395,7 +397,7 @@ class _Run:
 
     def _loop(self, log: MetricsLog, bar, sigterm: _SigtermFlag) -> None:
         self.train_start = self.window_start = time.perf_counter()
-        self.proportions_D, self.host_p = None, self.mixer.host_proportions(self.step)
+        self.driver.restart()
         self.last_saved = self.step if self.step else None
         self.engine.train()
         while self.step < self.cfg.train.steps:
@@ -407,9 +409,7 @@ class _Run:
 
     def train_step(self, step: int) -> float:
         """One optimizer step on the global batch of ``step``; returns its learning rate."""
-        self._measure_if_due(step)
-        self._set_mixture(step)
-        batch = next(self.stream)
+        batch = self.driver.draw(step)  # after the mixer's pre-step calls
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         batch = batch.to(self.device)
@@ -429,28 +429,6 @@ class _Run:
         self.launch_tokens += tokens
         return lr
 
-    def _measure_if_due(self, step: int) -> None:
-        """A probe / full-validation measurement when the mixer asks for one before ``step``."""
-        if not self.mixer.measurement_due(step):
-            return
-        start = time.perf_counter()
-        self.mixer.observe_measurement(step, *self.measure(self.model))
-        self.measurements += 1
-        self.measure_time += time.perf_counter() - start
-
-    def _set_mixture(self, step: int) -> None:
-        """Hand the stream a block of host-known mixtures, or new proportions when they changed."""
-        schedule = self.mixer.schedule(step)
-        if schedule:
-            self.stream.set_schedule(schedule, start=step, exact=self.mixer.exact_schedule)
-            self.scheduled_until = step + len(schedule)
-        current = self.mixer.proportions(step)
-        if current is not self.proportions_D:
-            self.proportions_D = current
-            self.host_p = self.mixer.host_proportions(step)
-            if step >= self.scheduled_until:
-                self.stream.set_proportions(self.host_p, step=step)
-
     def _train_micro_batch(
         self, step: int, index: int, ids: torch.Tensor, labels: torch.Tensor, doms: torch.Tensor
     ) -> torch.Tensor:
@@ -462,20 +440,18 @@ class _Run:
             mixer.observe_alignment(step, scores_D)
         self.engine.backward(out.loss)
         self.engine.step()
-        loss_sum_D, count_D = out.loss_sum.detach(), out.count
-        mixer.observe(step, loss_sum_D, count_D)
+        self.driver.observe(step, out.loss_sum, out.count)  # the mixer and the log window
         if self.reference is not None:
             with torch.no_grad():
                 ref = self.reference(ids, labels, doms, D)
             mixer.observe_reference(step, ref.loss_sum, ref.count)
-        self.window.add_micro_batch(loss_sum_D, count_D)
         return out.loss
 
     def after_step(self, log: MetricsLog, bar, sigterm: _SigtermFlag, lr: float) -> None:
         """What is due after a step: a log record, a checkpoint, a stop on SIGTERM, an evaluation."""
         cfg, t, done = self.cfg, self.cfg.train, self.step
         if done % t.log_every == 0 or done == t.steps:
-            self._log(log, bar, self.host_p, lr, self.window_start)
+            self._log(log, bar, self.driver.host_proportions, lr, self.window_start)
             self.window_start = time.perf_counter()
             self.window_tokens = 0
         if cfg.checkpoint.every and (done % cfg.checkpoint.every == 0 or done == t.steps):
@@ -691,8 +667,8 @@ class _Run:
             "proportions": dict(zip(self.domains, host_p)),
             "mixer": {
                 "method": cfg.mixing.method,
-                "measurements": self.measurements,
-                "measurement_time_s": self.measure_time,
+                "measurements": self.driver.measurements,
+                "measurement_time_s": self.driver.measure_time,
                 **{k: v.item() for k, v in self.mixer.metrics().items()},
                 **self.mixer.summary(),
             },

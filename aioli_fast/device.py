@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
