@@ -250,9 +250,6 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         """Final normalised hidden states [B, T, C] for input ids [B, T]."""
         if input_ids_BT.dim() != 2:

@@ -389,5 +389,7 @@ def test_aioli_with_no_option_is_sized_to_the_trainer_run(corpus, tmp_path):
     )
     mixer = trainer.mixer
     assert (mixer.total_steps, mixer.warmup_steps) == (200, 60)
-    assert mixer.plan.uniform_steps >= 60 and (200 - mixer.plan.uniform_steps) % mixer.plan.round_steps == 0 and mixer.plan.learn_fraction == 0.25
+    plan = mixer.plan
+    assert plan.uniform_steps >= 60 and (200 - plan.uniform_steps) % plan.round_steps == 0
+    assert plan.learn_fraction == 0.25
     assert not mixer.in_learn_params(199)

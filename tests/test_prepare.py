@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from helpers import train_bpe_tokenizer
 
-from aioli_fast.data.prepare import document_hash, pack, prepare, split_of
+from aioli_fast.data.prepare import _split_by_hash, document_hash, pack, prepare
 from aioli_fast.data.shards import load_manifest, read_shard, token_dtype, write_shard
 from aioli_fast.errors import AioliError, DataError
 
@@ -35,6 +35,11 @@ HF_TRAINING_SENTENCES = [
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split a document's hash alone gives it (before any top-up of a short held-out split)."""
+    return _split_by_hash(document_hash(text, seed), val_fraction, test_fraction)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -171,11 +171,6 @@ def document_hash(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "little") / 2**64
 
 
-def split_of(text: str, seed: int, val_fraction: float, test_fraction: float) -> str:
-    """Split of a document by its hash alone (identical documents agree); see :func:`assign_splits`."""
-    return _split_by_hash(document_hash(text, seed), val_fraction, test_fraction)
-
-
 def _split_by_hash(u: float, val_fraction: float, test_fraction: float) -> str:
     if u < test_fraction:
         return "test"

@@ -272,25 +272,6 @@ class Manifest:
                             "(truncated or replaced?)"
                         )
 
-    def verify_checksums(self, progress: bool = True) -> int:
-        """Hash every shard of the corpus and compare with the manifest's sha256; returns the count."""
-        shards = [s for group in self.shards.values() for s in group]
-        bar = progress_bar(len(shards), "verify", "shard", progress)
-        for shard in shards:
-            if not shard.path.is_file():
-                raise ShardMissingError(f"shard not found: {shard.path}")
-            digest = hashlib.sha256()
-            with open(shard.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != shard.sha256:
-                raise DataError(f"shard {shard.path} does not match its sha256 in the manifest (damaged?)")
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        return len(shards)
-
     def verify(self, progress: bool = True) -> CorpusCheck:
         """Check the whole corpus as training would, and more.
 

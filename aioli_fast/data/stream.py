@@ -589,14 +589,6 @@ class MixtureStream:
         self._next_plan_step = step + 1
         return _Plan(self._plan_counter, step, local.astype(np.int32), shard_B, row_B)
 
-    def global_domain_ids(self, step: int | None = None) -> np.ndarray:
-        """[B * world_size] domain of every slot of the global batch of ``step`` (default: the last
-        batch returned); only for steps planned and not yet forgotten."""
-        step = self.step - 1 if step is None else step
-        if step not in self._global_ids:
-            raise AioliError(f"the assignment of step {step} is not kept (only recent steps are)")
-        return self._global_ids[step]
-
     # -- iteration --------------------------------------------------------------------------------------
 
     def _loader(self):
