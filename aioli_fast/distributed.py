@@ -9,8 +9,9 @@ is a no-op (or the identity) when the job has one process, so the same code runs
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -20,6 +21,42 @@ import torch.distributed as dist
 from .errors import AioliError, ConfigError
 
 T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective over the processes of a job failed: another process has died or cannot be reached.
+
+    Raised (with the backend's error as its cause) by the collectives of this module and by the parts of
+    a step that DeepSpeed runs collectives in (:func:`collectives`), so that a lost peer is recognised by
+    its type. torch's own typed errors (``torch.distributed.DistError``: NCCL, store and network errors)
+    count too: see :func:`is_collective_failure`.
+    """
+
+
+@contextlib.contextmanager
+def collectives() -> Iterator[None]:
+    """Inside: code whose failures in a job of several processes come from its collectives (gloo
+    reports a lost peer as a plain ``RuntimeError``): they leave as :class:`CollectiveError`. Running
+    out of memory is not a collective's failure and leaves as it is."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        if isinstance(exc, CollectiveError) or not is_multiprocess():
+            raise
+        raise CollectiveError(str(exc)) from exc
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (a lost peer), by its type or that of an error it chains."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CollectiveError) or isinstance(exc, getattr(dist, "DistError", ())):
+            return True
+        exc = exc.__cause__
+    return False
 
 
 @dataclass(frozen=True)
@@ -63,7 +100,8 @@ def is_multiprocess() -> bool:
 def all_reduce_(x: torch.Tensor, op=None, group=None) -> torch.Tensor:
     """In-place sum (or ``op``) of ``x`` over the ranks of ``group``; nothing when running alone."""
     if is_multiprocess():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+        with collectives():
+            dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
     return x
 
 
@@ -75,7 +113,8 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     """Wait for every rank (nothing when running alone)."""
     if is_multiprocess():
-        dist.barrier()
+        with collectives():
+            dist.barrier()
 
 
 _HOST_GROUP: list = []  # [(the default group it was made for, the gloo group)]
@@ -108,7 +147,8 @@ def any_rank(flag: bool) -> bool:
     if not is_multiprocess():
         return flag
     box = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=host_group())
+    with collectives():
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=host_group())
     return bool(box[0])
 
 
@@ -139,7 +179,8 @@ def on_rank0(fn: Callable[[], T], rank: int) -> T:
         else:
             sent = (AioliError, f"rank 0 failed: {type(error).__name__}: {error}")
         box = [(result, sent)]
-        dist.broadcast_object_list(box, src=0)
+        with collectives():
+            dist.broadcast_object_list(box, src=0)
         result, sent = box[0]
         if sent is not None and rank != 0:
             kind, message = sent
@@ -157,7 +198,8 @@ def gather_objects(obj) -> list:
     """``obj`` of every rank, in rank order, on every rank (``[obj]`` alone)."""
     if is_multiprocess():
         out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        with collectives():
+            dist.all_gather_object(out, obj)
         return out
     return [obj]
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, merge_mappings
 from ..device import autocast_context
-from ..distributed import DistInfo, group_info
+from ..distributed import DistInfo, collectives, group_info
 from ..errors import ConfigError
 from ..model import GPT, ModelOutput
 
@@ -268,15 +268,21 @@ class DeepSpeedEngine(_Engine):
     def loss_scaling(self) -> bool:
         return bool(self.config.get("fp16", {}).get("enabled", False))
 
+    # forward (ZeRO-3 gathers weights), backward (gradient reduction) and step run DeepSpeed's collectives:
+    # over several processes their failures are lost peers (CollectiveError)
+
     def forward(self, *args, **kwargs) -> ModelOutput:
         # bf16 runs hold bf16 weights (DeepSpeed's bf16 mode); the loss kernels compute in fp32
-        return self.engine(*args, **kwargs)
+        with collectives():
+            return self.engine(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+        with collectives():
+            self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
 
     def step(self) -> None:
-        self.engine.step()
+        with collectives():
+            self.engine.step()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

@@ -39,7 +39,15 @@ import torch
 from ..config import RunConfig
 from ..data import load_manifest
 from ..device import resolve_precision
-from ..distributed import all_reduce_, any_rank, barrier, host_group, launch_info, on_rank0
+from ..distributed import (
+    all_reduce_,
+    any_rank,
+    barrier,
+    host_group,
+    is_collective_failure,
+    launch_info,
+    on_rank0,
+)
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
 from ..evaluation import evaluate, format_table, measure_losses, measurement_batches, probe_batches
@@ -140,7 +148,7 @@ def train(cfg: RunConfig) -> RunResult:
     try:
         return _Run(cfg, info, backend, device, precision).run()
     except RuntimeError as exc:
-        if info.world_size > 1 and raised_in_collective(exc):
+        if info.world_size > 1 and is_collective_failure(exc):
             raise PeerLostError(cfg, info, exc) from exc
         raise
 
@@ -166,17 +174,6 @@ class PeerLostError(AioliError):
             "another process has probably died: see its log. Run the same launch command again to resume "
             + resume
         )
-
-
-def raised_in_collective(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside ``torch.distributed`` (a collective whose peers are gone)."""
-    marker = f"{os.sep}torch{os.sep}distributed{os.sep}"
-    tb = exc.__traceback__
-    while tb is not None:
-        if marker in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 class _Run:
