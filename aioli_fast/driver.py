@@ -46,7 +46,8 @@ class MixingDriver:
     Args:
         mixer: the mixer (every rank holds an identical one).
         stream: this rank's :class:`~aioli_fast.data.MixtureStream`, made with the mixer's proportions of
-            step 0 (:meth:`for_corpus` makes both in one call).
+            step 0 (:meth:`for_corpus` makes both in one call); None for a loop without data (the
+            simulator of :mod:`aioli_fast.harness.sim`), which only calls :meth:`before_step`.
         measure: this rank's share of a probe / full-validation measurement; needed when the mixer asks
             for measurements (``mixer.measurement`` is ``probe`` or ``full_val``).
         window: where :meth:`observe` adds each micro-batch's sums and counts for the loop's logs
@@ -56,7 +57,7 @@ class MixingDriver:
     def __init__(
         self,
         mixer: Mixer,
-        stream: MixtureStream,
+        stream: MixtureStream | None,
         *,
         measure: Measure | None = None,
         window: DomainSums | None = None,
@@ -68,10 +69,13 @@ class MixingDriver:
         #: probe / full-validation measurements made, and the seconds they took (this run, with resumes)
         self.measurements, self.measure_time = 0, 0.0
         self._proportions_D: torch.Tensor | None = None  # the mixer's tensor last handed to the stream
+        start = stream.step if stream is not None else 0
         #: the mixer's proportions of the last step drawn, on the host
-        self.host_proportions: list[float] = mixer.host_proportions(stream.step)
+        self.host_proportions: list[float] = mixer.host_proportions(start)
         #: the stream's proportions of the last step drawn (what its batch was drawn with)
-        self.drawn_proportions: list[float] = [float(p) for p in stream.proportions]
+        self.drawn_proportions: list[float] = list(self.host_proportions)
+        if stream is not None:
+            self.drawn_proportions = [float(p) for p in stream.proportions]
 
     @classmethod
     def for_corpus(
@@ -127,13 +131,14 @@ class MixingDriver:
             self.measure_time += time.perf_counter() - start
         schedule = mixer.schedule(step)
         if schedule:
-            self.stream.set_schedule(schedule, start=step, exact=mixer.exact_schedule)
+            if self.stream is not None:
+                self.stream.set_schedule(schedule, start=step, exact=mixer.exact_schedule)
             self.scheduled_until = step + len(schedule)
         current = mixer.proportions(step)
         if current is not self._proportions_D:
             self._proportions_D = current
             self.host_proportions = mixer.host_proportions(step)
-            if step >= self.scheduled_until:
+            if step >= self.scheduled_until and self.stream is not None:
                 self.stream.set_proportions(self.host_proportions, step=step)
 
     def draw(self, step: int, measure: Measure | None = None) -> Batch:

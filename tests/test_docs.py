@@ -102,3 +102,12 @@ def test_every_python_block_of_a_page_runs_or_is_marked_a_fragment(page, tmp_pat
         finally:
             MIXERS.clear()
             MIXERS.update(registered)
+
+
+def test_the_architecture_page_names_real_files_and_the_readme_links_it():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:aioli_fast|kernels|tests|docs)/[\w./]*)`", text))
+    assert len(named) >= 20, named
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+    assert "(docs/architecture.md)" in (ROOT / "README.md").read_text()

@@ -8,6 +8,7 @@ as ``aioli_fast.kernels``). Imports are read with :mod:`ast`, so an import insid
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -173,3 +174,43 @@ def test_without_registered_entry_points_an_unknown_command_says_how_to_get_them
     with pytest.raises(SystemExit) as exit_info:  # the core's commands are all there
         cli.main(["train", "--help"])
     assert exit_info.value.code == 0 and "install the package" not in capsys.readouterr().err
+
+
+NEUTRAL = ["aioli_fast/driver.py", "aioli_fast/evaluation.py", "aioli_fast/options.py"]
+
+
+def test_the_adapters_and_the_shared_loop_modules_never_import_the_trainer():
+    """The adapters share the driver, the evaluation and the options with the native trainer, never the
+    trainer itself (an HF user must not load the DeepSpeed trainer package)."""
+    adapters = sorted((ROOT / "aioli_fast" / "integrations").rglob("*.py"))
+    upward = {path: ("aioli_fast.train",) for path in adapters}
+    upward.update({ROOT / p: ("aioli_fast.train", "aioli_fast.integrations") for p in NEUTRAL})
+    offences = [
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for path, banned in upward.items()
+        for line, name in imported_modules(*_read(path))
+        if any(_within(name, package) for package in banned)
+    ]
+    assert not offences, f"these import the native trainer: {offences}"
+    # and at run time: what importing the shared part of the adapters loads
+    probe = (
+        "import sys, aioli_fast.integrations.common; "
+        "print(sorted(m for m in sys.modules if m.startswith('aioli_fast.train')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.returncode == 0, out.stderr
+    assert ast.literal_eval(out.stdout) == []
+
+
+def test_one_file_runs_a_mixer_around_a_step():
+    """``mixer.schedule(`` and ``mixer.measurement_due(`` are called in aioli_fast/driver.py only (the
+    mixers themselves aside): a change of the mixer contract is made there."""
+    pattern = re.compile(r"\.(schedule|measurement_due)\(")
+    paths = [*core_modules(), *sorted((ROOT / "aioli_fast" / "harness").rglob("*.py"))]
+    paths += sorted((ROOT / "benchmarks").glob("*.py"))
+    callers = {
+        str(path.relative_to(ROOT))
+        for path in paths
+        if "mixing" not in path.relative_to(ROOT).parts and pattern.search(path.read_text(encoding="utf-8"))
+    }
+    assert callers == {"aioli_fast/driver.py"}

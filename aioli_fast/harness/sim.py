@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..driver import MixingDriver
 from ..mixing import Mixer
 
 
@@ -113,16 +114,15 @@ def run_mixer(mixer: Mixer, sim: LinearLawSimulator, steps: int) -> dict[str, li
     "measurements": number of probe/full_val measurements taken}``.
     """
     history: dict[str, list] = {"loss": [], "proportions": [], "measurements": [0]}
+    probe = lambda: tuple(x.to(mixer.device) for x in sim.probe_stats())  # noqa: E731
+    driver = MixingDriver(mixer, None, measure=probe)  # the training loop's pre-step calls, without data
     for step in range(steps):
-        if mixer.measurement_due(step):
-            sums, counts = sim.probe_stats()
-            mixer.observe_measurement(step, sums.to(mixer.device), counts.to(mixer.device))
-            history["measurements"][0] += 1
-        p_k = mixer.proportions(step)
-        host = mixer.host_proportions(step)
+        driver.before_step(step)
+        p_k = mixer.proportions(step)  # the tensor the driver just saw
         sums, counts = sim.train_batch_stats(p_k)
-        mixer.observe(step, sums.to(mixer.device), counts.to(mixer.device))
+        driver.observe(step, sums.to(mixer.device), counts.to(mixer.device))
         sim.train_step(p_k)
         history["loss"].append(sim.average_loss())
-        history["proportions"].append(host)
+        history["proportions"].append(list(driver.host_proportions))
+    history["measurements"][0] = driver.measurements
     return history
