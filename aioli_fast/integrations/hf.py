@@ -38,7 +38,7 @@ How it works, and why (each point is a way a previous attempt went silently wron
 - **Logs.** Training logs get ``proportions/<domain>`` (of the last step) and ``domain_loss/<domain>``
   (mean token loss since the previous log, over all ranks; absent for a domain without tokens);
   ``evaluate()`` reports the per-domain loss and perplexity of the corpus's validation split
-  (:func:`aioli_fast.train.evaluate`).
+  (:func:`aioli_fast.evaluation.evaluate`).
 
 The per-domain loss is computed by :func:`aioli_fast.kernels.domain_cross_entropy` from the model's
 logits: ``model(input_ids=..., use_cache=False).logits`` (:meth:`AioliTrainer.logits_of`). The stream's
