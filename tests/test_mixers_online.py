@@ -540,3 +540,40 @@ def test_doremi_recovers_after_an_overflowing_update(reference):
     assert mixer.metrics()["skipped_updates"].item() == 1  # got 6
     assert not torch.equal(mixer.proportions(6), p_before)
     assert torch.isfinite(mixer.average_proportions()).all()  # got NaN
+
+
+# ---- the checkpoint format --------------------------------------------------------------------------
+
+WINDOWS = {
+    "odm": ["window"],
+    "doremi": ["window", "reference_window"],
+    "skillit-probe": ["window", "measured"],
+    "aioli": ["window"],
+}
+
+
+@pytest.mark.parametrize("method", list(WINDOWS))
+def test_per_domain_windows_are_stored_as_plain_2_by_D_tensors(method, reference, graph):
+    """Mixers hold their windows as ``DomainSums``; a state dict holds the ``[2, D]`` tensor as before,
+    so checkpoints written before the type existed load, and a loaded window keeps adding up."""
+    if method == "aioli":
+        mixer = build_mixer("aioli", D3, measurement="train", round_steps=12, sweeps=1, block_steps=2)
+    else:
+        mixer = make_named(method, reference, graph, update_every=5)
+    gen = torch.Generator().manual_seed(3)
+    step_loop(mixer, 7, gen)
+    mixer.observe(7, *batch(gen))
+    state = save_load(mixer.state_dict())  # weights_only: plain tensors only
+    for key in WINDOWS[method]:
+        assert type(state[key]) is torch.Tensor and state[key].shape == (2, 3), key
+    again = (
+        build_mixer(mixer.name, D3, **mixer.options)
+        if method == "aioli"
+        else make_named(method, reference, graph, update_every=5)
+    )
+    again.load_state_dict(state)
+    assert_states_equal(again.state_dict(), mixer.state_dict())
+    more = batch(gen)
+    for m in (mixer, again):
+        m.observe(8, *more)
+    assert_states_equal(again.state_dict(), mixer.state_dict())
