@@ -149,31 +149,53 @@ def probe_batches(
     ]
 
 
-def measurement_batches(
-    kind: str,
-    manifest: Manifest,
-    domains: Sequence[str],
-    split: str,
-    *,
-    probe_sequences: int,
-    batch_size: int,
-    max_sequences: int | None,
-    world_size: int = 1,
-) -> Callable[[], Batches]:
-    """The held-out batches of one mixer measurement, as a function called at each measurement.
+class Measurement:
+    """A mixer's probe / full-validation measurement: its held-out batches, and this rank's share of
+    running them through a model (:func:`measure_losses`, not all-reduced: the mixer reduces it).
 
     ``probe``: a fixed probe of ``probe_sequences`` per domain, read once (now) and kept in host memory, in
     batches of ``ceil(D x probe_sequences / world_size)`` so that each rank forwards one batch.
     ``full_val``: the whole ``split`` (at most ``max_sequences`` per domain) in batches of ``batch_size``,
-    read anew each time. Either goes to :func:`measure_losses` (sharded over the ranks).
+    read anew each time. The native trainer and the adapters build it alike.
     """
-    if kind == "probe":
-        per_process = -(-len(domains) * probe_sequences // world_size)
-        probe = probe_batches(manifest, domains, split, probe_sequences, per_process)
-        return lambda: probe
-    if kind == "full_val":
-        return lambda: split_batches(manifest, domains, split, batch_size, max_sequences)
-    raise AioliError(f"no held-out batches for a measurement of kind {kind!r} (probe or full_val)")
+
+    def __init__(
+        self,
+        kind: str,
+        manifest: Manifest,
+        domains: Sequence[str],
+        split: str,
+        *,
+        probe_sequences: int,
+        batch_size: int,
+        max_sequences: int | None,
+        device: torch.device,
+        precision: str = "fp32",
+        rank: int = 0,
+        world_size: int = 1,
+        lockstep: bool = False,
+    ):
+        if kind not in ("probe", "full_val"):
+            raise AioliError(f"no held-out measurement of kind {kind!r} (probe or full_val)")
+        self.kind, self.num_domains = kind, len(domains)
+        self.shard = {
+            "device": device,
+            "precision": precision,
+            "rank": rank,
+            "world_size": world_size,
+            "lockstep": lockstep,
+            "all_reduce": False,
+        }
+        if kind == "probe":
+            per_process = -(-len(domains) * probe_sequences // world_size)
+            probe = probe_batches(manifest, domains, split, probe_sequences, per_process)
+            self.batches: Callable[[], Batches] = lambda: probe
+        else:
+            self.batches = lambda: split_batches(manifest, domains, split, batch_size, max_sequences)
+
+    def __call__(self, model: GPT | Callable) -> DomainSums:
+        """This rank's share of the per-domain sums and counts of ``model`` (see :func:`measure_losses`)."""
+        return measure_losses(model, self.batches(), self.num_domains, **self.shard)
 
 
 @contextlib.contextmanager

@@ -34,11 +34,10 @@ from ..distributed import to_cpu
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
 from ..evaluation import (
+    Measurement,
     domain_results,
     eval_mode,
     evaluate,
-    measure_losses,
-    measurement_batches,
     split_batches,
 )
 from ..kernels import DomainLoss, domain_cross_entropy
@@ -224,9 +223,9 @@ class OnlineMixing:
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:
             warnings.warn(warning, stacklevel=3)
-        self._held_out = None
+        self._measurement = None
         if kind in ("probe", "full_val"):
-            self._held_out = measurement_batches(
+            self._measurement = Measurement(
                 kind,
                 manifest,
                 domains,
@@ -234,7 +233,10 @@ class OnlineMixing:
                 probe_sequences=o.probe_sequences,
                 batch_size=o.eval_batch_size,
                 max_sequences=o.eval_max_sequences,
+                device=self.device,
+                rank=rank,
                 world_size=world_size,
+                lockstep=lockstep,
             )
         self.driver = MixingDriver.for_corpus(
             manifest,
@@ -290,16 +292,7 @@ class OnlineMixing:
     def _measure(self, logits_fn: LogitsFn, model: torch.nn.Module | None) -> DomainSums:
         """This rank's share of a probe / full-validation measurement (the mixer all-reduces it)."""
         with eval_mode(model):
-            return measure_losses(
-                logits_fn,
-                self._held_out(),
-                len(self.domains),
-                device=self.device,
-                rank=self.rank,
-                world_size=self.world_size,
-                lockstep=self.lockstep,
-                all_reduce=False,
-            )
+            return self._measurement(logits_fn)
 
     # ------------------------------------------------------------------------------------------- loss
 

@@ -50,7 +50,7 @@ from ..distributed import (
 )
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
-from ..evaluation import evaluate, format_table, measure_losses, measurement_batches, probe_batches
+from ..evaluation import Measurement, evaluate, format_table, probe_batches
 from ..fileio import atomic_write_json, progress_bar, say
 from ..mixing import MIXERS
 from .checkpoint import CheckpointWriteError, RunCheckpoints, save_checkpoint, set_rng_state
@@ -267,7 +267,7 @@ class _Run:
             raise ConfigError(
                 f"mixing.measurement={kind} needs a val split in the corpus; use mixing.measurement=train"
             )
-        batches = measurement_batches(
+        measurement = Measurement(
             kind,
             self.manifest,
             self.domains,
@@ -275,19 +275,13 @@ class _Run:
             probe_sequences=o.probe_sequences,
             batch_size=o.eval_batch_size,
             max_sequences=o.eval_max_sequences,
-            world_size=self.info.world_size,
-        )
-        return lambda: measure_losses(
-            self.model,
-            batches(),
-            len(self.domains),
             device=self.device,
             precision=self.precision,
             rank=self.info.rank,
             world_size=self.info.world_size,
             lockstep=self.lockstep,
-            all_reduce=False,  # the mixer all-reduces the shares itself
         )
+        return lambda: measurement(self.model)
 
     def _prepare_run_dir(self) -> Path | None:
         return prepare_run_dir(self.cfg, self.run_dir, self.checkpoints, self.info, self.engine.kind)
