@@ -4,8 +4,8 @@ Every loop that mixes online (the native trainer, :mod:`aioli_fast.train.trainer
 through :class:`aioli_fast.integrations.common.OnlineMixing`) makes the same calls, in the same order,
 on every data-parallel rank:
 
-    batch = driver.draw(step)                        # the pre-step calls, then this rank's stream batch:
-                                                     #   measure       mixer.measurement_due -> measure()
+    batch = driver.draw(step, model)                 # the pre-step calls, then this rank's stream batch:
+                                                     #   measure       mixer.measurement_due -> model
                                                      #   schedule      mixer.schedule -> stream.set_schedule
                                                      #   proportions   mixer.proportions -> the stream,
                                                      #                 read on the host only when they change
@@ -15,9 +15,9 @@ on every data-parallel rank:
 
 ``mixer.measurement_due`` and ``mixer.schedule`` are called here and nowhere else, so a change of the
 mixer contract is made in this file. What a loop computes that no other loop does stays in that loop
-(DoGE's gradient alignments and DoReMi's reference model, in the native trainer). A measurement is a
-callable given by the loop (it knows its model): it returns this rank's share of the per-domain sums and
-counts of held-out batches (:func:`aioli_fast.evaluation.measure_losses`), which the mixer all-reduces.
+(DoGE's gradient alignments and DoReMi's reference model, in the native trainer). A measurement runs
+the model the loop passes to ``draw`` over held-out batches (:class:`aioli_fast.evaluation.Measurement`)
+and gives this rank's share of the per-domain sums and counts, which the mixer all-reduces.
 
 Drawing a batch never touches the global RNG (the stream's reader processes start under a forked RNG), so
 a loop that restores its RNG on resume gets the randomness of the uninterrupted run.
@@ -26,7 +26,7 @@ a loop that restores its RNG on resume gets the randomness of the uninterrupted 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,10 +34,12 @@ import torch
 from .data import Manifest, MixtureStream
 from .data.stream import Batch
 from .errors import AioliError
+from .evaluation import Measurement, eval_mode
 from .mixing import DomainSums, Mixer
+from .options import MixingOptions
 
-#: this rank's share of a probe / full-validation measurement: per-domain sums and counts
-Measure = Callable[[], DomainSums | tuple[torch.Tensor, torch.Tensor]]
+#: this rank's share of a probe / full-validation measurement of a model: per-domain sums and counts
+Measure = Callable[[Any], DomainSums | tuple[torch.Tensor, torch.Tensor]]
 
 
 class MixingDriver:
@@ -46,10 +48,12 @@ class MixingDriver:
     Args:
         mixer: the mixer (every rank holds an identical one).
         stream: this rank's :class:`~aioli_fast.data.MixtureStream`, made with the mixer's proportions of
-            step 0 (:meth:`for_corpus` makes both in one call); None for a loop without data (the
-            simulator of :mod:`aioli_fast.harness.sim`), which only calls :meth:`before_step`.
-        measure: this rank's share of a probe / full-validation measurement; needed when the mixer asks
-            for measurements (``mixer.measurement`` is ``probe`` or ``full_val``).
+            step 0 (:meth:`for_corpus` makes both, and the measurement, in one call); None for a loop
+            without data (the simulator of :mod:`aioli_fast.harness.sim`), which only calls
+            :meth:`before_step`.
+        measure: ``model -> `` this rank's share of a probe / full-validation measurement of the model
+            the loop passes to :meth:`draw` (:class:`~aioli_fast.evaluation.Measurement`); needed when
+            the mixer asks for measurements (``mixer.measurement`` is ``probe`` or ``full_val``).
         window: where :meth:`observe` adds each micro-batch's sums and counts for the loop's logs
             (default: a window of its own, read by :meth:`take_window`).
     """
@@ -81,30 +85,47 @@ class MixingDriver:
     def for_corpus(
         cls,
         manifest: Manifest,
-        domains: Sequence[str],
         mixer: Mixer,
-        step_rows: int,
+        options: MixingOptions,
         *,
-        seed: int,
-        assignment: str,
-        num_workers: int,
-        prefetch_factor: int,
-        rank: int,
-        world_size: int,
+        step_rows: int,
+        rank: int = 0,
+        world_size: int = 1,
+        lockstep: bool = False,
+        precision: str = "fp32",
         on_error: str = "raise",
-        measure: Measure | None = None,
         window: DomainSums | None = None,
     ) -> MixingDriver:
-        """A driver over a new stream of ``manifest`` (``step_rows`` sequences of this rank per step)."""
+        """A driver over a new stream of ``manifest`` for ``mixer`` (over ``mixer.domains``), as
+        ``options`` say: ``step_rows`` sequences of this rank per step, and the held-out measurement the
+        mixer asks for (on ``options.eval_split``, which the corpus must have), run with ``precision`` and,
+        with ``lockstep``, the same number of forwards on every rank (sharded models)."""
+        o = options
+        measure = None
+        if mixer.measurement in ("probe", "full_val"):
+            measure = Measurement(
+                mixer.measurement,
+                manifest,
+                mixer.domains,
+                o.eval_split,
+                probe_sequences=o.probe_sequences,
+                batch_size=o.eval_batch_size,
+                max_sequences=o.eval_max_sequences,
+                device=mixer.device,
+                precision=precision,
+                rank=rank,
+                world_size=world_size,
+                lockstep=lockstep,
+            )
         stream = MixtureStream(
             manifest,
-            domains,
+            mixer.domains,
             step_rows,
             mixer.host_proportions(0),
-            seed=seed,
-            assignment=assignment,
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor,
+            seed=o.seed,
+            assignment=o.assignment,
+            num_workers=o.num_workers,
+            prefetch_factor=o.prefetch_factor,
             on_error=on_error,
             rank=rank,
             world_size=world_size,
@@ -113,20 +134,21 @@ class MixingDriver:
 
     # ------------------------------------------------------------------------------------------- step
 
-    def before_step(self, step: int, measure: Measure | None = None) -> None:
-        """The mixer's pre-step calls for optimizer step ``step``: a measurement when due (``measure``,
-        default the driver's), a block of host-known mixtures, new proportions (handed to the stream only
-        when they change)."""
+    def before_step(self, step: int, model: Any = None, module: torch.nn.Module | None = None) -> None:
+        """The mixer's pre-step calls for optimizer step ``step``: a measurement of ``model`` when due
+        (in eval mode of ``module`` when given), a block of host-known mixtures, new proportions (handed
+        to the stream only when they change)."""
         mixer = self.mixer
-        measure = measure if measure is not None else self.measure
         if mixer.measurement_due(step):
-            if measure is None:
+            if self.measure is None:
                 raise AioliError(
                     f"mixing method '{mixer.name}' asks for a '{mixer.measurement}' measurement at step "
                     f"{step}, but this loop gave the driver no way to measure"
                 )
             start = time.perf_counter()
-            mixer.observe_measurement(step, *measure())
+            with eval_mode(module):
+                measured = self.measure(model)
+            mixer.observe_measurement(step, *measured)
             self.measurements += 1
             self.measure_time += time.perf_counter() - start
         schedule = mixer.schedule(step)
@@ -141,16 +163,20 @@ class MixingDriver:
             if step >= self.scheduled_until and self.stream is not None:
                 self.stream.set_proportions(self.host_proportions, step=step)
 
-    def draw(self, step: int, measure: Measure | None = None) -> Batch:
+    def draw(self, step: int, model: Any = None, module: torch.nn.Module | None = None) -> Batch:
         """:meth:`before_step`, then this rank's stream batch of optimizer step ``step``. Must be called
-        after step ``step - 1`` has been observed, once per step."""
+        after step ``step - 1`` has been observed, once per step. ``model`` is what a measurement runs
+        (the package's GPT, or a function of the input ids returning logits; see
+        :func:`~aioli_fast.evaluation.measure_losses`), in eval mode of ``module`` when given."""
+        if self.stream is None:
+            raise AioliError("this driver has no stream to draw from: call before_step")
         if self.stream.step != step:
             raise AioliError(
                 f"the mixture stream is at step {self.stream.step} but training at step {step}: resume from "
                 "a checkpoint that holds the mixer and stream state, and do not reuse a mixing loop that "
                 "has trained"
             )
-        self.before_step(step, measure)
+        self.before_step(step, model, module)
         self.drawn_proportions = [float(p) for p in self.stream.proportions]
         with torch.random.fork_rng(devices=[]):
             # starting the stream's reader processes draws from the global RNG, which would change the

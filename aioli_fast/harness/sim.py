@@ -114,7 +114,7 @@ def run_mixer(mixer: Mixer, sim: LinearLawSimulator, steps: int) -> dict[str, li
     "measurements": number of probe/full_val measurements taken}``.
     """
     history: dict[str, list] = {"loss": [], "proportions": [], "measurements": [0]}
-    probe = lambda: tuple(x.to(mixer.device) for x in sim.probe_stats())  # noqa: E731
+    probe = lambda _model: tuple(x.to(mixer.device) for x in sim.probe_stats())  # noqa: E731
     driver = MixingDriver(mixer, None, measure=probe)  # the training loop's pre-step calls, without data
     for step in range(steps):
         driver.before_step(step)

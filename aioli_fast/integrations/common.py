@@ -20,6 +20,7 @@ so a framework that restores its RNG on resume gets the dropout of the uninterru
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,6 @@ from ..distributed import to_cpu
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
 from ..evaluation import (
-    Measurement,
     domain_results,
     eval_mode,
     evaluate,
@@ -223,32 +223,14 @@ class OnlineMixing:
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:
             warnings.warn(warning, stacklevel=3)
-        self._measurement = None
-        if kind in ("probe", "full_val"):
-            self._measurement = Measurement(
-                kind,
-                manifest,
-                domains,
-                eval_split,
-                probe_sequences=o.probe_sequences,
-                batch_size=o.eval_batch_size,
-                max_sequences=o.eval_max_sequences,
-                device=self.device,
-                rank=rank,
-                world_size=world_size,
-                lockstep=lockstep,
-            )
         self.driver = MixingDriver.for_corpus(
             manifest,
-            domains,
             self.mixer,
-            step_rows,
-            seed=o.seed,
-            assignment=o.assignment,
-            num_workers=o.num_workers,
-            prefetch_factor=o.prefetch_factor,
+            dataclasses.replace(o, eval_split=eval_split),
+            step_rows=step_rows,
             rank=rank,
             world_size=world_size,
+            lockstep=lockstep,
         )
         self.stream = self.driver.stream
         self.step_tokens = 0  # counted tokens of this rank's batch of the step drawn last
@@ -273,7 +255,7 @@ class OnlineMixing:
 
         ``logits_fn`` gives the logits of held-out batches for a measurement (run in eval mode of
         ``model`` when it is given, under ``torch.no_grad``)."""
-        batch = self.driver.draw(step, lambda: self._measure(logits_fn, model))
+        batch = self.driver.draw(step, logits_fn, model)
         self.step_tokens = int(batch.labels.ne(-100).sum())
         return batch
 
@@ -288,11 +270,6 @@ class OnlineMixing:
             }
             for start in range(0, len(batch.domain_ids), rows)
         ]
-
-    def _measure(self, logits_fn: LogitsFn, model: torch.nn.Module | None) -> DomainSums:
-        """This rank's share of a probe / full-validation measurement (the mixer all-reduces it)."""
-        with eval_mode(model):
-            return self._measurement(logits_fn)
 
     # ------------------------------------------------------------------------------------------- loss
 

@@ -50,7 +50,7 @@ from ..distributed import (
 )
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
-from ..evaluation import Measurement, evaluate, format_table, probe_batches
+from ..evaluation import evaluate, format_table, probe_batches
 from ..fileio import atomic_write_json, progress_bar, say
 from ..mixing import MIXERS
 from .checkpoint import CheckpointWriteError, RunCheckpoints, save_checkpoint, set_rng_state
@@ -224,20 +224,21 @@ class _Run:
         D = len(self.domains)
         self.window = LossWindow(D, device)  # this rank's, until the next log step
         # the mixer around each step: measurements, LearnParams blocks, proportions to the stream
-        options = cfg.mixing_options()
+        if self.mixer.measurement in ("probe", "full_val") and "val" not in self.eval_splits:
+            raise ConfigError(
+                f"mixing.measurement={self.mixer.measurement} needs a val split in the corpus; use "
+                "mixing.measurement=train"
+            )
         self.driver = MixingDriver.for_corpus(
             self.manifest,
-            self.domains,
             self.mixer,
-            self.per_rank,
-            seed=options.seed,
-            assignment=options.assignment,
-            num_workers=options.num_workers,
-            prefetch_factor=options.prefetch_factor,
-            on_error=cfg.data.on_error,
+            cfg.mixing_options(),
+            step_rows=self.per_rank,
             rank=info.rank,
             world_size=info.world_size,
-            measure=self._measurement_source(),
+            lockstep=self.lockstep,
+            precision=precision,
+            on_error=cfg.data.on_error,
             window=self.window.sums,
         )
         self.stream = self.driver.stream
@@ -257,31 +258,6 @@ class _Run:
         self.resumed_checkpoint: Path | None = None
 
     # ---------------------------------------------------------------------------------------- setup
-
-    def _measurement_source(self):
-        """This rank's share of a probe / full-validation measurement of the model, or None."""
-        kind, o = self.mixer.measurement, self.cfg.mixing_options()
-        if kind not in ("probe", "full_val"):
-            return None
-        if o.eval_split not in self.eval_splits:
-            raise ConfigError(
-                f"mixing.measurement={kind} needs a val split in the corpus; use mixing.measurement=train"
-            )
-        measurement = Measurement(
-            kind,
-            self.manifest,
-            self.domains,
-            o.eval_split,
-            probe_sequences=o.probe_sequences,
-            batch_size=o.eval_batch_size,
-            max_sequences=o.eval_max_sequences,
-            device=self.device,
-            precision=self.precision,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-            lockstep=self.lockstep,
-        )
-        return lambda: measurement(self.model)
 
     def _prepare_run_dir(self) -> Path | None:
         return prepare_run_dir(self.cfg, self.run_dir, self.checkpoints, self.info, self.engine.kind)
@@ -400,7 +376,7 @@ class _Run:
 
     def train_step(self, step: int) -> float:
         """One optimizer step on the global batch of ``step``; returns its learning rate."""
-        batch = self.driver.draw(step)  # after the mixer's pre-step calls
+        batch = self.driver.draw(step, self.model)  # after the mixer's pre-step calls
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         batch = batch.to(self.device)
