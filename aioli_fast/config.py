@@ -338,6 +338,9 @@ class RunConfig:
 
 
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+#: string options whose documented values include ``on`` and ``off``, which YAML 1.1 reads as booleans:
+#: a boolean there means the word
+ON_OFF_KEYS = ("train.tensorboard",)
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -377,6 +380,8 @@ def _coerce(value: Any, tp, key: str):
         return float(value)
     if tp is float and isinstance(value, str) and _FLOAT_RE.match(value.strip()):
         return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    if tp is str and isinstance(value, bool) and key in ON_OFF_KEYS:
+        return "on" if value else "off"  # `tensorboard: off` unquoted
     if tp in (int, float, str, bool):
         if type(value) is not tp:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")

@@ -336,3 +336,14 @@ def test_invalid_yaml_is_one_line_naming_where(tmp_path, text, expected):
         load_config(bad)
     assert str(err.value).startswith(f"{bad} is not valid YAML: ") and expected in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_tensorboard_off_and_on_unquoted_are_the_words(tmp_path):
+    """YAML 1.1 reads `off` / `on` as booleans; for train.tensorboard (documented as auto | on | off) a
+    boolean means the word, in a file and in an override. Elsewhere a boolean for a string stays an error."""
+    path = tmp_path / "run.yaml"
+    path.write_text("data: {path: corpus}\ntrain:\n  tensorboard: off\n")
+    assert load_config(path).train.tensorboard == "off"
+    assert load_config(path, ["train.tensorboard=on"]).train.tensorboard == "on"
+    with pytest.raises(ConfigError, match="train.precision: expected str, got bool False"):
+        load_config(path, ["train.precision=off"])
