@@ -54,6 +54,14 @@ def write_formats(root: Path) -> dict[str, Path]:
         writer.write_table(table, max_chunksize=50)
     paths["zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl(TEXTS).encode()))
     paths["gz"].write_bytes(gzip.compress(jsonl(TEXTS).encode()))
+    # .json as datasets' to_json writes it (JSON lines), and as one JSON array of records
+    paths["json_lines"] = root / "docs-lines.json"
+    paths["json_lines"].write_text(jsonl(TEXTS), encoding="utf-8")
+    array = json.dumps([{"text": t, "id": i} for i, t in enumerate(TEXTS)], indent=1)
+    paths["json_array"] = root / "docs-array.json"
+    paths["json_array"].write_text(array, encoding="utf-8")
+    paths["json_array_gz"] = root / "docs-array.json.gz"
+    paths["json_array_gz"].write_bytes(gzip.compress(array.encode()))
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"content": TEXTS}).save_to_disk(str(root / "hf"))
     paths["hf"] = root / "hf"
@@ -69,7 +77,9 @@ def formats(tmp_path_factory) -> dict[str, Path]:
     return write_formats(tmp_path_factory.mktemp("formats"))
 
 
-@pytest.mark.parametrize("kind", ["parquet", "arrow", "hf", "zst", "gz", "iterable"])
+@pytest.mark.parametrize(
+    "kind", ["parquet", "arrow", "hf", "zst", "gz", "json_lines", "json_array", "json_array_gz", "iterable"]
+)
 def test_every_format_makes_the_corpus_of_the_same_json_lines(formats, tmp_path, kind):
     reference = prepare({"d": [str(formats["jsonl"])]}, tmp_path / "reference", **KW)
     if kind == "iterable":
@@ -78,7 +88,7 @@ def test_every_format_makes_the_corpus_of_the_same_json_lines(formats, tmp_path,
         on_disk = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
         assert on_disk["domains"][0]["inputs"] == manifest["domains"][0]["inputs"]
     else:
-        field = "text" if kind in ("zst", "gz") else "content"
+        field = "content" if kind in ("parquet", "arrow", "hf") else "text"
         manifest = prepare({"d": [str(formats[kind])]}, tmp_path / "corpus", text_field={"d": field}, **KW)
     assert manifest["domains"][0]["splits"] == reference["domains"][0]["splits"]
     assert shards(tmp_path / "corpus") == shards(tmp_path / "reference")
@@ -195,3 +205,20 @@ def test_a_missing_column_or_reader_is_one_line(formats, tmp_path):
         prepare({"d": iter(["text", 5])}, tmp_path / "c4", **KW)
     with pytest.raises(AioliError, match="are given as iterables of documents"):
         prepare({"d": iter(TEXTS)}, tmp_path / "c5", part=(0, 2), **KW)
+
+
+def test_a_json_file_of_other_json_is_still_one_text_document(tmp_path):
+    """A ``.json`` whose first line is not a JSON object (a pretty-printed ``package.json``) is read as
+    text, as before; a large ``.json`` of JSON lines is cut into blocks by offset like a ``.jsonl``."""
+    from aioli_fast.data.blocks import json_layout, plan_blocks
+
+    config = tmp_path / "package.json"
+    config.write_text(json.dumps({"name": "x", "scripts": {"test": "pytest"}}, indent=2))
+    assert json_layout(config) == "text"
+    lines = tmp_path / "big.json"
+    lines.write_text(jsonl(TEXTS), encoding="utf-8")
+    assert json_layout(lines) == "lines"
+    blocks = plan_blocks("d", [lines], block_bytes=4096)
+    assert len(blocks) > 1 and all(b.end >= 0 for b in blocks)
+    manifest = prepare({"d": [str(config)] * 1 + [str(lines)]}, tmp_path / "corpus", val_fraction=0, **KW)
+    assert manifest["domains"][0]["documents"] == len(TEXTS) + 1

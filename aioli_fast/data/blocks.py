@@ -61,13 +61,67 @@ class Block:
         return f"{self.domain}/{self.index}"
 
 
+#: files whose layout is read from their start (:func:`json_layout`): JSON lines, one JSON array of records,
+#: or (``.json`` only) a file of any other JSON, read as text as before
+JSON_SUFFIXES = (".json", ".json.gz")
+#: how much of a ``.json`` file :func:`json_layout` reads
+SNIFF_CHARS = 1 << 20
+
+
+def json_layout(path: Path | str) -> str:
+    """How a ``.json`` / ``.json.gz`` file holds documents, from its start: ``array`` (one JSON array of
+    records, read whole), ``lines`` (JSON lines: the first line is a JSON object, as ``datasets``'
+    ``to_json`` writes), else ``text`` for ``.json`` (any other JSON, such as a ``package.json``: the whole
+    file is one document) and ``lines`` for ``.json.gz`` (which was always read as JSON lines)."""
+    path = Path(path)
+    try:
+        with _open_text(path) as f:
+            head = f.read(SNIFF_CHARS)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    start = head.lstrip()
+    if start.startswith("["):
+        return "array"
+    fallback = "lines" if str(path).endswith(".gz") else "text"
+    first, newline, _ = start.partition("\n")
+    if not newline and len(head) == SNIFF_CHARS:  # a first line longer than the sniff: by its start
+        return "lines" if first.startswith("{") else fallback
+    try:
+        return "lines" if isinstance(json.loads(first), dict) else fallback
+    except json.JSONDecodeError:
+        return fallback
+
+
 def is_jsonl(path: Path | str) -> bool:
+    """Whether a file holds one document per JSON line (or per record of a JSON array)."""
+    if str(path).endswith(JSON_SUFFIXES):
+        return json_layout(path) != "text"
     return str(path).endswith(JSONL_SUFFIXES)
 
 
 def _splittable(path: Path) -> bool:
     """A file whose documents can be read from any byte offset: uncompressed JSON lines."""
+    if str(path).endswith(".json"):
+        return json_layout(path) == "lines"
     return is_jsonl(path) and not str(path).endswith((".gz", *ZSTD_JSONL_SUFFIXES))
+
+
+def _json_array_texts(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of a file holding one JSON array of records (read whole)."""
+    try:
+        with _open_text(path) as f:
+            records = json.load(f)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected one JSON array of records, got a {type(records).__name__}")
+    for index, record in enumerate(records):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}: record {index} of the array has no string field {text_field!r}")
+        yield replace_surrogates(text)
 
 
 def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) -> list[Block]:
@@ -140,6 +194,9 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         for lineno, line in enumerate(iter_zstd_lines(path), 1):
             if line.strip():
                 yield _json_text(line, path, lineno, text_field)
+        return
+    if str(path).endswith(JSON_SUFFIXES) and json_layout(path) == "array":
+        yield from _json_array_texts(path, text_field)
         return
     try:
         with _open_text(path) as f:
