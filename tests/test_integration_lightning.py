@@ -318,3 +318,28 @@ def test_every_python_block_of_the_guide_runs_or_is_marked_a_fragment(corpus, tm
         proportions = json.loads(printed.strip().splitlines()[-1])
         assert set(proportions) == set(DOMAINS) and abs(sum(proportions.values()) - 1) < 1e-5
         assert max(abs(p - 1 / 3) for p in proportions.values()) > 0.01
+
+
+def test_a_model_too_small_for_the_vocabulary_and_a_mid_step_validation_are_refused_at_setup(
+    corpus, tmp_path
+):
+    """Both used to fail deep in a run (an IndexError in the embedding; a checkpoint save inside an
+    optimizer step at the first validation): now one line at setup, with the remedy."""
+    vocab = load_manifest(corpus).vocab_size
+    small = TinyLM(vocab - 1)  # noqa: F821 - defined by exec above
+    with pytest.raises(
+        ConfigError, match=rf"the model's vocabulary \({vocab - 1}\) is smaller than the corpus"
+    ):
+        _trainer(tmp_path / "a", 4).fit(small, datamodule=_datamodule(corpus))
+    with pytest.raises(
+        ConfigError, match=r"val_check_interval=5\) is not a multiple of accumulate_grad_batches=2"
+    ):
+        _trainer(tmp_path / "b", 4, val_check_interval=5).fit(
+            TinyLM(_vocab(corpus)),  # noqa: F821
+            datamodule=_datamodule(corpus),
+        )
+    # an output layer smaller than the vocabulary (with a large enough embedding) is named at the loss
+    head = TinyLM(_vocab(corpus))  # noqa: F821
+    head.out = torch.nn.Linear(32, vocab - 3)
+    with pytest.raises(ConfigError, match=rf"the model's logits have {vocab - 3} entries, fewer than"):
+        _trainer(tmp_path / "c", 4).fit(head, datamodule=_datamodule(corpus))

@@ -278,6 +278,12 @@ class OnlineMixing:
         ``labels`` ``[B, T]`` already the next tokens (``-100`` ignored), ``domain_ids`` ``[B]`` or
         ``[B, T]``."""
         logits = logits_from(logits)
+        if logits.shape[-1] < self.manifest.vocab_size:  # a shape: no host read
+            raise ConfigError(
+                f"the model's logits have {logits.shape[-1]} entries, fewer than the corpus tokenizer's "
+                f"vocabulary ({self.manifest.vocab_size}): give the model an output layer of at least "
+                f"{self.manifest.vocab_size}"
+            )
         doms_N = domain_ids.to(device=logits.device, dtype=torch.int32)
         doms_N = doms_N.reshape(-1) if doms_N.dim() == 2 else doms_N.repeat_interleave(labels.shape[1])
         return domain_cross_entropy(

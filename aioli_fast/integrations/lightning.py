@@ -157,6 +157,22 @@ class AioliDataModule(pl.LightningDataModule):
             options=self.options,
         )
         self.domains = self.mixing.domains
+        if stage == "fit":
+            self.mixing.check_vocab(_model_vocab(trainer.lightning_module))
+            self._check_validation_points(trainer)
+
+    def _check_validation_points(self, trainer: pl.Trainer) -> None:
+        """A validation in the middle of an optimizer step would save a checkpoint there, which cannot be
+        resumed exactly: refuse at setup a validation interval that is not a whole number of steps."""
+        accumulate, every = trainer.accumulate_grad_batches, trainer.val_check_interval
+        validates = self.mixing.eval_split is not None and trainer.limit_val_batches != 0
+        if accumulate > 1 and validates and trainer.checkpoint_callbacks and isinstance(every, int):
+            if every % accumulate:
+                raise ConfigError(
+                    f"Trainer(val_check_interval={every}) is not a multiple of accumulate_grad_batches="
+                    f"{accumulate}: the checkpoint after a validation would fall inside an optimizer step; "
+                    f"set val_check_interval to a multiple of {accumulate} (micro-batches)"
+                )
 
     def teardown(self, stage: str) -> None:
         if self.mixing is not None and stage == "fit":
@@ -265,6 +281,23 @@ class AioliDataModule(pl.LightningDataModule):
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def _model_vocab(module: torch.nn.Module | None) -> int | None:
+    """The vocabulary a model takes: its ``config.vocab_size`` (a Hugging Face model, or a module holding
+    one), else the size of its input embedding, else of its largest ``nn.Embedding``; None if none."""
+    if module is None:
+        return None
+    for candidate in (module, *module.children()):
+        vocab = getattr(getattr(candidate, "config", None), "vocab_size", None)
+        if isinstance(vocab, int):
+            return vocab
+    get_embeddings = getattr(module, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if isinstance(embeddings, torch.nn.Embedding):
+        return embeddings.num_embeddings
+    sizes = [m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    return max(sizes) if sizes else None
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
