@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,29 @@ def test_aioli_with_no_option_is_sized_to_the_trainer_run(corpus, tmp_path):
     assert plan.uniform_steps >= 60 and (200 - plan.uniform_steps) % plan.round_steps == 0
     assert plan.learn_fraction == 0.25
     assert not mixer.in_learn_params(199)
+
+
+def test_a_damaged_or_cut_short_newest_checkpoint_is_passed_over_with_its_reason(corpus, tmp_path):
+    trainer = _resumable(corpus, tmp_path / "run")
+    trainer.args.max_steps = 10
+    trainer.train()
+    newest = tmp_path / "run" / "checkpoint-10"
+    state = newest / "aioli_state_rank0.pt"
+    state.write_bytes(state.read_bytes()[:200])  # a kill during the save
+    with pytest.raises(
+        AioliError, match=r"aioli_state_rank0.pt is damaged or truncated .*earlier checkpoint"
+    ):
+        _resumable(corpus, tmp_path / "run").load_aioli_state(newest)
+    resumed = _resumable(corpus, tmp_path / "run")
+    resumed.args.max_steps = 12
+    with pytest.warns(
+        UserWarning, match=r"passing over checkpoint .*checkpoint-10: aioli_state_rank0.pt is dam"
+    ):
+        resumed.train(resume_from_checkpoint=True)
+    # it trained steps 6-12 again from checkpoint-5: step 10 was saved anew, with its state complete
+    assert zipfile.is_zipfile(state) and max(train_logs(resumed)) == 12
+    (tmp_path / "run" / "checkpoint-12" / "aioli_state_rank0.pt").unlink()  # a save cut short before it
+    with pytest.warns(
+        UserWarning, match=r"checkpoint-12: it has no aioli_state_rank0.pt \(its save was cut short"
+    ):
+        assert _resumable(corpus, tmp_path / "run").last_complete_checkpoint().endswith("checkpoint-10")

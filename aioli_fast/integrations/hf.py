@@ -53,6 +53,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -337,20 +341,48 @@ class AioliTrainer(Trainer):
         path = folder / STATE_FILE.format(rank=rank)
         if not path.is_file():
             raise AioliError(
-                f"checkpoint {folder} has no mixer and stream state for rank {rank} ({path.name}): it was "
-                f"not written by AioliTrainer with {world} process(es); resuming from it would train on "
-                "other data"
+                f"checkpoint {folder} has no mixer and stream state for rank {rank} ({path.name}): its save "
+                f"was cut short, or it was not written by AioliTrainer with {world} process(es); resuming "
+                "from it would train on other data. Resume from an earlier checkpoint"
             )
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AioliError(
+                f"{path} is damaged or truncated ({first}); resume from an earlier checkpoint"
+            ) from exc
         trainer_state = folder / "trainer_state.json"
         saved_step = None
         if trainer_state.is_file():
             saved_step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
         self.mixing.load_state_dict(state, saved_step, source=str(path))
 
+    def last_complete_checkpoint(self) -> str | None:
+        """The newest checkpoint folder of ``args.output_dir`` that holds the Trainer's state and every
+        rank's mixer and stream state, complete; newer ones are passed over with a warning saying why
+        (a save cut short, a damaged file). None when there is no checkpoint at all."""
+        output = Path(self.args.output_dir)
+        if get_last_checkpoint(str(output)) is None:
+            return None
+        pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+        found = [(int(m[1]), p) for p in output.iterdir() if (m := pattern.match(p.name)) and p.is_dir()]
+        reasons = []
+        for _, folder in sorted(found, reverse=True):
+            problem = _checkpoint_problem(folder, self.args.world_size)
+            if problem is None:
+                for reason in reasons:
+                    warnings.warn(f"{reason}; resuming from {folder} instead", stacklevel=3)
+                return str(folder)
+            reasons.append(f"passing over checkpoint {folder}: {problem}")
+        raise AioliError(
+            f"no checkpoint in {output} can be resumed: " + "; ".join(reasons) + ". Start afresh (another "
+            "output_dir, or train() without resume_from_checkpoint)"
+        )
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = self.last_complete_checkpoint()
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
         elif resume_from_checkpoint is False:
@@ -362,3 +394,25 @@ class AioliTrainer(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         finally:
             self.mixing.close()
+
+
+def _checkpoint_problem(folder: Path, world_size: int) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed with its mixer and stream state by a run of
+    ``world_size`` processes, or None. Every rank's state file must be there with a complete zip
+    directory (torch writes it last, so a truncated file fails without its tensors being read), so that
+    every rank decides alike."""
+    if not (folder / "trainer_state.json").is_file():
+        return "it has no trainer_state.json (its save was cut short)"
+    for rank in range(world_size):
+        path = folder / STATE_FILE.format(rank=rank)
+        if not path.is_file():
+            return (
+                f"it has no {path.name} (its save was cut short, or it was not written by AioliTrainer "
+                f"with {world_size} process(es))"
+            )
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{path.name} is damaged or truncated ({type(exc).__name__}: {exc})"
+    return None
