@@ -132,10 +132,10 @@ def test_combining_refuses_missing_and_mismatched_parts(tmp_path):
     args[args.index("--seq-len") + 1] = "48"  # another setting than part 0's
     result = run_cli(*args, "--part", "1/2")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]  # (after what the part itself says of its splits)
-    assert last == (
-        "aioli-fast prepare: error: part 1 of 2 was prepared with other settings than part 0 (differing: "
-        "seq_len): every part must be run with the same command and inputs"
+    staging = tmp_path / ".corpus.partial"
+    assert result.stderr.strip() == (
+        "aioli-fast prepare: error: part 0 of 2 (.prepare-state-part00000-of-00002.json) was prepared with "
+        f"other settings (seq_len): run every part with the same command, or remove {staging} to start over"
     )
     assert not (out / "manifest.json").exists()
     # the same folder prepared again in one part: the abandoned parts' states are dropped
@@ -227,3 +227,29 @@ def test_peak_memory_does_not_grow_with_the_domain(tmp_path):
     small, large = _peak_rss_kb(tmp_path, 4), _peak_rss_kb(tmp_path, 24)
     # a whole-domain pass held ~30 bytes per token: 20 MB more of text would add ~600 MB
     assert large < 1.2 * small and large - small < 100_000, (small, large)
+
+
+def test_a_part_that_does_not_belong_changes_nothing(tmp_path):
+    """Another number of parts, the --domain flags in another order, or other inputs: refused before the
+    part touches the staging folder, so the parts already there stay (they used to be deleted, or to end
+    in a KeyError at combine)."""
+    domains = write_raw(tmp_path / "raw", documents=400, files=10)
+    out = tmp_path / "corpus"
+    staging = tmp_path / ".corpus.partial"
+    assert prepare(domains, out, **KW, part=(0, 2)) is None
+    before = corpus_files(staging)
+    with pytest.raises(AioliError, match=r"holds part 0 of 2 .*, prepared as 2 parts; this part is of 3"):
+        prepare(domains, out, **KW, part=(1, 3))
+    reordered = {"code": domains["code"], "web": domains["web"]}
+    with pytest.raises(AioliError, match="has the domains in the order web, code, this part code, web"):
+        prepare(reordered, out, **KW, part=(1, 2))
+    (tmp_path / "raw" / "code" / "extra.py").write_text("print('another input')\n")
+    with pytest.raises(AioliError, match=r"was prepared from other inputs for domain\(s\) code"):
+        prepare(domains, out, **KW, part=(1, 2))
+    assert corpus_files(staging) == before  # part 0's state and shards untouched
+    (tmp_path / "raw" / "code" / "extra.py").unlink()
+    prepare(domains, out, **KW, part=(1, 2))  # the right part completes the corpus
+    assert (
+        prepare(domains, tmp_path / "single", **KW)["domains"]
+        == json.loads((out / "manifest.json").read_text())["domains"]
+    )

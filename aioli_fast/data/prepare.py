@@ -616,6 +616,11 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
     first = found[0]
     for i in range(1, n):
         s = found[i]
+        if list(s["domains"]) != list(first["domains"]):
+            raise AioliError(
+                f"part {i} of {n} has the domains in the order {', '.join(s['domains'])}, part 0 "
+                f"{', '.join(first['domains'])}: every part must be run with the same command and inputs"
+            )
         for what in ("settings", "domains"):
             if s[what] != first[what]:
                 keys = sorted(
@@ -784,6 +789,39 @@ def _load_state(path: Path) -> dict:
     return state
 
 
+def _check_siblings(out: Path, own: Path, settings: dict, domains: dict, parts: int) -> None:
+    """Refuse, before anything in ``out`` changes, a part that does not belong with the parts already
+    there: another number of parts, other settings (seq_len, tokenizer, fractions, seed, ...), or other
+    domains, inputs or domain order (the order gives the domain ids and numbers the blocks)."""
+    for path in sorted(out.glob(".prepare-state-part*-of-*.json")):
+        if path == own:
+            continue
+        other = _load_state(path)
+        if not other:
+            continue  # damaged or vanished: combine names a damaged one
+        name = f"part {other['part']} of {other['parts']} ({path.name})"
+        redo = f"run every part with the same command, or remove {out} to start over"
+        if other["parts"] != parts:
+            raise AioliError(
+                f"{out} holds {name}, prepared as {other['parts']} parts; this part is of {parts}: {redo}"
+            )
+        differing = sorted(
+            k for k in set(settings) | set(other["settings"]) if settings.get(k) != other["settings"].get(k)
+        )
+        if differing:
+            raise AioliError(f"{name} was prepared with other settings ({', '.join(differing)}): {redo}")
+        if list(other["domains"]) != list(domains):
+            raise AioliError(
+                f"{name} has the domains in the order {', '.join(other['domains'])}, this part "
+                f"{', '.join(domains)}: give every part the --domain flags in the same order ({redo})"
+            )
+        changed = [d for d in domains if domains[d]["fingerprint"] != other["domains"][d]["fingerprint"]]
+        if changed:
+            raise AioliError(
+                f"{name} was prepared from other inputs for domain(s) {', '.join(changed)}: {redo}"
+            )
+
+
 def _block_done(out: Path, state: dict, block: Block, fingerprint: str) -> bool:
     record = state.get("blocks", {}).get(block.key)
     if record is None or record.get("fingerprint") != fingerprint:
@@ -836,6 +874,9 @@ def _prepare_into(
             "_blocks": blocks,
         }
     state_path = out / _state_name(index, parts)
+    header = {n: {k: v for k, v in d.items() if k != "_blocks"} for n, d in domains.items()}
+    if parts > 1:
+        _check_siblings(out, state_path, settings, header, parts)
     for stale in out.glob(".prepare-state*.json"):  # states of an attempt split into another number of parts
         if stale.name != STATE_NAME and not stale.name.endswith(f"-of-{parts:05d}.json"):
             stale.unlink(missing_ok=True)
@@ -846,7 +887,7 @@ def _prepare_into(
         "settings": settings,
         "part": index,
         "parts": parts,
-        "domains": {n: {k: v for k, v in d.items() if k != "_blocks"} for n, d in domains.items()},
+        "domains": header,
         "blocks": {},
         "complete": False,
         "overwrite": overwrite,
