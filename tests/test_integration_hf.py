@@ -420,3 +420,32 @@ def test_a_damaged_or_cut_short_newest_checkpoint_is_passed_over_with_its_reason
         UserWarning, match=r"checkpoint-12: it has no aioli_state_rank0.pt \(its save was cut short"
     ):
         assert _resumable(corpus, tmp_path / "run").last_complete_checkpoint().endswith("checkpoint-10")
+
+
+def test_resume_refuses_a_corpus_prepared_again_under_the_same_names(tmp_path):
+    """The adapters' mixer and stream state holds the corpus fingerprint (HF, Lightning and torchtitan
+    share OnlineMixing): stream positions of another corpus are refused in one line, not read."""
+    from aioli_fast.data import prepare
+
+    root = prepare_three_domains(tmp_path)
+    corpus = root / "corpus"
+    trainer = _resumable(corpus, tmp_path / "run")
+    trainer.args.max_steps = 5
+    trainer.train()
+    sources = {name: [str(root / "raw" / name)] for name in ("ab", "cd", "xyz")}
+    prepare(
+        sources,
+        corpus,
+        seq_len=16,
+        val_fraction=0.2,
+        test_fraction=0.1,
+        seed=9,
+        progress=False,
+        overwrite=True,
+    )
+    with pytest.raises(
+        AioliError, match=r"was written by a run on another corpus than .*changed: the shards of"
+    ):
+        _resumable(corpus, tmp_path / "run").train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-5")
+        )

@@ -291,3 +291,35 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(corpus, tmp_pa
     final = json.loads((run_dir / "final.json").read_text())
     final_ref = json.loads((corpus / "runs" / "sigterm-ref" / "final.json").read_text())
     assert final["average"] == final_ref["average"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(seq_len=32), "seq_len (16 -> 32)"),
+        (dict(shard_sequences=8), "the shards of ab/test, ab/train"),
+        (dict(seed=7), "the shards of ab/test, ab/train"),
+    ],
+    ids=["seq_len", "shard_layout", "seed"],
+)
+def test_resume_refuses_a_corpus_prepared_again_under_the_same_names(tmp_path, change, expected):
+    """The corpus's fingerprint is in every run checkpoint: a corpus prepared again (other seq_len, shard
+    layout or seed) under the same domain names is named, not resumed on (it used to continue on it, or
+    crash in the stream); a copy of the corpus elsewhere resumes."""
+    from aioli_fast.data import prepare
+
+    root = prepare_three_domains(tmp_path)
+    run = config_from_dict(_config(root, "first", train={"steps": 6}, checkpoint={"every": 3}))
+    train(run)
+    checkpoint = root / "runs" / "first" / "checkpoints" / "step_00000003"
+    moved = tmp_path / "moved"
+    (root / "corpus").rename(moved)  # the same corpus in another place: resumes
+    again = _config(root, "copy", checkpoint={"resume": str(checkpoint)}, data={"path": str(moved)})
+    train(config_from_dict(again))
+    sources = {name: [str(root / "raw" / name)] for name in DOMAINS}
+    options = dict(seq_len=16, val_fraction=0.2, test_fraction=0.1, shard_sequences=16, progress=False)
+    prepare(sources, root / "corpus", **{**options, **change})
+    resumed = _config(root, "second", checkpoint={"resume": str(checkpoint)})
+    with pytest.raises(ConfigError, match=r"is not the corpus it trained on \(changed: .*") as info:
+        train(config_from_dict(resumed))
+    assert expected in str(info.value) and "another train.name" in str(info.value)

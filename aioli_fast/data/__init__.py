@@ -5,7 +5,7 @@ without an accelerator, does not load torch.
 """
 
 from .prepare import combine, prepare
-from .shards import Manifest, load_manifest, read_shard
+from .shards import Manifest, corpus_changes, load_manifest, read_shard
 
 _STREAM = ("Batch", "MixtureStream", "make_batch", "sequential_batches")
 
@@ -14,6 +14,7 @@ __all__ = [
     "Manifest",
     "MixtureStream",
     "combine",
+    "corpus_changes",
     "load_manifest",
     "make_batch",
     "prepare",

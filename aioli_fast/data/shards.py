@@ -250,6 +250,20 @@ class Manifest:
             raise DataError(f"corpus {self.root} has no {split!r} split for domain {domain!r}")
         return found
 
+    def fingerprint(self, domains: Sequence[str] | None = None) -> dict:
+        """What a run trained on, saved in its checkpoints and compared on resume
+        (:func:`corpus_changes`): the tokenizer (by content), ``seq_len``, and per domain and split a
+        digest of its shards' sha256 and sequence counts (their layout, order and seed). Equal for a
+        corpus copied or moved; different for one prepared again with another tokenizer, ``seq_len``,
+        shard size or seed, or from other text."""
+        tokenizer = {k: self.tokenizer.get(k) for k in ("kind", "vocab_size", "eos_id", "sha256")}
+        shards = {}
+        for (domain, split), group in sorted(self.shards.items()):
+            if domains is None or domain in domains:
+                digest = hashlib.sha256(json.dumps([[s.sha256, s.sequences] for s in group]).encode())
+                shards[f"{domain}/{split}"] = digest.hexdigest()[:16]
+        return {"tokenizer": tokenizer, "seq_len": self.seq_len, "shards": shards}
+
     def read(self, shard: ShardInfo) -> tuple[list[str], np.ndarray]:
         """Read one of this corpus' shards, checked against the manifest: (keys, tokens [S, T+1])."""
         return read_shard(
@@ -438,3 +452,21 @@ def load_manifest(path: str | Path) -> Manifest:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{file} is not a valid corpus manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def corpus_changes(saved: dict | None, current: dict) -> list[str]:
+    """What differs between a checkpoint's corpus fingerprint and this corpus's (``Manifest.fingerprint``
+    of the run's domains), in words; empty when they agree or the checkpoint has none (an older one)."""
+    if not saved:
+        return []
+    changes = []
+    if saved.get("tokenizer") != current["tokenizer"]:
+        changes.append(f"the tokenizer ({saved.get('tokenizer')} -> {current['tokenizer']})")
+    if saved.get("seq_len") != current["seq_len"]:
+        changes.append(f"seq_len ({saved.get('seq_len')} -> {current['seq_len']})")
+    old, new = saved.get("shards", {}), current["shards"]
+    differing = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if differing:
+        shown = ", ".join(differing[:6]) + (" ..." if len(differing) > 6 else "")
+        changes.append(f"the shards of {shown} (prepared again: other text, shard size or seed)")
+    return changes

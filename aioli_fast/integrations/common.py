@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Manifest, load_manifest
+from ..data import Manifest, corpus_changes, load_manifest
 from ..data.stream import Batch
 from ..distributed import to_cpu
 from ..driver import MixingDriver
@@ -356,6 +356,7 @@ class OnlineMixing:
             "rank": self.rank,
             "world_size": self.world_size,
             "domains": list(self.domains),
+            "corpus": self.manifest.fingerprint(self.domains),
             "mixer": to_cpu(driver["mixer"]),
             "stream": driver["stream"],
             "scheduled_until": driver["scheduled_until"],
@@ -382,6 +383,13 @@ class OnlineMixing:
         if step is not None and state["step"] != step:
             raise AioliError(
                 f"{source} holds the mixing state of step {state['step']}, training resumes at {step}"
+            )
+        changes = corpus_changes(state.get("corpus"), self.manifest.fingerprint(self.domains))
+        if changes:
+            raise AioliError(
+                f"{source} was written by a run on another corpus than {self.manifest.root} (changed: "
+                f"{'; '.join(changes)}): its stream positions mean nothing here; resume on that corpus, "
+                "or train on this one from the start (another output folder)"
             )
         self.driver.load_state_dict(state)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import RunConfig, dump_config
+from ..data import corpus_changes
 from ..distributed import DistInfo, on_rank0
 from ..errors import AioliError, ConfigError
 from ..fileio import atomic_write_bytes, ensure_writable_dir, say
@@ -63,11 +64,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def prepare_run_dir(
-    cfg: RunConfig, run_dir: Path, checkpoints: RunCheckpoints, info: DistInfo, engine_kind: str
+    cfg: RunConfig,
+    run_dir: Path,
+    checkpoints: RunCheckpoints,
+    info: DistInfo,
+    engine_kind: str,
+    corpus: dict | None = None,
 ) -> Path | None:
     """Create the run directory and decide (on rank 0, for every rank) what to resume from.
 
-    Nothing is deleted before the checkpoint to resume from has been checked against this run.
+    Nothing is deleted before the checkpoint to resume from has been checked against this run (its
+    config, processes, engine and, with ``corpus`` (``Manifest.fingerprint``), the corpus it trained on).
     """
 
     def decide() -> str | None:
@@ -89,7 +96,11 @@ def prepare_run_dir(
             reason = RunCheckpoints.damage(checkpoint)
             if reason is not None:
                 raise ConfigError(f"checkpoint.resume={resume} cannot be loaded: {reason}")
-        step = None if checkpoint is None else check_resumable(checkpoint, cfg, info.world_size, engine_kind)
+        step = (
+            None
+            if checkpoint is None
+            else check_resumable(checkpoint, cfg, info.world_size, engine_kind, corpus)
+        )
         ensure_writable_dir(run_dir, "run directory")
         stale = ["final.json", "model.pt", "config.yaml"]
         if checkpoint is None:
@@ -128,9 +139,18 @@ def newest_loadable(checkpoints: RunCheckpoints) -> Path | None:
     return None
 
 
-def check_resumable(checkpoint: Path, cfg: RunConfig, world_size: int, engine_kind: str) -> int:
+def check_resumable(
+    checkpoint: Path, cfg: RunConfig, world_size: int, engine_kind: str, corpus: dict | None = None
+) -> int:
     """The step of ``checkpoint`` after checking that this run may continue from it."""
     state = RunCheckpoints.load_trainer_state(checkpoint)
+    changes = corpus_changes(state.get("corpus"), corpus) if corpus is not None else []
+    if changes:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: data.path={cfg.data.path} is not the corpus it trained on "
+            f"(changed: {'; '.join(changes)}); resume on that corpus, or train on this one under another "
+            "train.name (or with checkpoint.resume=never)"
+        )
     diffs = config_differences(state["config"], cfg.to_dict())
     if diffs:
         raise ConfigError(

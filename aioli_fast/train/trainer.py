@@ -260,7 +260,14 @@ class _Run:
     # ---------------------------------------------------------------------------------------- setup
 
     def _prepare_run_dir(self) -> Path | None:
-        return prepare_run_dir(self.cfg, self.run_dir, self.checkpoints, self.info, self.engine.kind)
+        return prepare_run_dir(
+            self.cfg,
+            self.run_dir,
+            self.checkpoints,
+            self.info,
+            self.engine.kind,
+            self.manifest.fingerprint(self.domains),
+        )
 
     def _say(self, message: str, bar=None) -> None:
         """A line on stderr from rank 0 (through the progress bar when one is drawn)."""
@@ -279,6 +286,7 @@ class _Run:
             "world_size": self.info.world_size,
             "engine": self.engine.kind,
             "domains": list(self.domains),
+            "corpus": self.manifest.fingerprint(self.domains),
             "stream": self.stream.state_dict(),
             "loop": {
                 "total_tokens": self.total_tokens,
