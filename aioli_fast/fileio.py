@@ -6,8 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -102,3 +104,85 @@ def say(message: str, bar=None) -> None:
         bar.write(message, file=sys.stderr)
     else:
         print(message, file=sys.stderr, flush=True)
+
+
+class FolderLock:
+    """One process at a time in a folder: a lock file (``LOCK_NAME``) created with ``O_EXCL`` that
+    names its holder (process id, host, start time), removed by :meth:`release`.
+
+    A lock left by a process that is gone (killed, its machine rebooted) is stale: on the holder's host
+    the process id is checked, and a stale lock is taken over with a line saying so. A lock held from
+    another host cannot be checked from here: it is refused, naming the holder and the file to remove if
+    that process is gone.
+    """
+
+    LOCK_NAME = ".lock"
+
+    def __init__(self, folder: str | Path, what: str = "folder"):
+        self.path = Path(folder) / self.LOCK_NAME
+        self.what = what
+        self.held = False
+
+    def acquire(self) -> FolderLock:
+        """Take the lock, or raise AioliError naming the process that holds it."""
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or not self._stale(holder):
+                    raise AioliError(self._busy(holder)) from None
+                # the holder is gone: move its lock aside (one process wins the rename), then try again
+                aside = self.path.with_name(f"{self.LOCK_NAME}.stale-{os.getpid()}")
+                try:
+                    os.replace(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                aside.unlink(missing_ok=True)
+                say(
+                    f"note: {self.what} {self.path.parent} was locked by process {holder['pid']} on "
+                    f"{holder['host']} (since {holder.get('since', '?')}), which is gone: lock taken over"
+                )
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise AioliError(self._busy(self._holder()))
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # being written, or vanished: treated as held
+        return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, another user's
+        return False
+
+    def _busy(self, holder: dict | None) -> str:
+        who = (
+            f"process {holder['pid']} on {holder['host']} (since {holder.get('since', '?')})"
+            if holder
+            else "another process"
+        )
+        return (
+            f"{self.what} {self.path.parent} is in use by {who}: two runs must not write the same folder. "
+            f"Wait for it, or choose another name; if that process is gone, remove {self.path}"
+        )
+
+    def release(self) -> None:
+        """Remove the lock (once; nothing if it is not held)."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

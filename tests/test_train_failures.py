@@ -259,3 +259,50 @@ def test_a_damaged_held_out_shard_stops_the_run_at_start_up(corpus, tmp_path):
     ):
         train(config_from_dict(cfg))
     assert not (damaged / "runs" / "damaged-val" / "metrics.jsonl").exists()  # before any training
+
+
+def _train_cli(corpus_root, name, *overrides, **popen):
+    from helpers import TINY_TRAIN_OVERRIDES
+
+    args = [sys.executable, "-m", "aioli_fast", "train", f"data.path={corpus_root / 'corpus'}"]
+    args += [*TINY_TRAIN_OVERRIDES, f"train.out_dir={corpus_root / 'runs'}", f"train.name={name}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def test_a_second_run_into_the_same_run_directory_exits_naming_the_first(corpus):
+    """Two `aioli-fast train` of the same train.name at once: the second exits 2 naming the process that
+    holds the run directory, before touching it; the first finishes with every step logged once."""
+    import time
+
+    first = _train_cli(corpus, "locked", "train.steps=300")
+    lock = corpus / "runs" / "locked" / ".lock"
+    deadline = time.time() + 120
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.communicate()[1]
+    second = _train_cli(corpus, "locked", "train.steps=300")
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2
+    assert f"run directory {corpus / 'runs' / 'locked'} is in use by process {first.pid} on" in err, err
+    assert "Traceback" not in err
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    steps = [json.loads(line)["step"] for line in (corpus / "runs" / "locked" / "metrics.jsonl").open()]
+    steps = [s for s in steps if isinstance(s, int)]
+    assert len(steps) == len(set(steps)) and not lock.exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(corpus):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = corpus / "runs" / "stale"
+    folder.mkdir(parents=True)
+    import socket
+
+    (folder / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+    run = _train_cli(corpus, "stale")
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert f"was locked by process {dead.pid} on {socket.gethostname()} (since x), which is gone" in err
+    assert (folder / "final.json").exists() and not (folder / ".lock").exists()

@@ -51,7 +51,7 @@ from ..distributed import (
 from ..driver import MixingDriver
 from ..errors import AioliError, ConfigError
 from ..evaluation import evaluate, format_table, probe_batches
-from ..fileio import atomic_write_json, progress_bar, say
+from ..fileio import FolderLock, atomic_write_json, ensure_writable_dir, progress_bar, say
 from ..mixing import MIXERS
 from .checkpoint import CheckpointWriteError, RunCheckpoints, save_checkpoint, set_rng_state
 from .components import (
@@ -256,6 +256,7 @@ class _Run:
         self.launch_tokens = 0  # trained by this process launch (throughput after a resume)
         self.resumed_from = None
         self.resumed_checkpoint: Path | None = None
+        self._lock: FolderLock | None = None  # rank 0's lock of the run directory
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -339,6 +340,19 @@ class _Run:
     # ---------------------------------------------------------------------------------------- loop
 
     def run(self) -> RunResult:
+        on_rank0(self._lock_run_dir, self.info.rank)  # every rank stops if another run holds it
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run directory's lock (a second run into it exits naming the first)."""
+        ensure_writable_dir(self.run_dir, "run directory")
+        self._lock = FolderLock(self.run_dir, "run directory").acquire()
+
+    def _run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         checkpoint = self._prepare_run_dir()
         log = MetricsLog(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
