@@ -118,9 +118,10 @@ class FolderLock:
 
     LOCK_NAME = ".lock"
 
-    def __init__(self, folder: str | Path, what: str = "folder"):
-        self.path = Path(folder) / self.LOCK_NAME
+    def __init__(self, folder: str | Path, what: str = "folder", name: str = LOCK_NAME, target=None):
+        self.path = Path(folder) / name
         self.what = what
+        self.target = Path(target) if target is not None else Path(folder)  # what the messages name
         self.held = False
 
     def acquire(self) -> FolderLock:
@@ -141,7 +142,7 @@ class FolderLock:
                     continue
                 aside.unlink(missing_ok=True)
                 say(
-                    f"note: {self.what} {self.path.parent} was locked by process {holder['pid']} on "
+                    f"note: {self.what} {self.target} was locked by process {holder['pid']} on "
                     f"{holder['host']} (since {holder.get('since', '?')}), which is gone: lock taken over"
                 )
                 continue
@@ -177,7 +178,7 @@ class FolderLock:
             else "another process"
         )
         return (
-            f"{self.what} {self.path.parent} is in use by {who}: two runs must not write the same folder. "
+            f"{self.what} {self.target} is in use by {who}: two processes must not write it at once. "
             f"Wait for it, or choose another name; if that process is gone, remove {self.path}"
         )
 

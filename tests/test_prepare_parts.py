@@ -253,3 +253,32 @@ def test_a_part_that_does_not_belong_changes_nothing(tmp_path):
         prepare(domains, tmp_path / "single", **KW)["domains"]
         == json.loads((out / "manifest.json").read_text())["domains"]
     )
+
+
+def test_combines_racing_the_last_part_end_in_one_corpus_and_one_line_each(tmp_path):
+    """The last part's own combine and hand-run ones at the same time: one writes the corpus, every
+    other one exits 0 (combined already) or 2 with one line, and nothing stray is left in the corpus."""
+    domains = write_raw(tmp_path / "raw", documents=400, files=10)
+    out = tmp_path / "corpus"
+    assert prepare(domains, out, **KW, part=(0, 2)) is None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    last = subprocess.Popen(
+        [sys.executable, "-m", "aioli_fast", *_cli_args(domains, out)[0:], "--part", "1/2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    combines = []
+    while last.poll() is None or len(combines) < 6:
+        cmd = [sys.executable, "-m", "aioli_fast", "combine", str(out), "--quiet"]
+        combines.append(
+            subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        )
+        time.sleep(0.05)
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in [last, *combines]]
+    for code, err in results:
+        assert "Traceback" not in err, err
+        assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1), err
+    assert (out / "manifest.json").exists(), results
+    assert json.loads((out / "manifest.json").read_text()) == prepare(domains, tmp_path / "single", **KW)
+    assert not list(out.rglob("*.tmp")) and not list(tmp_path.glob("*.lock")), list(out.rglob("*.tmp"))

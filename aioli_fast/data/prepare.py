@@ -38,6 +38,7 @@ import numpy as np
 from .. import __version__
 from ..errors import AioliError, DataError
 from ..fileio import (
+    FolderLock,
     atomic_write,
     atomic_write_bytes,
     atomic_write_json,
@@ -572,18 +573,16 @@ def _combine_if_last(final: Path, out: Path, progress: bool) -> dict | None:
                 f"writes the corpus (or run: aioli-fast combine {final})"
             )
         return None
-    lock = out / ".combine.lock"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if progress:
-            say(f"prepare: another part is writing the corpus (if it failed: aioli-fast combine {final})")
-        return None  # another part finished at the same moment and assembles it
-    os.close(fd)
     try:
         return combine(final, progress=progress)
-    finally:
-        lock.unlink(missing_ok=True)  # (after a failure the same command, or combine, tries again)
+    except CombineBusy:
+        if progress:
+            say(f"prepare: another process is writing the corpus (if it failed: aioli-fast combine {final})")
+        return None  # another part finished at the same moment, or a hand-run combine, assembles it
+
+
+class CombineBusy(AioliError):
+    """Another process holds the corpus's combine lock."""
 
 
 def combine(out_dir: str | Path, progress: bool = True) -> dict:
@@ -595,6 +594,25 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
     into place."""
     final = Path(out_dir)
     out = _staging(final)
+    # one combine at a time (the last part's own and a hand-run one may race): the lock lies beside the
+    # staging folder, so it stays while the folder is renamed into place
+    lock = FolderLock(final.parent, "corpus", name=f".{final.name}.combine.lock", target=final)
+    try:
+        lock.acquire()
+    except AioliError as exc:
+        raise CombineBusy(str(exc)) from None
+    try:
+        if not out.is_dir() and (final / MANIFEST_NAME).exists():
+            if progress:
+                say(f"prepare: {final} was combined already (by another process)")
+            return json.loads((final / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return _combine(final, out, progress)
+    finally:
+        lock.release()
+
+
+def _combine(final: Path, out: Path, progress: bool) -> dict:
+    """:func:`combine` once it holds the lock."""
     if not out.is_dir():
         raise AioliError(
             f"no parts to combine: {out} does not exist (prepare the parts with --part I/N first)"
@@ -651,7 +669,7 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
 
     tok = load_tokenizer(first["settings"]["tokenizer"])
     manifest = _assemble(out, [found[i] for i in range(n)], tok)
-    (out / ".combine.lock").unlink(missing_ok=True)
+    (out / ".combine.lock").unlink(missing_ok=True)  # of an earlier version, which kept it there
     ensure_writable_dir(final)
     _replace_folder(out, final)
     if progress:
