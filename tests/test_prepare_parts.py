@@ -27,7 +27,14 @@ from aioli_fast.data.prepare import _load_state, part_from_environment, prepare
 from aioli_fast.errors import AioliError
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = (ROOT / "README.md").read_text(encoding="utf-8").split()
+# fixed text, so that the corpora (and which documents the content hash puts in val and test) do not
+# change when the package's own files do
+_SYLLABLES = ["ka", "lo", "mi", "ne", "tu", "ra", "si", "po", "de", "fu", "ga", "hi"]
+WORDS = [a + b + c for a in _SYLLABLES for b in _SYLLABLES[::-1] for c in ("", "n", "s")]
+_SOURCE = "".join(
+    f"def {WORDS[i % 432]}_{i}(x, y={i % 7}):\n    return {WORDS[(i * 7) % 432]}(x) + y * {i % 13}\n\n"
+    for i in range(400)
+)
 
 
 def write_raw(root: Path, documents: int = 1500, files: int = 40) -> dict[str, list[str]]:
@@ -39,7 +46,7 @@ def write_raw(root: Path, documents: int = 1500, files: int = 40) -> dict[str, l
             start = (i * 37) % len(WORDS)
             words = WORDS[start : start + 20 + (i * 13) % 150]
             f.write(json.dumps({"text": f"page {i}: " + " ".join(words)}) + "\n")
-    source = (ROOT / "aioli_fast" / "data" / "prepare.py").read_text(encoding="utf-8")
+    source = _SOURCE
     for i in range(files):
         (root / "code" / f"m{i:03d}.py").write_text(source[: 2000 + 400 * i], encoding="utf-8")
     return {"web": [str(root / "web")], "code": [str(root / "code")]}
@@ -282,3 +289,52 @@ def test_combines_racing_the_last_part_end_in_one_corpus_and_one_line_each(tmp_p
     assert (out / "manifest.json").exists(), results
     assert json.loads((out / "manifest.json").read_text()) == prepare(domains, tmp_path / "single", **KW)
     assert not list(out.rglob("*.tmp")) and not list(tmp_path.glob("*.lock")), list(out.rglob("*.tmp"))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the pool's workers")
+def test_the_pool_workers_of_a_killed_prepare_end_quietly(tmp_path):
+    """kill -9 of `prepare --workers 2`: its pool workers end with it, without a BrokenPipeError
+    traceback each; the same command then gives the uninterrupted corpus (as with one worker)."""
+    domains = write_raw(tmp_path / "raw", documents=4000, files=40)
+    out = tmp_path / "corpus"
+    args = _cli_args(domains, out)
+    args[args.index("--block-mb") + 1] = str(20_000 / 2**20)
+    args[args.index("--workers") + 1] = "2"
+    cmd = [sys.executable, "-m", "aioli_fast", *args]
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    deadline = time.monotonic() + 120
+    while (
+        _state_blocks(tmp_path / ".corpus.partial") < 2
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert proc.poll() is None and len(workers) >= 2, "prepare finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{w}").exists() for w in workers), "the pool's workers outlived prepare"
+    err = proc.stderr.read()  # the workers' stderr is this pipe too: it closes when the last one ends
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    reference = tmp_path / "reference"
+    assert corpus_files(out) == corpus_files(
+        prepare(domains, reference, **{**KW, "block_bytes": 20_000}) and reference
+    )

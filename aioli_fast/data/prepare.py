@@ -20,6 +20,7 @@ into place when every domain is done.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import glob
 import hashlib
@@ -718,7 +719,22 @@ def _init_worker(name: str, eos_token: str | None) -> None:
     _WORKER_TOKENIZER = get_tokenizer(name, eos_token=eos_token)
 
 
-def _init_pool_worker(name: str, eos_token: str | None) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """End this pool worker, silently, when its parent dies (a kill -9 of ``prepare``): on Linux the
+    kernel sends it SIGKILL then (``PR_SET_PDEATHSIG``). Otherwise it would tokenize on and print a
+    BrokenPipeError traceback when it hands in its next result."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(0)
+
+
+def _init_pool_worker(name: str, eos_token: str | None, parent: int) -> None:
+    _exit_with_parent(parent)
     # Ctrl-C sends SIGINT to every process of the terminal's process group. The parent handles it (it
     # stops the pool); a worker that took it would print a traceback, and could die holding the task
     # queue's lock, which hangs Pool.terminate(). SIGINT is blocked from before the fork (_start_pool).
@@ -736,7 +752,7 @@ def _start_pool(workers: int, tok_args: tuple):
     mask = hasattr(signal, "pthread_sigmask")
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if mask else None
     try:
-        return ctx.Pool(workers, initializer=_init_pool_worker, initargs=tok_args)
+        return ctx.Pool(workers, initializer=_init_pool_worker, initargs=(*tok_args, os.getpid()))
     finally:
         if mask:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
