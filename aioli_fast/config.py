@@ -212,6 +212,9 @@ class CheckpointSection:
     resume: str = "auto"  # auto (the run directory's latest checkpoint, if any) | never | PATH
     on_sigterm: bool = True  # SIGTERM: finish the step, write a checkpoint, exit with status 143
     dir: str | None = None  # default: RUN_DIR/checkpoints (must be shared by all nodes)
+    # resume on a corpus other than the checkpoint's (prepared again) on purpose: the model, optimizer and
+    # mixer continue, the data stream starts afresh on the new corpus at the resumed step
+    new_corpus: bool = False
 
     def check(self) -> None:
         if self.every < 0:

@@ -323,3 +323,7 @@ def test_resume_refuses_a_corpus_prepared_again_under_the_same_names(tmp_path, c
     with pytest.raises(ConfigError, match=r"is not the corpus it trained on \(changed: .*") as info:
         train(config_from_dict(resumed))
     assert expected in str(info.value) and "another train.name" in str(info.value)
+    # on purpose: the model continues, the stream starts afresh on the new corpus at the resumed step
+    resumed["checkpoint"]["new_corpus"] = True
+    result = train(config_from_dict(resumed))
+    assert result.final["resumed_from_step"] == 3 and result.final["steps"] == 18

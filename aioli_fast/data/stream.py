@@ -721,6 +721,14 @@ class MixtureStream:
         self.step = self._next_plan_step = step
         self._snapshots, self._expected, self._global_ids = {}, {}, {}
 
+    def start_at(self, step: int) -> None:
+        """Begin a fresh stream (every domain from the start of its first pass, as the seed orders it) at
+        global step ``step``, with the current proportions: for a run that resumes on another corpus on
+        purpose, where the saved positions would mean nothing. Before any batch is drawn."""
+        state = self.state_dict()
+        state.update(step=int(step), schedule=[], exact=[])
+        self.load_state_dict(state)
+
     def _relayout(self, old_world: int) -> None:
         old_lanes, old_layouts = self._lanes, self._layouts
         self._set_layout(self.world_size)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data import load_manifest
+from ..data import corpus_changes, load_manifest
 from ..device import resolve_precision
 from ..distributed import (
     all_reduce_,
@@ -314,8 +314,14 @@ class _Run:
                 "earlier checkpoint with checkpoint.resume=PATH, or set checkpoint.resume=never"
             ) from exc
         self.mixer.load_state_dict(own["mixer"])
-        self.stream.load_state_dict(state["stream"])
         loop = state["loop"]
+        if corpus_changes(state.get("corpus"), self.manifest.fingerprint(self.domains)):
+            # checkpoint.new_corpus (checked when the run directory was prepared): the saved positions
+            # are of another corpus; a fresh stream of this one, from the resumed step
+            self.stream.start_at(state["step"])
+            loop = {**loop, "scheduled_until": 0}
+        else:
+            self.stream.load_state_dict(state["stream"])
         self.step = self.resumed_from = state["step"]
         self.resumed_checkpoint = checkpoint
         self.total_tokens = loop["total_tokens"]
