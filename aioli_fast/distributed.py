@@ -33,6 +33,10 @@ class CollectiveError(RuntimeError):
     """
 
 
+# torch.OutOfMemoryError exists from torch 2.5; the CUDA one before
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 @contextlib.contextmanager
 def collectives() -> Iterator[None]:
     """Inside: code whose failures in a job of several processes come from its collectives (gloo
@@ -40,7 +44,7 @@ def collectives() -> Iterator[None]:
     out of memory is not a collective's failure and leaves as it is."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         raise
     except RuntimeError as exc:
         if isinstance(exc, CollectiveError) or not is_multiprocess():

@@ -93,14 +93,19 @@ class MixingDriver:
         world_size: int = 1,
         lockstep: bool = False,
         precision: str = "fp32",
+        device: torch.device | str | None = None,
         on_error: str = "raise",
         window: DomainSums | None = None,
     ) -> MixingDriver:
         """A driver over a new stream of ``manifest`` for ``mixer`` (over ``mixer.domains``), as
         ``options`` say: ``step_rows`` sequences of this rank per step, and the held-out measurement the
-        mixer asks for (on ``options.eval_split``, which the corpus must have), run with ``precision`` and,
-        with ``lockstep``, the same number of forwards on every rank (sharded models)."""
+        mixer asks for (on ``options.eval_split``, which the corpus must have), run on ``device`` (default
+        the mixer's) with ``precision`` and, with ``lockstep``, the same number of forwards on every rank
+        (sharded models); the log window lives on ``device`` too."""
         o = options
+        device = torch.device(device) if device is not None else mixer.device
+        if window is None:
+            window = DomainSums.zeros(mixer.num_domains, device)
         measure = None
         if mixer.measurement in ("probe", "full_val"):
             measure = Measurement(
@@ -111,7 +116,7 @@ class MixingDriver:
                 probe_sequences=o.probe_sequences,
                 batch_size=o.eval_batch_size,
                 max_sequences=o.eval_max_sequences,
-                device=mixer.device,
+                device=device,
                 precision=precision,
                 rank=rank,
                 world_size=world_size,

@@ -3,6 +3,7 @@ progress output of long commands (a tqdm bar on a terminal, lines otherwise)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -106,14 +107,26 @@ def say(message: str, bar=None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), or None where it cannot be
+    read (not Linux, no such process): with the boot id, what tells a process from a later one that got
+    the same id after a restart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return None
+    return f"{boot}:{fields[19]}"
+
+
 class FolderLock:
     """One process at a time in a folder: a lock file (``LOCK_NAME``) created with ``O_EXCL`` that
     names its holder (process id, host, start time), removed by :meth:`release`.
 
-    A lock left by a process that is gone (killed, its machine rebooted) is stale: on the holder's host
-    the process id is checked, and a stale lock is taken over with a line saying so. A lock held from
-    another host cannot be checked from here: it is refused, naming the holder and the file to remove if
-    that process is gone.
+    A lock left by a process that is gone (killed, its machine or container restarted) is stale: on the
+    holder's host the process is looked up by its id and its start, and a stale lock is taken over with a
+    line saying so. A lock held from another host cannot be checked from here: it is refused, naming the
+    holder and the file to remove if that process is gone.
     """
 
     LOCK_NAME = ".lock"
@@ -123,10 +136,13 @@ class FolderLock:
         self.what = what
         self.target = Path(target) if target is not None else Path(folder)  # what the messages name
         self.held = False
+        self._me: dict = {}
 
     def acquire(self) -> FolderLock:
         """Take the lock, or raise AioliError naming the process that holds it."""
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        pid = os.getpid()
+        me = {"pid": pid, "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me["start"] = _process_start(pid)
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -134,13 +150,8 @@ class FolderLock:
                 holder = self._holder()
                 if holder is None or not self._stale(holder):
                     raise AioliError(self._busy(holder)) from None
-                # the holder is gone: move its lock aside (one process wins the rename), then try again
-                aside = self.path.with_name(f"{self.LOCK_NAME}.stale-{os.getpid()}")
-                try:
-                    os.replace(self.path, aside)
-                except FileNotFoundError:
-                    continue
-                aside.unlink(missing_ok=True)
+                if not self._take_over(holder):
+                    continue  # another process took it over first: look again
                 say(
                     f"note: {self.what} {self.target} was locked by process {holder['pid']} on "
                     f"{holder['host']} (since {holder.get('since', '?')}), which is gone: lock taken over"
@@ -148,9 +159,29 @@ class FolderLock:
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(me, f)
-            self.held = True
+            self.held, self._me = True, me
             return self
         raise AioliError(self._busy(self._holder()))
+
+    def _take_over(self, stale: dict) -> bool:
+        """Remove the stale lock ``stale``; False when the file there is another one by now (a process
+        that judged the same lock stale replaced it first), which is then left as it is."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            moved = None
+        if moved != stale:  # a live lock moved aside by mistake: put it back where it was
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
 
     def _holder(self) -> dict | None:
         try:
@@ -163,13 +194,16 @@ class FolderLock:
     def _stale(holder: dict) -> bool:
         if holder.get("host") != socket.gethostname():
             return False
+        if holder["pid"] == os.getpid():
+            return True  # this process did not take it: an earlier one with the same id (a restart)
         try:
             os.kill(holder["pid"], 0)
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False  # alive, another user's
-        return False
+            pass  # alive, another user's
+        started = holder.get("start")
+        return started is not None and _process_start(holder["pid"]) not in (None, started)
 
     def _busy(self, holder: dict | None) -> str:
         who = (
@@ -183,7 +217,8 @@ class FolderLock:
         )
 
     def release(self) -> None:
-        """Remove the lock (once; nothing if it is not held)."""
+        """Remove the lock if it is still this process's (once; nothing if it is not held)."""
         if self.held:
-            self.path.unlink(missing_ok=True)
+            if self._holder() == self._me:
+                self.path.unlink(missing_ok=True)
             self.held = False

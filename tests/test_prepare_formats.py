@@ -215,10 +215,14 @@ def test_a_json_file_of_other_json_is_still_one_text_document(tmp_path):
     config = tmp_path / "package.json"
     config.write_text(json.dumps({"name": "x", "scripts": {"test": "pytest"}}, indent=2))
     assert json_layout(config) == "text"
+    vocab = tmp_path / "vocab.json"  # one object on one line, without the text field
+    vocab.write_text(json.dumps({"a": 0, "b": 1}))
+    assert json_layout(vocab) == "text" and json_layout(vocab, text_field="a") == "lines"
     lines = tmp_path / "big.json"
     lines.write_text(jsonl(TEXTS), encoding="utf-8")
     assert json_layout(lines) == "lines"
     blocks = plan_blocks("d", [lines], block_bytes=4096)
     assert len(blocks) > 1 and all(b.end >= 0 for b in blocks)
-    manifest = prepare({"d": [str(config)] * 1 + [str(lines)]}, tmp_path / "corpus", val_fraction=0, **KW)
-    assert manifest["domains"][0]["documents"] == len(TEXTS) + 1
+    inputs = [str(config), str(vocab), str(lines)]
+    manifest = prepare({"d": inputs}, tmp_path / "corpus", val_fraction=0, **KW)
+    assert manifest["domains"][0]["documents"] == len(TEXTS) + 2

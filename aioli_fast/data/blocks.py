@@ -68,11 +68,12 @@ JSON_SUFFIXES = (".json", ".json.gz")
 SNIFF_CHARS = 1 << 20
 
 
-def json_layout(path: Path | str) -> str:
+def json_layout(path: Path | str, text_field: str = "text") -> str:
     """How a ``.json`` / ``.json.gz`` file holds documents, from its start: ``array`` (one JSON array of
-    records, read whole), ``lines`` (JSON lines: the first line is a JSON object, as ``datasets``'
-    ``to_json`` writes), else ``text`` for ``.json`` (any other JSON, such as a ``package.json``: the whole
-    file is one document) and ``lines`` for ``.json.gz`` (which was always read as JSON lines)."""
+    records, read whole), ``lines`` (JSON lines: the first line is a JSON object with ``text_field``, as
+    ``datasets``' ``to_json`` writes), else ``text`` for ``.json`` (any other JSON, such as a
+    ``package.json`` or a tokenizer's ``vocab.json``: the whole file is one document) and ``lines`` for
+    ``.json.gz`` (which was always read as JSON lines)."""
     path = Path(path)
     try:
         with _open_text(path) as f:
@@ -85,24 +86,25 @@ def json_layout(path: Path | str) -> str:
     fallback = "lines" if str(path).endswith(".gz") else "text"
     first, newline, _ = start.partition("\n")
     if not newline and len(head) == SNIFF_CHARS:  # a first line longer than the sniff: by its start
-        return "lines" if first.startswith("{") else fallback
+        return "lines" if first.startswith("{") and f'"{text_field}"' in first else fallback
     try:
-        return "lines" if isinstance(json.loads(first), dict) else fallback
+        record = json.loads(first)
     except json.JSONDecodeError:
         return fallback
+    return "lines" if isinstance(record, dict) and text_field in record else fallback
 
 
-def is_jsonl(path: Path | str) -> bool:
+def is_jsonl(path: Path | str, text_field: str = "text") -> bool:
     """Whether a file holds one document per JSON line (or per record of a JSON array)."""
     if str(path).endswith(JSON_SUFFIXES):
-        return json_layout(path) != "text"
+        return json_layout(path, text_field) != "text"
     return str(path).endswith(JSONL_SUFFIXES)
 
 
-def _splittable(path: Path) -> bool:
+def _splittable(path: Path, text_field: str = "text") -> bool:
     """A file whose documents can be read from any byte offset: uncompressed JSON lines."""
     if str(path).endswith(".json"):
-        return json_layout(path) == "lines"
+        return json_layout(path, text_field) == "lines"
     return is_jsonl(path) and not str(path).endswith((".gz", *ZSTD_JSONL_SUFFIXES))
 
 
@@ -124,8 +126,11 @@ def _json_array_texts(path: Path, text_field: str) -> Iterator[str]:
         yield replace_surrogates(text)
 
 
-def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) -> list[Block]:
-    """The blocks of a domain's (sorted) input files, from their sizes alone."""
+def plan_blocks(
+    domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES, text_field: str = "text"
+) -> list[Block]:
+    """The blocks of a domain's (sorted) input files, from their sizes (and the start of a large
+    ``.json``, whose layout decides whether it can be cut by offset)."""
     blocks: list[Block] = []
     group: list[str] = []
     size = 0
@@ -140,7 +145,7 @@ def plan_blocks(domain: str, files: list[Path], block_bytes: int = BLOCK_BYTES) 
         n = path.stat().st_size
         if n > block_bytes:  # a block of its own: cut by offset, or read as a stream in segments
             close_group()
-            if _splittable(path):
+            if _splittable(path, text_field):
                 for start in range(0, n, block_bytes):
                     blocks.append(
                         Block(domain, len(blocks), (str(path),), start, min(start + block_bytes, n))
@@ -195,12 +200,12 @@ def iter_documents(path: Path, text_field: str = "text") -> Iterator[str]:
             if line.strip():
                 yield _json_text(line, path, lineno, text_field)
         return
-    if str(path).endswith(JSON_SUFFIXES) and json_layout(path) == "array":
+    if str(path).endswith(JSON_SUFFIXES) and json_layout(path, text_field) == "array":
         yield from _json_array_texts(path, text_field)
         return
     try:
         with _open_text(path) as f:
-            if not is_jsonl(path):
+            if not is_jsonl(path, text_field):
                 yield f.read()
                 return
             for lineno, line in enumerate(f, 1):
@@ -376,7 +381,7 @@ def prepare_block(job: BlockJob, tok, document_hash, assign_splits, check_splits
 
                 def doc_name(i: int, origins=origins) -> str:
                     path = block.files[origins[i]]
-                    return f"a document of {path}" if is_jsonl(path) else str(path)
+                    return f"a document of {path}" if is_jsonl(path, job.text_field) else str(path)
 
                 check_splits(
                     block.domain,

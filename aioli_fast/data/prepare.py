@@ -898,7 +898,7 @@ def _prepare_into(
     dtype = token_dtype(tok.vocab_size)
     domains = {}
     for name, (files, skipped) in inputs.items():
-        blocks = plan_blocks(name, files, block_bytes)
+        blocks = plan_blocks(name, files, block_bytes, fields[name])
         domains[name] = {
             "fingerprint": _fingerprint(settings, name, files, blocks),
             "blocks": len(blocks),

@@ -231,6 +231,7 @@ class OnlineMixing:
             rank=rank,
             world_size=world_size,
             lockstep=lockstep,
+            device=self.device,
         )
         self.stream = self.driver.stream
         self.step_tokens = 0  # counted tokens of this rank's batch of the step drawn last

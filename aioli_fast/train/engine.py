@@ -252,6 +252,7 @@ class DeepSpeedEngine(_Engine):
             )
         self.config = deepspeed_config(cfg, world_size, micro, micro_steps, precision)
         self.device, self.precision = device, precision
+        self.zero_stage = cfg.engine.zero_stage
         model = model.to(device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
@@ -268,11 +269,13 @@ class DeepSpeedEngine(_Engine):
     def loss_scaling(self) -> bool:
         return bool(self.config.get("fp16", {}).get("enabled", False))
 
-    # forward (ZeRO-3 gathers weights), backward (gradient reduction) and step run DeepSpeed's collectives:
-    # over several processes their failures are lost peers (CollectiveError)
+    # backward (gradient reduction), step and, under ZeRO-3 (which gathers the weights), forward run
+    # DeepSpeed's collectives: over several processes their failures are lost peers (CollectiveError)
 
     def forward(self, *args, **kwargs) -> ModelOutput:
         # bf16 runs hold bf16 weights (DeepSpeed's bf16 mode); the loss kernels compute in fp32
+        if self.zero_stage != 3:
+            return self.engine(*args, **kwargs)  # no collective: a failure here is the model's
         with collectives():
             return self.engine(*args, **kwargs)
 

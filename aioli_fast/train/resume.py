@@ -144,19 +144,6 @@ def check_resumable(
 ) -> int:
     """The step of ``checkpoint`` after checking that this run may continue from it."""
     state = RunCheckpoints.load_trainer_state(checkpoint)
-    changes = corpus_changes(state.get("corpus"), corpus) if corpus is not None else []
-    if changes and not cfg.checkpoint.new_corpus:
-        raise ConfigError(
-            f"cannot resume from {checkpoint}: data.path={cfg.data.path} is not the corpus it trained on "
-            f"(changed: {'; '.join(changes)}); resume on that corpus, train on this one under another "
-            "train.name (or with checkpoint.resume=never), or set checkpoint.new_corpus=true to continue "
-            "the model on it with a fresh data stream"
-        )
-    if changes:
-        say(
-            f"note: resuming from {checkpoint} on another corpus ({'; '.join(changes)}): "
-            "checkpoint.new_corpus=true, the data stream starts afresh on it"
-        )
     diffs = config_differences(state["config"], cfg.to_dict())
     if diffs:
         raise ConfigError(
@@ -173,5 +160,18 @@ def check_resumable(
         raise ConfigError(
             f"cannot resume from {checkpoint}: it is at step {state['step']}, beyond "
             f"train.steps={cfg.train.steps}"
+        )
+    changes = corpus_changes(state.get("corpus"), corpus) if corpus is not None else []
+    if changes and not cfg.checkpoint.new_corpus:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: data.path={cfg.data.path} is not the corpus it trained on "
+            f"(changed: {'; '.join(changes)}); resume on that corpus, train on this one under another "
+            "train.name (or with checkpoint.resume=never), or set checkpoint.new_corpus=true to continue "
+            "the model on it with a fresh data stream"
+        )
+    if changes:
+        say(
+            f"note: resuming from {checkpoint} on another corpus ({'; '.join(changes)}): "
+            "checkpoint.new_corpus=true, the data stream starts afresh on it"
         )
     return state["step"]
