@@ -99,6 +99,19 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True):
     )
 
 
+def torch_file_damage(path: str | Path, name: str | None = None) -> str | None:
+    """Why a file ``torch.save`` wrote cannot be whole, or None: torch writes the zip directory last, so
+    a truncated or overwritten file fails this check without its tensors being read. ``name`` is what
+    the message calls the file (default: its path)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (OSError, zipfile.BadZipFile) as exc:
+        return f"{name or path} is damaged or truncated ({type(exc).__name__}: {exc})"
+
+
 def say(message: str, bar=None) -> None:
     """One line of progress or advice on stderr; through ``bar`` (a tqdm bar) when one is drawn."""
     if bar is not None:

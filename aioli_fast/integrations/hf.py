@@ -56,7 +56,6 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..data import Manifest, load_manifest
 from ..errors import AioliError, ConfigError
+from ..fileio import torch_file_damage
 from ..kernels import DomainLoss
 from ..options import MixingOptions
 from .common import CorpusSplit, OnlineMixing, model_logits
@@ -410,9 +410,7 @@ def _checkpoint_problem(folder: Path, world_size: int) -> str | None:
                 f"it has no {path.name} (its save was cut short, or it was not written by AioliTrainer "
                 f"with {world_size} process(es))"
             )
-        try:
-            with zipfile.ZipFile(path):
-                pass
-        except (OSError, zipfile.BadZipFile) as exc:
-            return f"{path.name} is damaged or truncated ({type(exc).__name__}: {exc})"
+        damage = torch_file_damage(path, path.name)
+        if damage is not None:
+            return damage
     return None

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 
 from ..distributed import all_ok, gather_objects, on_rank0, to_cpu
 from ..errors import AioliError
-from ..fileio import atomic_write, atomic_write_bytes
+from ..fileio import atomic_write, atomic_write_bytes, torch_file_damage
 from ..model import GPT, GPTConfig
 
 CHECKPOINT_FORMAT = 1
@@ -255,11 +254,9 @@ class RunCheckpoints:
         for file in sorted(Path(path).rglob("*.pt")):
             if file.name == "trainer.pt":
                 continue
-            try:
-                with zipfile.ZipFile(file):
-                    pass
-            except (OSError, zipfile.BadZipFile) as exc:
-                return f"{file.relative_to(path)} is damaged or truncated ({type(exc).__name__}: {exc})"
+            damage = torch_file_damage(file, str(file.relative_to(path)))
+            if damage is not None:
+                return damage
         return None
 
     @staticmethod
