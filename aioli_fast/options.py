@@ -35,7 +35,8 @@ class MixingOptions:
             measurements (None, or a split the corpus lacks: neither).
         eval_batch_size: sequences per forward in evaluation and full-validation measurements.
         eval_max_sequences: at most this many sequences per domain in evaluation and full-validation
-            measurements (None: the whole split).
+            measurements (None: the whole split). 64 by default, so that an evaluation costs about
+            ``D x 64 / eval_batch_size`` forwards whatever the size of the held-out split.
         probe_sequences: sequences per domain of the fixed probe (``measurement: probe``).
         num_workers: reader processes of the stream (0: read in the training process).
         prefetch_factor: batches each reader prepares ahead.
@@ -49,7 +50,7 @@ class MixingOptions:
     assignment: str = "categorical"
     eval_split: str | None = "val"
     eval_batch_size: int = 8
-    eval_max_sequences: int | None = None
+    eval_max_sequences: int | None = 64
     probe_sequences: int = 16
     num_workers: int = 0
     prefetch_factor: int = 2

@@ -254,7 +254,12 @@ def test_evaluation_never_feeds_the_mixer(corpus, tmp_path):
     before = trainer.mixer.state_dict()
 
     metrics = trainer.evaluate()
-    direct = evaluate(trainer.model, trainer.manifest, DOMAINS, "val", batch_size=8, device=CPU)
+    # bounded by default: the first 64 sequences of each domain (MixingOptions.eval_max_sequences)
+    direct = evaluate(
+        trainer.model, trainer.manifest, DOMAINS, "val", batch_size=8, device=CPU, max_sequences=64
+    )
+    whole = evaluate(trainer.model, trainer.manifest, DOMAINS, "val", batch_size=8, device=CPU)
+    assert any(direct["domains"][d]["tokens"] < whole["domains"][d]["tokens"] for d in DOMAINS)
     for d in DOMAINS:
         assert metrics[f"eval_loss/{d}"] == pytest.approx(direct["domains"][d]["loss"], rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(direct["average"]["loss"], rel=1e-5)
@@ -262,8 +267,8 @@ def test_evaluation_never_feeds_the_mixer(corpus, tmp_path):
     # through the Trainer's own loop and compute_loss (remove_unused_columns is on: domain_ids kept)
     dataset = CorpusSplitDataset(corpus, "val")
     own = trainer.evaluate(eval_dataset=dataset)
-    tokens = {d: direct["domains"][d]["tokens"] for d in DOMAINS}
-    token_mean = sum(direct["domains"][d]["loss"] * tokens[d] for d in DOMAINS) / sum(tokens.values())
+    tokens = {d: whole["domains"][d]["tokens"] for d in DOMAINS}  # the Trainer's loop reads it whole
+    token_mean = sum(whole["domains"][d]["loss"] * tokens[d] for d in DOMAINS) / sum(tokens.values())
     assert own["eval_loss"] == pytest.approx(token_mean, rel=1e-4)  # the stream's labels, not shifted again
     assert own["eval_domains_loss"] == pytest.approx(direct["average"]["loss"], rel=1e-5)
 

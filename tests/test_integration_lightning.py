@@ -136,10 +136,13 @@ def _metrics(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_aioli_moves_the_proportions_and_logs_per_domain_numbers(corpus, tmp_path):
+def test_aioli_moves_the_proportions_and_logs_per_domain_numbers(corpus, tmp_path, capsys):
     torch.manual_seed(0)
     model, dm = Recorder(_vocab(corpus)), _datamodule(corpus)
     _trainer(tmp_path, 20).fit(model, datamodule=dm)
+    err = capsys.readouterr().err
+    assert "aioli: 3 round(s) of 9 steps" in err  # the start-up line of `aioli-fast train`
+    assert "step 5: per-domain loss and proportion: ab " in err  # the console at each log step
     learned = dm.mixing.mixer.state_dict()["proportions"].tolist()
     assert max(abs(p - 1 / 3) for p in learned) > 0.01
     assert len(model.record) == 40  # 20 steps x 2 micro-batches
@@ -211,9 +214,12 @@ def test_validation_never_feeds_the_mixer(corpus, tmp_path):
         else:
             assert after[key] == value, key
     assert set(DOMAINS) == {k.split("/")[1] for k in metrics if k.startswith("val_ppl/")}
-    # the whole split once: the numbers of aioli_fast.train.evaluate on the same model
+    # each sequence of the bounded split (the first 64 of each domain, by default) once: the numbers of
+    # aioli_fast.train.evaluate on the same model
     model.eval()
-    reference = evaluate(model, load_manifest(corpus), DOMAINS, "val", batch_size=2, device="cpu")
+    reference = evaluate(
+        model, load_manifest(corpus), DOMAINS, "val", batch_size=2, device="cpu", max_sequences=64
+    )
     for d in DOMAINS:
         assert metrics[f"val_loss/{d}"] == pytest.approx(reference["domains"][d]["loss"], rel=1e-5)
     assert metrics["val_domains_ppl"] == pytest.approx(reference["average"]["ppl"], rel=1e-5)

@@ -55,12 +55,13 @@ def _run(corpus: Path, cwd: Path, dump: str, out: str, steps: int, *extra: str, 
     cmd = [*launcher, str(RUN), str(corpus), str(cwd / dump), str(cwd / out), str(steps), *extra]
     result = subprocess.run(cmd, env=_env(), cwd=cwd, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
 def whole_run(corpus, tmp_path_factory) -> tuple[Path, dict]:
     cwd = tmp_path_factory.mktemp("tt-whole")
-    _run(corpus, cwd, "dump", "whole.json", 12)
+    (cwd / "console.txt").write_text(_run(corpus, cwd, "dump", "whole.json", 12))
     return cwd, json.loads((cwd / "whole.json").read_text())
 
 
@@ -75,6 +76,9 @@ def test_aioli_trains_the_llama3_debug_model_and_evaluates_per_domain(whole_run)
     ev = run["eval"]
     assert {k for k in ev if k.startswith("val_ppl/")} == {"val_ppl/ab", "val_ppl/cd", "val_ppl/xyz"}
     assert all(1 < ev[f"val_ppl/{d}"] < 2048 for d in ("ab", "cd", "xyz"))
+    console = (cwd / "console.txt").read_text()
+    assert "aioli: " in console and "round(s) of" in console  # the start-up line of `aioli-fast train`
+    assert "per-domain loss and proportion: ab " in console  # on torchtitan's console at log steps
     assert sorted(p.name for p in (cwd / "dump" / "checkpoint").iterdir()) == [
         "step-12",
         "step-3",

@@ -40,6 +40,7 @@ from ..evaluation import (
     evaluate,
     split_batches,
 )
+from ..fileio import say
 from ..kernels import DomainLoss, domain_cross_entropy
 from ..mixing import DomainSums, Mixer, build_mixer
 from ..options import MixingOptions
@@ -223,6 +224,12 @@ class OnlineMixing:
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:
             warnings.warn(warning, stacklevel=3)
+        #: the start-up line ``aioli-fast train`` prints (rounds, LearnParams steps and share, and a
+        #: warning when the run is too short for a round's proportions); None when the run length is
+        #: unknown or the method has none
+        self.schedule_line = self.mixer.describe(total_steps) if total_steps else None
+        if self.schedule_line and rank == 0:
+            say(self.schedule_line)
         self.driver = MixingDriver.for_corpus(
             manifest,
             self.mixer,
@@ -315,6 +322,16 @@ class OnlineMixing:
         for key, value in self.mixer.metrics().items():
             logs[f"mixer/{key}"] = float(value)
         return logs
+
+    def console_line(self, logs: Mapping[str, float]) -> str:
+        """The per-domain part of :meth:`train_logs` on one line, for a console: each domain's mean
+        training loss since the previous log (``-`` without tokens) and its proportion."""
+        cells = []
+        for name in self.domains:
+            loss = logs.get(f"domain_loss/{name}")
+            shown = f"{loss:.3f}" if loss is not None else "-"
+            cells.append(f"{name} {shown} p={logs.get(f'proportions/{name}', float('nan')):.3f}")
+        return "per-domain loss and proportion: " + ", ".join(cells)
 
     def reset_window(self) -> None:
         """Forget the per-domain training losses gathered since the last :meth:`train_logs`."""

@@ -55,6 +55,7 @@ import torch
 from ..data import Manifest
 from ..distributed import gather_objects
 from ..errors import AioliError, ConfigError
+from ..fileio import say
 from ..mixing import DomainSums
 from ..options import MixingOptions
 from .common import CorpusSplit, OnlineMixing, model_logits, reduced_metrics
@@ -340,7 +341,11 @@ class AioliCallback(pl.Callback):
         every = trainer.log_every_n_steps
         if dm.step_finished and every and trainer.global_step % every == 0:
             # every rank gets here at the same step: the reduction inside is collective
-            pl_module.log_dict(dm._ready().train_logs(), on_step=True, on_epoch=False)
+            mixing = dm._ready()
+            logs = mixing.train_logs()
+            pl_module.log_dict(logs, on_step=True, on_epoch=False)
+            if trainer.is_global_zero:  # Lightning's console shows no logged metric: say them
+                say(f"step {trainer.global_step}: {mixing.console_line(logs)}")
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._datamodule(trainer)._val = None

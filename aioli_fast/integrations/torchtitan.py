@@ -50,6 +50,7 @@ from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.loss import BaseLoss
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import CompileConfig
+from torchtitan.tools.logging import logger
 from torchtitan.trainer import Trainer
 
 from ..data import load_manifest
@@ -273,7 +274,9 @@ class AioliTrainer(Trainer):
     def train_step(self, data_iterator):
         super().train_step(data_iterator)
         if self.metrics_processor.should_log(self.step):  # every rank: the reduction is collective
-            self.metrics_processor.logger.log(self.mixing.train_logs(), self.step)
+            logs = self.mixing.train_logs()
+            self.metrics_processor.logger.log(logs, self.step)
+            logger.info(f"step {self.step}: {self.mixing.console_line(logs)}")  # torchtitan's console
         every = self.config.aioli_eval_every
         if every and self.step % every == 0:
             model = self.model_parts[0]

@@ -53,6 +53,9 @@ def _full(p):
 
 
 def main(corpus, dump, out, steps, load_step=None):
+    from torchtitan.tools.logging import init_logger
+
+    init_logger()  # as torchtitan.train does: its console at INFO
     base = llama3_debugmodel()
     # FlexAttention has no backward on the CPU: the same model with SDPA
     for _, _, parent, attr in list(base.model_spec.model.traverse(FlexAttention.Config)):
