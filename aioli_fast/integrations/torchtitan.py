@@ -59,13 +59,34 @@ from ..kernels import DomainLoss
 from ..options import MixingOptions
 from .common import OnlineMixing, logits_from
 
-__all__ = ["AioliDataLoader", "AioliLoss", "AioliTrainer", "CorpusTokenizer", "aioli_config"]
+__all__ = [
+    "AioliDataLoader",
+    "AioliLoss",
+    "AioliTrainer",
+    "CorpusTokenizer",
+    "aioli_config",
+    "document_positions",
+]
 
 
 def _local(x: Any) -> Any:
     """The local shard of a DTensor (torchtitan's ``full_dtensor`` backend hands them to the loss)."""
     to_local = getattr(x, "to_local", None)
     return to_local() if callable(to_local) else x
+
+
+def document_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-token positions ``[B, T]`` (int64) of packed sequences ``[B, T]``, restarting at 0 at each
+    document: at a sequence's first token and after each end-of-document token, as torchtitan's own text
+    loaders give them. torchtitan builds the document masks of FlexAttention / varlen attention from
+    them, and the rotary embeddings read them."""
+    T = input_ids.shape[1]
+    index = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
 
 
 class CorpusTokenizer(BaseTokenizer):
@@ -162,7 +183,9 @@ class AioliDataLoader(BaseDataLoader):
             # torchtitan counts steps from 1 and has already advanced to the step being fetched
             batch = mixing.draw(trainer.step - 1, trainer.logits_of, trainer.model_parts[0])
             for micro in mixing.micro_batches(batch, self.local_batch_size):
-                yield {"input": micro["input_ids"], "domain_ids": micro["domain_ids"]}, micro["labels"]
+                ids = micro["input_ids"]
+                inputs = {"input": ids, "positions": document_positions(ids, self.manifest.eos_id)}
+                yield {**inputs, "domain_ids": micro["domain_ids"]}, micro["labels"]
 
     def state_dict(self) -> dict[str, Any]:
         trainer, mixing = self._ready()
@@ -251,7 +274,9 @@ class AioliTrainer(Trainer):
         """Logits of ``input_ids`` through torchtitan's own input preparation (DTensor inputs under
         ``full_dtensor``), as a local tensor; for measurements and evaluation."""
         seen = self.ntokens_seen
-        inputs, _, extra = self.post_dataloading_process({"input": input_ids.to(self.device)}, input_ids)
+        positions = document_positions(input_ids, self.mixing.manifest.eos_id).to(self.device)
+        batch = {"input": input_ids.to(self.device), "positions": positions}
+        inputs, _, extra = self.post_dataloading_process(batch, input_ids)
         self.ntokens_seen = seen  # not training tokens
         return _local(logits_from(self.model_parts[0](inputs, **extra)))
 

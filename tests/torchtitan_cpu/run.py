@@ -118,6 +118,49 @@ def main(corpus, dump, out, steps, load_step=None):
             dist.destroy_process_group()
 
 
+def flex_forward(corpus, out):
+    """The llama3 debug recipe as it is (FlexAttention, document masks from the loader's positions):
+    on the CPU, where FlexAttention has no backward, its forward: a training micro-batch's loss and
+    the per-domain evaluation."""
+    from torchtitan.models.common.attention import BlockMask
+
+    from aioli_fast.integrations.torchtitan import document_positions
+
+    config = aioli_config(llama3_debugmodel(), corpus, mixer="stratified", eval_batch_size=4)
+    config.dump_folder = str(Path(out).parent / "flex-dump")
+    config.training.steps = 2
+    config.training.local_batch_size = 2
+    config.training.global_batch_size = 2
+    config.validator.enable = False
+    config.metrics.log_freq = 1
+    torch.manual_seed(0)
+    trainer = config.build()
+    try:
+        mixing, model = trainer.mixing, trainer.model_parts[0]
+        batch = mixing.micro_batches(mixing.stream.__next__(), 2)[0]  # a training micro-batch's rows
+        ids = batch["input_ids"]
+        positions = document_positions(ids, mixing.manifest.eos_id)
+        raw = {"input": ids, "positions": positions, "domain_ids": batch["domain_ids"]}
+        inputs, labels, extra = trainer.post_dataloading_process(raw, batch["labels"])
+        with torch.no_grad():
+            loss, _ = trainer.loss_fn(model(inputs, **extra), labels, domain_ids=trainer._domain_ids)
+        result = {
+            "masks": type(extra.get("attention_masks")).__name__,
+            "is_block_mask": isinstance(extra.get("attention_masks"), BlockMask),
+            "documents": int((positions == 0).sum()),
+            "loss": float(loss),
+            "eval": mixing.evaluate_domains(trainer.logits_of, model, prefix="val"),
+        }
+        Path(out).write_text(json.dumps(result))
+    finally:
+        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[0], args[1], args[2], int(args[3]), int(args[4]) if len(args) > 4 else None)
+    if args[0] == "--flex":
+        flex_forward(args[1], args[2])
+    else:
+        main(args[0], args[1], args[2], int(args[3]), int(args[4]) if len(args) > 4 else None)
