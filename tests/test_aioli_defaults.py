@@ -182,3 +182,11 @@ def test_a_run_too_short_for_a_round_says_so_and_stays_uniform():
     mixer = build_mixer("aioli", names(3), total_steps=3)
     assert "too short to apply a round's proportions: it trains on the uniform mixture" in mixer.describe(3)
     assert all(mixer.host_proportions(step) == pytest.approx([1 / 3] * 3) for step in range(3))
+
+
+def test_a_run_that_ends_inside_learnparams_is_warned_about():
+    """round_steps 250 in a 20-step run (seen with an adapter): LearnParams starts and never ends; the
+    start-up line every loop prints says so, with the remedy."""
+    line = build_mixer("aioli", names(3), total_steps=20, round_steps=250).describe(20)
+    assert "warning: the run is too short to apply a round's proportions: it ends inside LearnParams" in line
+    assert "lower mixing.round_steps or train longer" in line

@@ -451,9 +451,15 @@ class AioliMixer(Mixer):
         short = ""
         if not plan.exploit_spans(total_steps):
             short = (
-                f"; the run is too short to apply a round's proportions: it trains on the {start_mixture} "
-                "throughout"
+                f"; warning: the run is too short to apply a round's proportions: it trains on the "
+                f"{start_mixture} throughout"
             )
+            if learn:  # LearnParams starts but its round never ends
+                short = (
+                    f"; warning: the run is too short to apply a round's proportions: it ends inside "
+                    f"LearnParams, on block mixtures, before any update (a round takes {plan.round_steps} "
+                    "steps): lower mixing.round_steps or train longer"
+                )
         return (
             f"aioli: {prior if plan.uniform_steps else ''}{plan.rounds_in(total_steps)} round(s) of "
             f"{plan.round_steps} steps, each starting with LearnParams ({plan.sweeps} sweep(s) x {D} domains "
