@@ -11,6 +11,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,8 +104,6 @@ def torch_file_damage(path: str | Path, name: str | None = None) -> str | None:
     """Why a file ``torch.save`` wrote cannot be whole, or None: torch writes the zip directory last, so
     a truncated or overwritten file fails this check without its tensors being read. ``name`` is what
     the message calls the file (default: its path)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path):
             return None
