@@ -202,6 +202,7 @@ class DomainLossHead(nn.Module):
         *,
         ignore_index: int = -100,
         loss_backend: str | None = None,
+        grad_scale: float = 1.0,
     ):
         if labels_N is None:
             return F.linear(hidden_NC, self.weight)
@@ -214,6 +215,7 @@ class DomainLossHead(nn.Module):
             domain_ids_N,
             num_domains,
             ignore_index=ignore_index,
+            grad_scale=grad_scale,
             backend=loss_backend,
         )
 
@@ -275,6 +277,7 @@ class GPT(nn.Module):
         *,
         ignore_index: int = -100,
         loss_backend: str | None = None,
+        grad_scale: float = 1.0,
     ) -> ModelOutput:
         """Loss of next-token prediction, with per-domain statistics.
 
@@ -286,6 +289,9 @@ class GPT(nn.Module):
             loss_backend: the kernel backend of the loss (``"triton"``, ``"reference"``; default: the
                 dispatch of :func:`aioli_fast.kernels.linear_domain_cross_entropy`). The reference allows
                 several backward passes through one forward (``retain_graph``), as per-domain gradients need.
+            grad_scale: the gradient ``loss`` will receive (the kernels' gradient contract): 1 / the
+                gradient-accumulation steps when the trainer divides the loss by them. Any gradient is
+                correct; the promised one spares backward a rescaling.
 
         Returns:
             ModelOutput(loss [], loss_sum [D], count [D]), fp32.
@@ -305,4 +311,5 @@ class GPT(nn.Module):
             num_domains,
             ignore_index=ignore_index,
             loss_backend=loss_backend,
+            grad_scale=grad_scale,
         )

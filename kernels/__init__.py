@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .checks import check_public_options
+from .checks import check_grad_contract, check_public_options
 from .reference import (
     DomainLoss,
     domain_cross_entropy_reference,
@@ -104,7 +104,8 @@ def domain_cross_entropy(
     softcap: float | None = None,
     inplace: bool = False,
     deterministic: bool = False,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
+    grad_on: str = "loss",
     backend: str | None = None,
 ) -> DomainLoss:
     """Mean token cross-entropy and per-domain fp32 loss sums and token counts.
@@ -120,9 +121,12 @@ def domain_cross_entropy(
         inplace: Triton path only: write the gradient over ``logits`` (saves N*V memory; the logits
             are destroyed; refused for leaf tensors).
         deterministic: Triton path only: reduce per domain in a fixed order instead of with atomics.
-        grad_scale: Triton path only: the gradient ``loss`` is expected to receive (1.0 for
-            ``loss.backward()``; 1/k when the loss is divided by k for gradient accumulation). Any
-            upstream gradient is correct; the expected one makes backward free.
+        grad_scale, grad_on: Triton path only, the gradient contract: the gradient the caller will
+            send back. ``grad_on="loss"`` (default): ``loss`` receives ``grad_scale`` (1.0 for
+            ``loss.backward()``; 1/k when the loss is divided by k for gradient accumulation).
+            ``grad_on="loss_sum"``: ``loss_sum`` receives ``grad_scale`` (a float, or a [] or [D]
+            device tensor), for example ``1 / tokens`` when ``loss_sum.sum() / tokens`` is
+            backpropagated. Any upstream gradient is correct; the promised one makes backward free.
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (default: ``AIOLI_KERNELS`` or auto).
 
     Returns:
@@ -132,6 +136,7 @@ def domain_cross_entropy(
         differentiable in ``logits``. No host synchronisation.
     """
     check_public_options(ignore_index, grad_scale, deterministic, inplace=inplace)
+    check_grad_contract(grad_on, grad_scale, num_domains, logits.device)
     options = _loss_options(ignore_index, domain_weights, lse_square_scale, softcap)
     if resolve_backend(logits.device, backend) == "reference":
         return domain_cross_entropy_reference(logits, labels, domain_ids, num_domains, **options)
@@ -146,6 +151,7 @@ def domain_cross_entropy(
         inplace=inplace,
         deterministic=deterministic,
         grad_scale=grad_scale,
+        grad_on=grad_on,
     )
 
 
@@ -163,7 +169,7 @@ def linear_domain_cross_entropy(
     softcap: float | None = None,
     deterministic: bool = False,
     grad_scale: float = 1.0,
-    weight_grad_fp32: bool = False,
+    weight_grad_fp32: bool = True,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> DomainLoss:
@@ -176,13 +182,16 @@ def linear_domain_cross_entropy(
         bias: optional [V].
         labels, domain_ids, num_domains, ignore_index, domain_weights, lse_square_scale, softcap,
             deterministic, grad_scale, backend: as in :func:`domain_cross_entropy`.
-        weight_grad_fp32: Triton path only: accumulate the weight gradient over chunks in fp32.
-        chunk_size: Triton path only: rows per chunk of logits (default: about N*H/V, a power of 2).
+        weight_grad_fp32: Triton path only: accumulate the weight gradient over chunks in fp32
+            (default; False accumulates in the weight's dtype, saving 2 x V x H bytes for bf16).
+        chunk_size: Triton path only: rows per chunk of logits (default: the largest power of 2
+            whose [C, V] logits fit 256 MiB).
 
     Returns:
         DomainLoss as in :func:`domain_cross_entropy`; differentiable in hidden, weight and bias.
     """
     check_public_options(ignore_index, grad_scale, deterministic, weight_grad_fp32=weight_grad_fp32)
+    check_grad_contract("loss", grad_scale, num_domains, hidden.device)
     options = dict(bias_V=bias, **_loss_options(ignore_index, domain_weights, lse_square_scale, softcap))
     if resolve_backend(hidden.device, backend) == "reference":
         return linear_domain_cross_entropy_reference(

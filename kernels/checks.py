@@ -26,13 +26,40 @@ def check_public_options(
     a finite non-zero float, ``deterministic`` and each of ``flags`` (name=value) a bool."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale == 0:
+    if isinstance(grad_scale, torch.Tensor):
+        pass  # a tensor scale (grad_on="loss_sum" only): check_grad_contract checks its shape, no values
+    elif isinstance(grad_scale, bool) or not isinstance(grad_scale, (int, float)) or grad_scale == 0:
         raise ValueError(f"grad_scale must be a non-zero float, got {grad_scale!r}")
-    if grad_scale != grad_scale or abs(grad_scale) == float("inf"):
+    elif grad_scale != grad_scale or abs(grad_scale) == float("inf"):
         raise ValueError(f"grad_scale must be finite, got {grad_scale!r}")
     check_flag("deterministic", deterministic)
     for name, value in flags.items():
         check_flag(name, value)
+
+
+GRAD_TARGETS = ("loss", "loss_sum")
+
+
+def check_grad_contract(
+    grad_on: object, grad_scale: object, num_domains: int, device: torch.device
+) -> None:
+    """``grad_on`` names the output that receives the gradient (``"loss"`` or ``"loss_sum"``);
+    ``grad_scale`` is a float, or for ``"loss_sum"`` also a [] or [D] float tensor on ``device``."""
+    if grad_on not in GRAD_TARGETS:
+        raise ValueError(f"grad_on must be one of {GRAD_TARGETS}, got {grad_on!r}")
+    if not isinstance(grad_scale, torch.Tensor):
+        return
+    if grad_on != "loss_sum":
+        raise ValueError('a tensor grad_scale is for grad_on="loss_sum"; for "loss" give a float')
+    if not grad_scale.is_floating_point() or grad_scale.shape not in ((), (num_domains,)):
+        raise ValueError(
+            f"grad_scale must be a float, or a float tensor of shape () or ({num_domains},), got "
+            f"{grad_scale.dtype} {tuple(grad_scale.shape)}"
+        )
+    if grad_scale.device != device:
+        raise ValueError(f"grad_scale must be on {device} like the other inputs, got {grad_scale.device}")
+    if grad_scale.requires_grad:
+        raise ValueError("grad_scale must not require a gradient (it is a constant of the contract)")
 
 
 def check_inputs(

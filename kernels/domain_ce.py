@@ -12,8 +12,10 @@ The gradient is computed in the forward pass, for the upstream gradients the cal
 (``grad_scale`` for ``loss`` and none for ``loss_sum``: ``loss.backward()``). Every row's gradient is
 ``coef * p_j`` off the label (times the soft-cap derivative) and a separately computed value at the
 label, so backward only has to rescale the rows whose coefficient differs from the expected one. A
-small per-row state makes that possible; rows whose coefficient matches are not touched, so
-``loss.backward()`` costs no pass over the logits.
+small per-row state makes that possible; rows whose coefficient matches (to within ``MATCH_RTOL``,
+a few fp32 roundings) are not touched, so a backward that keeps the contract costs no pass over the
+logits. Without a gradient to compute (``torch.no_grad()``, ``torch.inference_mode()`` or logits that
+do not require one) no gradient buffer is allocated and nothing is written.
 
 Layers: ``@triton.jit`` kernels, host functions that allocate and launch (``domain_ce_forward``,
 ``domain_ce_backward``; the argument checks are in ``checks.py``), the private ``_DomainCrossEntropy``
@@ -31,6 +33,7 @@ import triton.language as tl
 
 from .checks import (
     check_call,
+    check_grad_contract,
     check_inplace,
     check_inplace_stride,
     check_launch_strides,
@@ -44,6 +47,10 @@ MAX_BLOCK_V = 8192
 # (unlike the interpreter) accepts only for tl.constexpr values.
 SAVED_ZFAC, SAVED_REST, SAVED_SCALE, SAVED_LABEL_COEF, SAVED_CAPGRAD = (tl.constexpr(i) for i in range(5))
 NUM_SAVED = 5
+# Backward leaves a row as forward wrote it when the upstream coefficient differs from the expected one
+# by at most this relative amount: a few fp32 roundings, which a caller's own scaling arithmetic (a loss
+# multiplied and divided by the accumulation steps) can introduce; far below the gradient's precision.
+MATCH_RTOL = tl.constexpr(2.0**-20)
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,7 @@ def _domain_ce_bwd_kernel(
         grad_loss_ptr, grad_sum_ptr, w, n_valid, zfac, dom_safe, dom_ok, HAS_GRAD_SUM
     )
     grad_label = ((coef - label_coef) - coef * rest) * capgrad_label
-    if coef != scale:
+    if tl.abs(coef - scale) > MATCH_RTOL * tl.abs(scale):
         # the forward assumed another upstream gradient for this row: rescale it, rewrite the label
         ratio = coef / scale
         for start in range(0, V, BLOCK_V):
@@ -262,7 +269,7 @@ def _domain_ce_bwd_kernel(
             g = tl.load(grad_row + offs, mask=in_row, other=0.0).to(tl.float32) * ratio  # [BV]
             g = tl.where(offs == label, grad_label, g)
             tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
-    elif label_coef != label_coef_fwd:
+    elif tl.abs(label_coef - label_coef_fwd) > MATCH_RTOL * tl.abs(label_coef_fwd):
         tl.store(
             grad_row + tl.where(label_ok, label, 0), grad_label.to(grad_ptr.dtype.element_ty), mask=label_ok
         )
@@ -406,6 +413,24 @@ def _plane_stride(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.stride(0)
 
 
+def expected_upstream(
+    grad_scale: float | torch.Tensor, grad_on: str, num_domains: int, device: torch.device
+) -> Upstream:
+    """The upstream gradients a caller promises (the gradient contract), as device tensors.
+
+    ``grad_on="loss"``: ``loss`` receives ``grad_scale`` (a float) and ``loss_sum`` nothing.
+    ``grad_on="loss_sum"``: ``loss_sum`` receives ``grad_scale``, a float or a [] or [D] float tensor
+    on ``device`` (the same scale for every domain, or one per domain), and ``loss`` nothing.
+    """
+    if grad_on == "loss":
+        return Upstream(grad_loss=torch.full((), float(grad_scale), dtype=torch.float32, device=device))
+    if isinstance(grad_scale, torch.Tensor):
+        scale_D = grad_scale.to(device=device, dtype=torch.float32).expand(num_domains).contiguous()
+    else:
+        scale_D = torch.full((num_domains,), float(grad_scale), dtype=torch.float32, device=device)
+    return Upstream(grad_loss=torch.zeros((), dtype=torch.float32, device=device), grad_sum_D=scale_D)
+
+
 def forward_state(
     labels_N: torch.Tensor,
     domain_ids_N: torch.Tensor,
@@ -413,12 +438,14 @@ def forward_state(
     num_domains: int,
     opts: CEOptions,
     device: torch.device,
+    expected: Upstream | None = None,
 ) -> tuple[RowInputs, Stats, Upstream]:
     """What a forward pass over the N rows starts from.
 
     Returns (RowInputs with labels [N] and domain_ids [N] made contiguous and n_valid [] counted on
     the device; Stats with row_loss [2, N] to be fully written and loss_sum [D], count [D] zeroed;
-    Upstream with grad_loss [] = ``opts.grad_scale`` and no ``loss_sum`` gradient).
+    the Upstream the gradient is computed for: ``expected``, or by default ``opts.grad_scale`` on
+    ``loss``).
     """
     labels_N, domain_ids_N = labels_N.contiguous(), domain_ids_N.contiguous()
     n_valid = count_valid(labels_N, opts.ignore_index)
@@ -435,7 +462,9 @@ def forward_state(
         loss_sum_D=torch.zeros(num_domains, dtype=torch.float32, device=device),
         count_D=torch.zeros(num_domains, dtype=torch.float32, device=device),
     )
-    upstream = Upstream(grad_loss=torch.full((), opts.grad_scale, dtype=torch.float32, device=device))
+    upstream = expected
+    if upstream is None:
+        upstream = expected_upstream(opts.grad_scale, "loss", num_domains, device)
     return rows, stats, upstream
 
 
@@ -539,19 +568,24 @@ def domain_ce_forward(
     *,
     compute_grad: bool,
     inplace: bool,
+    expected: Upstream | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Forward (and the gradient for the expected upstream) of the per-domain cross-entropy.
+    """Forward (and, with ``compute_grad``, the gradient for the ``expected`` upstream, by default
+    ``opts.grad_scale`` on ``loss``) of the per-domain cross-entropy.
 
     Returns (loss [] fp32, loss_sum [D] fp32, count [D] fp32, grad [N, V] in the logits' dtype or
     None, saved [5, N] fp32 or None, n_valid [] fp32). With ``inplace`` the gradient overwrites
-    ``logits_NV``.
+    ``logits_NV``. Without ``compute_grad`` nothing but the [2, N] row losses and the [D] sums is
+    allocated, and no gradient is written.
     """
     n_rows, _ = logits_NV.shape
     device = logits_NV.device
     check_inplace_stride(logits_NV, inplace)
     if logits_NV.stride(1) != 1:
         logits_NV = logits_NV.contiguous()
-    rows, stats, upstream = forward_state(labels_N, domain_ids_N, weights_D, num_domains, opts, device)
+    rows, stats, upstream = forward_state(
+        labels_N, domain_ids_N, weights_D, num_domains, opts, device, expected
+    )
     grad_NV = saved_5N = None
     if compute_grad:
         grad_NV = logits_NV if inplace else new_buffer(logits_NV.shape, logits_NV.dtype, device)
@@ -611,9 +645,9 @@ def upstream_gradients(
 
 class _DomainCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace):
+    def forward(ctx, logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace, expected):
+        # only called when the logits need a gradient (domain_cross_entropy_triton checks grad mode)
         ctx.set_materialize_grads(False)
-        compute_grad = ctx.needs_input_grad[0]
         loss, loss_sum_D, count_D, grad_NV, saved_5N, n_valid = domain_ce_forward(
             logits_NV,
             labels_N,
@@ -621,10 +655,11 @@ class _DomainCrossEntropy(torch.autograd.Function):
             num_domains,
             weights_D,
             opts,
-            compute_grad=compute_grad,
-            inplace=inplace and compute_grad,
+            compute_grad=True,
+            inplace=inplace,
+            expected=expected,
         )
-        if inplace and compute_grad:
+        if inplace:
             # the logits now hold their gradient: an op that saved them must fail loudly in backward
             torch.autograd.graph.increment_version(logits_NV)
         ctx.mark_non_differentiable(count_D)
@@ -635,7 +670,7 @@ class _DomainCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_sum_D, _grad_count):
-        nones = (None,) * 6
+        nones = (None,) * 7
         if grad_loss is None and grad_sum_D is None:
             return (None, *nones)
         if ctx.grad_NV is None:
@@ -670,7 +705,8 @@ def domain_cross_entropy_triton(
     softcap: float | None = None,
     inplace: bool = False,
     deterministic: bool = False,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
+    grad_on: str = "loss",
 ) -> DomainLoss:
     """The Triton path of :func:`aioli_fast.kernels.domain_cross_entropy` (same arguments and result)."""
     check_call(
@@ -682,7 +718,9 @@ def domain_cross_entropy_triton(
         lse_square_scale=lse_square_scale,
         softcap=softcap,
     )
-    check_same_device(logits_NV.device, labels=labels_N, domain_ids=domain_ids_N)
+    device = logits_NV.device
+    check_same_device(device, labels=labels_N, domain_ids=domain_ids_N)
+    check_grad_contract(grad_on, grad_scale, num_domains, device)
     check_inplace(logits_NV, inplace)
     weights_D, opts = kernel_options(
         domain_weights_D,
@@ -690,9 +728,16 @@ def domain_cross_entropy_triton(
         lse_square_scale=lse_square_scale,
         softcap=softcap,
         deterministic=deterministic,
-        grad_scale=grad_scale,
+        grad_scale=grad_scale if grad_on == "loss" else 1.0,
     )
+    if not (torch.is_grad_enabled() and logits_NV.requires_grad):
+        # no_grad, inference_mode or constant logits: statistics only, no gradient buffer or pass
+        loss, loss_sum_D, count_D, *_ = domain_ce_forward(
+            logits_NV, labels_N, domain_ids_N, num_domains, weights_D, opts, compute_grad=False, inplace=False
+        )
+        return DomainLoss(loss, loss_sum_D, count_D)
+    expected = expected_upstream(grad_scale, grad_on, num_domains, device)
     loss, loss_sum_D, count_D = _DomainCrossEntropy.apply(
-        logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace
+        logits_NV, labels_N, domain_ids_N, weights_D, num_domains, opts, inplace, expected
     )
     return DomainLoss(loss, loss_sum_D, count_D)

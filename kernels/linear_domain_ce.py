@@ -1,16 +1,22 @@
 """Fused linear + per-domain cross-entropy: hidden [N, H] and weight [V, H] to the per-domain loss.
 
-The [N, V] logits are never materialised: the rows are processed in chunks of C tokens. For each chunk
-one matmul makes the chunk's logits [C, V], the cross-entropy kernel of ``domain_ce.py`` overwrites them
-with their gradient (fp32 math, written in the same pass that reads them), and two more matmuls
-contract that gradient into the hidden and weight gradients; the next chunk reuses nothing of it.
-Peak extra memory is one chunk of logits plus the weight gradient.
+The [N, V] logits are never materialised: the rows are processed in chunks of C tokens, C chosen so
+that a chunk of logits fits ``CHUNK_BYTES`` (256 MiB). For each chunk one matmul makes the chunk's
+logits [C, V], the cross-entropy kernel of ``domain_ce.py`` overwrites them with their gradient (fp32
+math, written in the same pass that reads them), and two more matmuls contract that gradient into the
+hidden and weight gradients; the next chunk reuses nothing of it. The weight gradient accumulates over
+the chunks in fp32 by default (``weight_grad_fp32``): on CUDA the matmul adds into the fp32 buffer
+directly (``addmm`` with ``out_dtype``), elsewhere the chunk's operands are upcast (C x (V + H) fp32,
+bounded by the chunk). Peak extra memory: docs/kernels.md, "Fused linear: memory and gradients".
 
-The gradients are computed in forward for the upstream gradient the caller expects (``grad_scale`` for
-``loss``, none for ``loss_sum``). Backward multiplies them by ``grad_loss / grad_scale`` on the device
-(a uniform factor, so this is exact). When ``loss_sum`` also receives a gradient, each domain's rows
-need their own factor, which cannot be applied after the contraction: backward then recomputes the
-chunks with the true upstream gradients (one more pass of matmuls; correct for any upstream).
+The gradients are computed in forward for the upstream gradient the caller promises (``grad_scale``
+on ``loss``). Backward multiplies them by ``grad_loss / grad_scale`` on the device (a uniform factor,
+so this is exact), in place or fused into the cast to the parameter's dtype. When ``loss_sum`` also
+receives a gradient, each domain's rows need their own factor, which cannot be applied after the
+contraction: backward then recomputes the chunks with the true upstream gradients (one more pass of
+matmuls; correct for any upstream). Without a gradient to compute (``torch.no_grad()``,
+``torch.inference_mode()``, or no input that requires one) only the logits chunks are made: no
+gradient buffer and no gradient matmul.
 """
 
 from __future__ import annotations
@@ -34,10 +40,44 @@ from .domain_ce import (
 from .reference import DomainLoss
 
 
-def default_chunk_size(n_rows: int, hidden_size: int, vocab: int) -> int:
-    """Rows per chunk so that a chunk of logits is about as large as the hidden states (a power of 2)."""
-    n_chunks = triton.cdiv(vocab, max(hidden_size, 1))
-    return max(1, min(triton.next_power_of_2(triton.cdiv(max(n_rows, 1), n_chunks)), 1 << 16))
+# Bytes of one chunk of logits (the memory budget of the chunking).
+CHUNK_BYTES = 256 * 2**20
+
+# Device types on which addmm accumulates low-precision products into an fp32 buffer (out_dtype).
+_MIXED_ADDMM: dict[str, bool] = {}
+
+
+def default_chunk_size(n_rows: int, vocab: int, itemsize: int, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk: the largest power of 2 whose [C, V] logits fit ``budget`` bytes (at least 1,
+    at most the next power of 2 of ``n_rows``)."""
+    fit = max(budget // max(vocab * itemsize, 1), 1)
+    rows = 1 << (fit.bit_length() - 1)
+    return max(1, min(rows, triton.next_power_of_2(max(n_rows, 1))))
+
+
+def add_weight_grad(acc_VH: torch.Tensor, grad_CV: torch.Tensor, hidden_CH: torch.Tensor) -> None:
+    """``acc_VH += grad_CV.T @ hidden_CH``, with no [V, H] temporary whatever the dtypes: the same
+    dtype adds in place; an fp32 ``acc_VH`` over lower-precision operands uses addmm's ``out_dtype``
+    where the device has it, else upcasts the operands (bounded by the chunk)."""
+    if acc_VH.dtype == grad_CV.dtype:
+        acc_VH.addmm_(grad_CV.t(), hidden_CH)
+        return
+    kind = acc_VH.device.type
+    if _MIXED_ADDMM.get(kind, kind == "cuda"):
+        try:
+            torch.addmm(acc_VH, grad_CV.t(), hidden_CH, out_dtype=acc_VH.dtype, out=acc_VH)
+            return
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MIXED_ADDMM[kind] = False  # this build has no mixed-dtype addmm here: upcast from now on
+    acc_VH.addmm_(grad_CV.t().to(acc_VH.dtype), hidden_CH.to(acc_VH.dtype))
+
+
+def scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * factor`` in ``dtype``: in place when ``grad`` already has it, else written straight
+    into the one new tensor of ``dtype`` (no intermediate copy)."""
+    if grad.dtype == dtype:
+        return grad.mul_(factor)
+    return torch.mul(grad, factor, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 def linear_pass(
@@ -92,10 +132,7 @@ def linear_pass(
         if need_hidden:
             torch.mm(grad_CV, weight_VH, out=grad_hidden_NH[start:end])
         if need_weight:
-            if weight_grad_fp32 and weight_VH.dtype != torch.float32:
-                grad_weight_VH += grad_CV.t() @ hidden_CH
-            else:
-                grad_weight_VH.addmm_(grad_CV.t(), hidden_CH)
+            add_weight_grad(grad_weight_VH, grad_CV, hidden_CH)
         if need_bias:
             grad_bias_V += grad_CV.sum(dim=0, dtype=torch.float32)
     return grad_hidden_NH, grad_weight_VH, grad_bias_V
@@ -157,32 +194,34 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
         dtypes = (hidden_NH.dtype, weight_VH.dtype, None if bias_V is None else bias_V.dtype)
         opts: CEOptions = ctx.opts
         if grad_sum_D is None:
-            # only `loss` has a gradient: a uniform factor on what forward computed
+            # only `loss` has a gradient: a uniform factor on what forward computed, applied in place
+            # or fused into the cast to each input's dtype
             factor = grad_loss.to(torch.float32) / opts.grad_scale
-            grads = [None if g is None else g * factor for g in ctx.grads]
-        else:
-            need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-            rows = RowInputs(
-                labels_N=labels_N,
-                domain_ids_N=domain_ids_N,
-                weights_D=weights_D,
-                n_valid=n_valid,
-                num_domains=ctx.num_domains,
-                opts=opts,
-            )
-            grads = linear_pass(
-                hidden_NH,
-                weight_VH,
-                bias_V,
-                rows,
-                upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device),
-                stats=None,
-                need_hidden=need_hidden,
-                need_weight=need_weight,
-                need_bias=need_bias,
-                **ctx.config,
-            )
-        ctx.grads = None
+            out = [None if g is None else scaled(g, factor, d) for g, d in zip(ctx.grads, dtypes)]
+            ctx.grads = None
+            return (*out, *nones)
+        ctx.grads = None  # freed before the recompute allocates its own
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        rows = RowInputs(
+            labels_N=labels_N,
+            domain_ids_N=domain_ids_N,
+            weights_D=weights_D,
+            n_valid=n_valid,
+            num_domains=ctx.num_domains,
+            opts=opts,
+        )
+        grads = linear_pass(
+            hidden_NH,
+            weight_VH,
+            bias_V,
+            rows,
+            upstream_gradients(grad_loss, grad_sum_D, hidden_NH.device),
+            stats=None,
+            need_hidden=need_hidden,
+            need_weight=need_weight,
+            need_bias=need_bias,
+            **ctx.config,
+        )
         out = [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
         return (*out, *nones)
 
@@ -201,7 +240,7 @@ def linear_domain_cross_entropy_triton(
     softcap: float | None = None,
     deterministic: bool = False,
     grad_scale: float = 1.0,
-    weight_grad_fp32: bool = False,
+    weight_grad_fp32: bool = True,
     chunk_size: int | None = None,
 ) -> DomainLoss:
     """The Triton path of :func:`aioli_fast.kernels.linear_domain_cross_entropy` (same arguments)."""
@@ -225,7 +264,7 @@ def linear_domain_cross_entropy_triton(
         bias_V = None if bias_V is None else bias_V.to(dtype)
     check_projection_dtypes(hidden_NH, weight_VH, bias_V)
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden_NH.shape[0], hidden_NH.shape[1], weight_VH.shape[0])
+        chunk_size = default_chunk_size(hidden_NH.shape[0], weight_VH.shape[0], hidden_NH.element_size())
     weights_D, opts = kernel_options(
         domain_weights_D,
         ignore_index=ignore_index,
@@ -234,6 +273,25 @@ def linear_domain_cross_entropy_triton(
         deterministic=deterministic,
         grad_scale=grad_scale,
     )
+    inputs = (hidden_NH, weight_VH, bias_V)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
+        # no_grad, inference_mode or constant inputs: the statistics only, no gradient work
+        rows, stats, upstream = forward_state(labels_N, domain_ids_N, weights_D, num_domains, opts, device)
+        with torch.autocast(device.type, enabled=False):
+            linear_pass(
+                hidden_NH,
+                weight_VH,
+                bias_V,
+                rows,
+                upstream,
+                stats=stats,
+                need_hidden=False,
+                need_weight=False,
+                need_bias=False,
+                weight_grad_fp32=False,
+                chunk_size=chunk_size,
+            )
+        return DomainLoss(*finish_stats(rows, stats))
     with torch.autocast(device.type, enabled=False):
         loss, loss_sum_D, count_D = _LinearDomainCrossEntropy.apply(
             hidden_NH,

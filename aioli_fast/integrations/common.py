@@ -53,12 +53,40 @@ LogitsFn = Callable[[torch.Tensor], Any]
 __all__ = [
     "STATE_VERSION",
     "CorpusSplit",
+    "can_overwrite",
     "OnlineMixing",
     "domain_metrics",
     "logits_from",
     "model_logits",
     "reduced_metrics",
 ]
+
+
+def can_overwrite(logits: torch.Tensor) -> bool:
+    """Whether the gradient may be written over ``logits``: they are not a leaf and the op that made
+    them (through views) did not save them for its own backward, as ``exp`` or a fused soft-cap
+    would. Reads autograd metadata only. An op downstream that saved them still fails loudly in
+    backward (autograd's version check); ``keep_logits=True`` avoids that."""
+    if logits.grad_fn is None:
+        return False
+    storage = logits.untyped_storage().data_ptr()
+    nodes = [logits.grad_fn]
+    base = logits._base
+    if base is not None and base.grad_fn is not None:
+        nodes.append(base.grad_fn)
+    for node in nodes:
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                value = getattr(node, name)
+            except RuntimeError:  # a saved value already freed
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == storage:
+                    return False
+    return True
 
 
 def logits_from(out: Any) -> torch.Tensor:
@@ -281,10 +309,27 @@ class OnlineMixing:
 
     # ------------------------------------------------------------------------------------------- loss
 
-    def domain_loss(self, logits: Any, labels: torch.Tensor, domain_ids: torch.Tensor) -> DomainLoss:
+    def domain_loss(
+        self,
+        logits: Any,
+        labels: torch.Tensor,
+        domain_ids: torch.Tensor,
+        *,
+        train_scale: float | torch.Tensor | None = None,
+        keep_logits: bool = False,
+    ) -> DomainLoss:
         """Per-domain loss of a micro-batch: ``logits`` ``[B, T, V]`` (or a model output holding them),
         ``labels`` ``[B, T]`` already the next tokens (``-100`` ignored), ``domain_ids`` ``[B]`` or
-        ``[B, T]``."""
+        ``[B, T]``.
+
+        ``train_scale`` (a training micro-batch): the caller will backpropagate
+        ``loss_sum.sum() * train_scale`` (:meth:`step_loss` does, with :attr:`step_scale`). The kernel
+        then writes the final gradient in the forward pass (the gradient contract, docs/kernels.md),
+        over the logits themselves unless ``keep_logits`` or the op that made them saved them for its
+        own backward, so backward makes no pass over the logits and no second ``[N, V]`` buffer
+        exists. Without it (evaluation, or a caller that scales otherwise) every upstream gradient is
+        still correct.
+        """
         logits = logits_from(logits)
         if logits.shape[-1] < self.manifest.vocab_size:  # a shape: no host read
             raise ConfigError(
@@ -294,13 +339,22 @@ class OnlineMixing:
             )
         doms_N = domain_ids.to(device=logits.device, dtype=torch.int32)
         doms_N = doms_N.reshape(-1) if doms_N.dim() == 2 else doms_N.repeat_interleave(labels.shape[1])
-        return domain_cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), doms_N, len(self.domains)
-        )
+        logits_NV = logits.reshape(-1, logits.shape[-1])
+        contract: dict[str, Any] = {}
+        if train_scale is not None and torch.is_grad_enabled() and logits_NV.requires_grad:
+            contract = dict(grad_on="loss_sum", grad_scale=train_scale)
+            contract["inplace"] = not keep_logits and can_overwrite(logits_NV)
+        return domain_cross_entropy(logits_NV, labels.reshape(-1), doms_N, len(self.domains), **contract)
 
     def observe(self, step: int, out: DomainLoss) -> None:
         """Feed a training micro-batch's per-domain loss to the mixer and the log window."""
         self.driver.observe(step, out.loss_sum, out.count)
+
+    @property
+    def step_scale(self) -> float:
+        """1 / the counted tokens of this rank's batch of the step drawn last: the ``train_scale`` of
+        :meth:`domain_loss` for a loss that :meth:`step_loss` makes."""
+        return 1.0 / max(self.step_tokens, 1)
 
     def step_loss(self, out: DomainLoss) -> torch.Tensor:
         """A training micro-batch's token-loss sum over the tokens of this rank's whole step batch: the

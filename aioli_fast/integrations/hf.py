@@ -240,18 +240,26 @@ class AioliTrainer(Trainer):
         """Logits ``[B, T, V]`` of ``input_ids`` ``[B, T]``; override for a model that is not a causal LM."""
         return model_logits(model, input_ids)
 
-    def domain_loss(self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]):
-        """(DomainLoss, logits) of a batch in the stream's convention (labels already shifted)."""
+    def domain_loss(
+        self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], train_scale: float | None = None
+    ):
+        """(DomainLoss, logits) of a batch in the stream's convention (labels already shifted);
+        ``train_scale``: see :meth:`OnlineMixing.domain_loss`."""
         logits = self.logits_of(model, inputs["input_ids"])
-        return self.mixing.domain_loss(logits, inputs["labels"], inputs["domain_ids"]), logits
+        out = self.mixing.domain_loss(
+            logits, inputs["labels"], inputs["domain_ids"], train_scale=train_scale
+        )
+        return out, logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training micro-batches: token-loss sum / tokens of the rank's whole step batch (the Trainer
-        sums the micro-batches). Evaluation batches with ``domain_ids``: their mean token loss (the
-        mixer never sees them). Anything else: the Trainer's own loss."""
+        sums the micro-batches; the kernel writes that loss's gradient in its forward, over the
+        logits). Evaluation batches with ``domain_ids``: their mean token loss (the mixer never sees
+        them). Anything else: the Trainer's own loss."""
         if "domain_ids" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        out, logits = self.domain_loss(model, inputs)
+        training = self._capture is not None and not return_outputs
+        out, logits = self.domain_loss(model, inputs, self.mixing.step_scale if training else None)
         if self._capture is not None:  # inside training_step: a training micro-batch
             self._capture.append(out)
             loss = self.mixing.step_loss(out)

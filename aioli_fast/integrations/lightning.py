@@ -227,16 +227,26 @@ class AioliDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- loss
 
-    def loss(self, logits: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, logits: Any, batch: Mapping[str, torch.Tensor], *, keep_logits: bool = False) -> torch.Tensor:
         """The loss of a batch from the model's logits ``[B, T, V]`` (or an output with ``.logits``).
 
         While Lightning trains: the micro-batch's per-domain losses feed the mixer, and the returned
-        loss is scaled so that the step's gradient is the mean over the step's tokens. Otherwise (a
-        validation batch): its mean token loss, and its per-domain sums join the validation report.
+        loss is scaled so that the step's gradient is the mean over the step's tokens. Its gradient is
+        written in this forward pass, over ``logits`` (they hold their gradient afterwards; pass
+        ``keep_logits=True`` to use them after this call, at the cost of a second ``[B, T, V]``
+        buffer). Otherwise (a validation batch): its mean token loss, and its per-domain sums join
+        the validation report.
         """
         mixing, trainer = self._ready(), self.trainer
-        out = mixing.domain_loss(logits, batch["labels"], batch["domain_ids"])
-        if trainer is not None and trainer.training:
+        training = trainer is not None and trainer.training
+        out = mixing.domain_loss(
+            logits,
+            batch["labels"],
+            batch["domain_ids"],
+            train_scale=mixing.step_scale if training else None,
+            keep_logits=keep_logits,
+        )
+        if training:
             mixing.observe(trainer.global_step, out)
             return mixing.step_loss(out) * trainer.accumulate_grad_batches
         if self._val is None:

@@ -230,10 +230,13 @@ class AioliLoss(BaseLoss):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.mixing is None or domain_ids is None:
             raise AioliError("AioliLoss runs inside AioliTrainer, which passes each micro-batch's domain ids")
-        out = self.mixing.domain_loss(_local(pred), _local(labels), _local(domain_ids))
+        tokens = None if global_valid_tokens is None else _local(global_valid_tokens)
+        # the gradient contract: backward sends loss_sum the scale 1 / tokens (1 without them)
+        scale = 1.0 if tokens is None else torch.reciprocal(tokens.to(torch.float32))
+        out = self.mixing.domain_loss(_local(pred), _local(labels), _local(domain_ids), train_scale=scale)
         total = out.loss_sum.sum()
-        if global_valid_tokens is not None:
-            total = total / _local(global_valid_tokens)
+        if tokens is not None:
+            total = total / tokens
         return total, {"domain_loss": out}
 
 

@@ -140,6 +140,11 @@ class TorchEngine(_Engine):
         with autocast_context(self.device, self.precision):
             return self.module(*args, **kwargs)
 
+    @property
+    def loss_grad_scale(self) -> float:
+        """The gradient :meth:`backward` sends to the loss (the kernels' gradient contract)."""
+        return 1.0 / self.micro_steps
+
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.micro_steps).backward()
 
@@ -278,6 +283,12 @@ class DeepSpeedEngine(_Engine):
             return self.engine(*args, **kwargs)  # no collective: a failure here is the model's
         with collectives():
             return self.engine(*args, **kwargs)
+
+    @property
+    def loss_grad_scale(self) -> float:
+        """The gradient :meth:`backward` sends to the loss (the kernels' gradient contract; an fp16
+        loss scale, when DeepSpeed applies one, is a uniform factor backward still handles)."""
+        return 1.0 / self.config["gradient_accumulation_steps"]
 
     def backward(self, loss: torch.Tensor) -> None:
         with collectives():

@@ -429,7 +429,7 @@ class _Run:
     ) -> torch.Tensor:
         """Forward, backward and (on the last micro-batch) the optimizer step; feeds the mixer."""
         mixer, D = self.mixer, len(self.domains)
-        out = self.engine.forward(ids, labels, doms, D)
+        out = self.engine.forward(ids, labels, doms, D, grad_scale=self.engine.loss_grad_scale)
         if index == 0 and mixer.needs_gradients and mixer.alignment_due(step):
             scores_D = domain_alignment(self.model, ids, labels, doms, self.gradient_probe, D)
             mixer.observe_alignment(step, scores_D)
