@@ -40,9 +40,7 @@ def check_public_options(
 GRAD_TARGETS = ("loss", "loss_sum")
 
 
-def check_grad_contract(
-    grad_on: object, grad_scale: object, num_domains: int, device: torch.device
-) -> None:
+def check_grad_contract(grad_on: object, grad_scale: object, num_domains: int, device: torch.device) -> None:
     """``grad_on`` names the output that receives the gradient (``"loss"`` or ``"loss_sum"``);
     ``grad_scale`` is a float, or for ``"loss_sum"`` also a [] or [D] float tensor on ``device``."""
     if grad_on not in GRAD_TARGETS:

@@ -39,7 +39,6 @@ from .domain_ce import (
 )
 from .reference import DomainLoss
 
-
 # Bytes of one chunk of logits (the memory budget of the chunking).
 CHUNK_BYTES = 256 * 2**20
 

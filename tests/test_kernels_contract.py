@@ -204,9 +204,9 @@ def test_a_scale_off_by_a_few_roundings_still_rewrites_nothing():
 def test_a_broken_contract_is_still_correct(upstream):
     logits, labels, domains = _batch(seed=4)
     leaf = logits.clone().requires_grad_()
-    out = domain_cross_entropy(
-        leaf, labels, domains, 3, grad_on="loss_sum", grad_scale=torch.tensor([0.1, 0.2, 0.3]), backend="triton"
-    )
+    scale = torch.tensor([0.1, 0.2, 0.3])
+    contract = dict(grad_on="loss_sum", grad_scale=scale)
+    out = domain_cross_entropy(leaf, labels, domains, 3, **contract, backend="triton")
     objectives = {
         "loss": lambda loss, s: 2.0 * loss,
         "loss_sum x 3": lambda loss, s: (s * torch.tensor([0.3, 0.6, 0.9], dtype=s.dtype)).sum(),

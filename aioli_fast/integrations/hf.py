@@ -246,9 +246,7 @@ class AioliTrainer(Trainer):
         """(DomainLoss, logits) of a batch in the stream's convention (labels already shifted);
         ``train_scale``: see :meth:`OnlineMixing.domain_loss`."""
         logits = self.logits_of(model, inputs["input_ids"])
-        out = self.mixing.domain_loss(
-            logits, inputs["labels"], inputs["domain_ids"], train_scale=train_scale
-        )
+        out = self.mixing.domain_loss(logits, inputs["labels"], inputs["domain_ids"], train_scale=train_scale)
         return out, logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

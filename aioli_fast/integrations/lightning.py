@@ -227,7 +227,9 @@ class AioliDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- loss
 
-    def loss(self, logits: Any, batch: Mapping[str, torch.Tensor], *, keep_logits: bool = False) -> torch.Tensor:
+    def loss(
+        self, logits: Any, batch: Mapping[str, torch.Tensor], *, keep_logits: bool = False
+    ) -> torch.Tensor:
         """The loss of a batch from the model's logits ``[B, T, V]`` (or an output with ``.logits``).
 
         While Lightning trains: the micro-batch's per-domain losses feed the mixer, and the returned
