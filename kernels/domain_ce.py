@@ -41,8 +41,10 @@ from .checks import (
 )
 from .reference import DomainLoss
 
-# Largest vocabulary block one program holds in registers per step (tests lower it to force many blocks).
+# Vocabulary block of the two-read path (tests lower it to force many blocks).
 MAX_BLOCK_V = 8192
+# Longest row read once and kept in registers (tests lower it too; longer rows spill: launch_config).
+ONE_READ_MAX_V = 16384
 # Rows of the per-row state kept for backward. The kernels read them as globals, which the compiler
 # (unlike the interpreter) accepts only for tl.constexpr values.
 SAVED_ZFAC, SAVED_REST, SAVED_SCALE, SAVED_LABEL_COEF, SAVED_CAPGRAD = (tl.constexpr(i) for i in range(5))
@@ -75,6 +77,19 @@ def _softcap(x, softcap):
     e = tl.exp(-2.0 * tl.abs(u))
     t = (1.0 - e) / (1.0 + e)
     return softcap * tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def _grad_block(x_in, offs, label, scale, lse, grad_label, softcap, SOFTCAP: tl.constexpr):
+    # [BV] gradient of a block of logits x_in (input dtype; -inf outside the row gives 0):
+    # scale * p_j (times the soft-cap derivative) off the label, grad_label at it
+    x = x_in.to(tl.float32)
+    if SOFTCAP:
+        x = _softcap(x, softcap)
+    g = scale * tl.exp(x - lse)
+    if SOFTCAP:
+        g = g * (1.0 - (x / softcap) * (x / softcap))
+    return tl.where(offs == label, grad_label, g)
 
 
 @triton.jit
@@ -118,7 +133,10 @@ def _domain_ce_fwd_kernel(
     ATOMIC_STATS: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     SAVE_STATE: tl.constexpr,
+    ONE_READ: tl.constexpr,
 ):
+    # ONE_READ (BLOCK_V >= V): the row is read once and kept on chip for the gradient; otherwise it is
+    # read twice, block by block (statistics, then the gradient).
     # 64-bit row offsets: N * V can exceed 2**31
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
@@ -156,16 +174,25 @@ def _domain_ce_fwd_kernel(
     # pass 1: online max m and sum s of exp(x - m) over every column except the label's
     m = float("-inf")
     s = 0.0
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        in_row = offs < V
-        x = tl.load(logits_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)  # [BV]
+    if ONE_READ:
+        row_in = cols < V
+        x_row = tl.load(logits_row + cols, mask=row_in, other=float("-inf"))  # [BV], kept for pass 2
+        x = x_row.to(tl.float32)
         if SOFTCAP:
-            x = tl.where(in_row, _softcap(x, softcap), float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        x_rest = tl.where(offs == label, float("-inf"), x)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x_rest - m_new), axis=0)
-        m = m_new
+            x = tl.where(row_in, _softcap(x, softcap), float("-inf"))
+        m = tl.max(x, axis=0)
+        s = tl.sum(tl.exp(tl.where(cols == label, float("-inf"), x) - m), axis=0)
+    else:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            in_row = offs < V
+            x = tl.load(logits_row + offs, mask=in_row, other=float("-inf")).to(tl.float32)  # [BV]
+            if SOFTCAP:
+                x = tl.where(in_row, _softcap(x, softcap), float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            x_rest = tl.where(offs == label, float("-inf"), x)
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x_rest - m_new), axis=0)
+            m = m_new
 
     log_total = tl.log(s + tl.exp(x_label - m))
     lse = m + log_total
@@ -197,17 +224,16 @@ def _domain_ce_fwd_kernel(
         grad_label = ((coef - label_coef) - coef * rest) * capgrad_label
 
         # pass 2: the gradient, written where the logits were read (in place when grad_ptr == logits_ptr)
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            in_row = offs < V
-            x = tl.load(logits_row + offs, mask=in_row, other=0.0).to(tl.float32)  # [BV]
-            if SOFTCAP:
-                x = _softcap(x, softcap)
-            g = scale * tl.exp(x - lse)
-            if SOFTCAP:
-                g = g * (1.0 - (x / softcap) * (x / softcap))
-            g = tl.where(offs == label, grad_label, g)
-            tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+        if ONE_READ:
+            g = _grad_block(x_row, cols, label, scale, lse, grad_label, softcap, SOFTCAP)
+            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=row_in)
+        else:
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                in_row = offs < V
+                x_in = tl.load(logits_row + offs, mask=in_row, other=float("-inf"))  # [BV]
+                g = _grad_block(x_in, offs, label, scale, lse, grad_label, softcap, SOFTCAP)
+                tl.store(grad_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
         if SAVE_STATE:
             tl.store(saved_ptr + SAVED_ZFAC * saved_plane + row, zfac)
@@ -317,11 +343,24 @@ def new_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def launch_config(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of V columns."""
-    block_v = min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V)
-    num_warps = 4 if block_v <= 1024 else 8 if block_v <= 4096 else 16
-    return block_v, num_warps
+def launch_config(V: int) -> tuple[int, int, bool]:
+    """(BLOCK_V, num_warps, one_read) of the forward kernel for rows of V columns.
+
+    A row of at most ``ONE_READ_MAX_V`` columns is one block, read once and kept in registers for the
+    gradient; a longer row is read twice in blocks of ``MAX_BLOCK_V``. The warps grow with the block.
+    Every configuration compiles for sm_90 and sm_80 without register spills (tests/ptxas_table.json;
+    a one-read block of 32768 columns spills on both, hence the limit: docs/kernels.md).
+    """
+    v = max(V, 1)
+    one_read = v <= ONE_READ_MAX_V
+    block_v = triton.next_power_of_2(v) if one_read else MAX_BLOCK_V
+    return block_v, warps_for(block_v), one_read
+
+
+def warps_for(block_v: int) -> int:
+    """Warps of a program over a block of ``block_v`` columns (4 up to 1024, 8 up to 2048, else 16:
+    a one-read block of 4096 with 8 warps spills on sm_80 with a soft-cap)."""
+    return 4 if block_v <= 1024 else 8 if block_v <= 2048 else 16
 
 
 def count_valid(labels_N: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -487,7 +526,7 @@ def launch_forward(
     if n_rows == 0:
         return
     check_launch_strides(logits_NV, grad_NV)
-    block_v, num_warps = launch_config(vocab)
+    block_v, num_warps, one_read = launch_config(vocab)
     opts = rows.opts
     row_loss_2N = None if stats is None else stats.row_loss_2N
     dummy = rows.n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
@@ -521,6 +560,7 @@ def launch_forward(
         ATOMIC_STATS=stats is not None and not opts.deterministic,
         COMPUTE_GRAD=grad_NV is not None,
         SAVE_STATE=saved_5N is not None,
+        ONE_READ=one_read,
         num_warps=num_warps,
     )
 
@@ -603,7 +643,9 @@ def domain_ce_backward(
     n_rows, vocab = grad_NV.shape
     if n_rows == 0:
         return
-    block_v, num_warps = launch_config(vocab)
+    # backward streams a row once, when it rewrites it at all, in blocks as the two-read path
+    block_v = min(triton.next_power_of_2(max(vocab, 1)), MAX_BLOCK_V)
+    num_warps = warps_for(block_v)
     dummy = rows.n_valid  # any fp32 device tensor stands in for pointers a configuration does not read
     _domain_ce_bwd_kernel[(n_rows,)](
         grad_ptr=grad_NV,

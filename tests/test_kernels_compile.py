@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the Triton kernels for an NVIDIA Hopper GPU (sm_90), without a GPU.
+"""Ahead-of-time compilation of the Triton kernels for NVIDIA Hopper (sm_90) and Ampere (sm_80), without
+a GPU, with the registers, spills and shared memory of every launch configuration.
 
 The CPU suite runs the kernels under Triton's interpreter, which accepts constructs the compiler
 rejects. Here every kernel variant the host launchers produce is compiled to PTX and a cubin (ptxas
@@ -6,6 +7,12 @@ ships with the triton wheel, so no GPU or CUDA toolkit is needed). The variants 
 by hand: the public Triton entry points run on small CPU tensors over a grid of options with the
 kernels replaced by recorders, so each distinct launch signature (pointer dtypes, integer
 specialisations, constexpr values, num_warps) is captured exactly as the launchers make it.
+
+Each compiled variant's PTX also goes through ptxas with the options Triton gives it, ``-v``, for its
+resource usage. ``tests/ptxas_table.json`` is the committed table (one row per configuration and
+architecture: registers per thread, spill stores and loads in bytes, shared memory in bytes); the test
+requires 0 spills everywhere and, with the Triton version that wrote the table, the same numbers.
+``python tests/test_kernels_compile.py --table tests/ptxas_table.json`` rewrites it.
 
 Whether Triton interprets or compiles is decided when the kernels are decorated, that is when
 ``aioli_fast.kernels.domain_ce`` is imported, and tests/conftest.py sets ``TRITON_INTERPRET=1`` for
@@ -27,9 +34,10 @@ from pathlib import Path
 
 import pytest
 
-# Compute capability of the target (Hopper) and the warp size; no device is queried.
-TARGET_ARCH = 90
+# Compute capabilities of the targets (Hopper, Ampere) and the warp size; no device is queried.
+TARGET_ARCHS = (90, 80)
 WARP_SIZE = 32
+TABLE = Path(__file__).resolve().parent / "ptxas_table.json"
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INT_DTYPES = ("int64", "int32")
 GRAD_MODES = ("none", "loss", "loss_sum")  # which outputs backward reaches
@@ -117,9 +125,10 @@ def launch_cases():
     """Option sets for the entry points: every flag combination, then every vocabulary regime.
 
     The flags (pointer dtype, domain weights, softcap, deterministic, which outputs get a gradient)
-    are crossed at one vocabulary size. Then each (BLOCK_V, num_warps) regime of ``launch_config``
-    (V = 1, 100, 3000, 50000), D = 1 (an int argument equal to 1 is specialised to a constexpr) and
-    int32 labels and domain ids (deterministic) are crossed with the gradient modes.
+    are crossed at one vocabulary size. Then each (BLOCK_V, num_warps, one_read) regime of
+    ``launch_config`` (V = 1, 100, 3000, 16000 read once; 50000 read twice), D = 1 (an int argument
+    equal to 1 is specialised to a constexpr) and int32 labels and domain ids (deterministic) are
+    crossed with the gradient modes.
     """
     base = dict(dtype="float32", ints="int64", vocab=3000, n_dom=3, weighted=False, softcap=None)
     for dtype, weighted, softcap, deterministic, grad in product(
@@ -128,7 +137,8 @@ def launch_cases():
         yield dict(
             base, dtype=dtype, weighted=weighted, softcap=softcap, deterministic=deterministic, grad=grad
         )
-    for i, (vocab, n_dom, ints, grad) in enumerate(product((1, 100, 50_000), (1, 3), INT_DTYPES, GRAD_MODES)):
+    regimes = product((1, 100, 16_000, 50_000), (1, 3), INT_DTYPES, GRAD_MODES)
+    for i, (vocab, n_dom, ints, grad) in enumerate(regimes):
         dtype = FLOAT_DTYPES[i % len(FLOAT_DTYPES)]
         deterministic = ints == "int32"  # the per-domain reduction kernel with each index dtype and D
         yield dict(
@@ -199,15 +209,37 @@ def select(variants: list[dict]) -> list[dict]:
     return picked
 
 
-def compile_variant(variant: dict) -> str | None:
-    """Compile one variant for sm_90 down to a cubin; the error text, or None on success."""
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers, spill bytes and the ptxas log of ``ptx`` assembled as Triton assembles it."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2"]
+        cmd += [f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(tmp) / "k.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spills is None:
+        return dict(log=log[-2000:])
+    stores, loads = (int(g) for g in spills.groups())
+    return dict(registers=int(regs.group(1)), spill_stores=stores, spill_loads=loads)
+
+
+def compile_variant(variant: dict, arch: int) -> tuple[str | None, dict]:
+    """Compile one variant for ``sm_<arch>`` down to a cubin: (the error text or None, its resource
+    usage: registers, spill bytes and shared memory)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     from aioli_fast.kernels import domain_ce
 
     fn = getattr(domain_ce, variant["kernel"])
-    target = GPUTarget("cuda", TARGET_ARCH, WARP_SIZE)
+    target = GPUTarget("cuda", arch, WARP_SIZE)
     backend = triton.compiler.make_backend(target)
     attrs = {(i,): [["tt.divisibility", 16]] for i in variant["divisible"]}
     src = triton.compiler.ASTSource(
@@ -217,10 +249,19 @@ def compile_variant(variant: dict) -> str | None:
     try:
         compiled = triton.compile(src, target=target, options=options.__dict__)
     except Exception as exc:  # noqa: BLE001 - report every compiler error with its variant
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {exc}", {}
     if not compiled.asm.get("cubin"):
-        return "no cubin produced"
-    return None
+        return "no cubin produced", {}
+    usage = ptxas_usage(compiled.asm["ptx"], arch)
+    usage["shared"] = int(compiled.metadata.shared)
+    return None, usage
+
+
+def table_key(result: dict) -> str:
+    """One line naming a compiled configuration: kernel, constexprs, warps, pointer dtypes, arch."""
+    pointers = sorted({t for t in result["signature"].values() if t.startswith("*")})
+    flags = ",".join(f"{k}={v}" for k, v in sorted(result["constexprs"].items()))
+    return f"sm_{result['arch']} {result['kernel']} warps={result['num_warps']} {flags} {'/'.join(pointers)}"
 
 
 def main(argv: list[str]) -> int:
@@ -233,17 +274,26 @@ def main(argv: list[str]) -> int:
     if reason is not None:
         print(json.dumps({"skip": reason}))
         return 0
+    import triton
+
     variants = record_launches()
     todo = variants if "--all" in argv else select(variants)
     results = []
     for variant in todo:
-        start = time.perf_counter()
-        error = compile_variant(variant)
-        results.append(dict(variant, error=error, seconds=round(time.perf_counter() - start, 2)))
-        if "--verbose" in argv:
-            status = "ok" if error is None else "FAIL " + error.splitlines()[-1][:200]
-            print(variant["kernel"], variant["constexprs"], variant["num_warps"], status, file=sys.stderr)
-    print(json.dumps({"recorded": len(variants), "results": results}, default=str))
+        for arch in TARGET_ARCHS:
+            start = time.perf_counter()
+            error, usage = compile_variant(variant, arch)
+            seconds = round(time.perf_counter() - start, 2)
+            results.append(dict(variant, arch=arch, error=error, usage=usage, seconds=seconds))
+            if "--verbose" in argv:
+                status = "ok" if error is None else "FAIL " + error.splitlines()[-1][:200]
+                print(table_key(results[-1]), usage, status, file=sys.stderr)
+    if "--table" in argv:
+        rows = {table_key(r): r["usage"] for r in results if r["error"] is None}
+        table = {"triton": triton.__version__, "configurations": dict(sorted(rows.items()))}
+        Path(argv[argv.index("--table") + 1]).write_text(json.dumps(table, indent=1) + "\n")
+    report = {"recorded": len(variants), "triton": triton.__version__, "results": results}
+    print(json.dumps(report, default=str))
     return 0
 
 
@@ -257,7 +307,7 @@ def _describe(result: dict) -> str:
 
 
 @pytest.mark.slow
-def test_every_launched_variant_compiles_for_sm90(tmp_path):
+def test_every_launched_variant_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     pytest.importorskip("triton")
     # compile, not interpret; and no escape hatch for non-constexpr globals
     unset = ("TRITON_INTERPRET", "TRITON_ALLOW_NON_CONSTEXPR_GLOBALS")
@@ -276,12 +326,28 @@ def test_every_launched_variant_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in report:
-        pytest.skip(f"cannot compile for sm_{TARGET_ARCH} here: {report['skip']}")
+        pytest.skip(f"cannot compile for sm_90 / sm_80 here: {report['skip']}")
     results = report["results"]
     kernels = {r["kernel"] for r in results}
     assert kernels == set(KERNELS)
+    assert {r["arch"] for r in results} == set(TARGET_ARCHS)
     failures = [f"{_describe(r)}\n{r['error']}" for r in results if r["error"] is not None]
     assert not failures, f"{len(failures)} of {len(results)} variants fail:\n\n" + "\n\n".join(failures[:5])
+    unparsed = [table_key(r) for r in results if "registers" not in r["usage"]]
+    assert not unparsed, f"no ptxas resource line for {unparsed[:3]}: {results[0]['usage']}"
+    spilling = [(table_key(r), r["usage"]) for r in results if r["usage"]["spill_stores"]]
+    assert not spilling, f"{len(spilling)} configurations spill registers: {spilling[:5]}"
+    # the committed table holds every configuration, with these numbers when Triton is the same
+    table = json.loads(TABLE.read_text())
+    got = {table_key(r): r["usage"] for r in results}
+    assert set(got) == set(table["configurations"]), (
+        "the launch configurations changed: rewrite the table with "
+        "`python tests/test_kernels_compile.py --table tests/ptxas_table.json`; "
+        f"new {sorted(set(got) - set(table['configurations']))[:3]}, "
+        f"gone {sorted(set(table['configurations']) - set(got))[:3]}"
+    )
+    if report["triton"] == table["triton"]:
+        assert got == table["configurations"]
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def nan_poisoned_buffers(monkeypatch):
 
     monkeypatch.setattr(domain_ce, "new_buffer", poisoned)
     monkeypatch.setattr(linear_domain_ce, "new_buffer", poisoned)
+    # rows up to 128 columns take the one-read path, longer ones two reads in blocks of 128
     monkeypatch.setattr(domain_ce, "MAX_BLOCK_V", 128)
+    monkeypatch.setattr(domain_ce, "ONE_READ_MAX_V", 128)
 
 
 @dataclass(frozen=True)
@@ -218,6 +220,10 @@ OPTION_CASES = [
     Case(50, 33, 70, options=dict(deterministic=True, weights=True)),
     Case(options=dict(inplace=True), ignore_frac=0.3),
     Case(options=dict(grad_scale=0.5)),
+    # the one-read path (V <= 128 here) with every option
+    Case(63, 100, 4, options=dict(softcap=8.0, lse_square_scale=0.003, weights=True), ignore_frac=0.3),
+    Case(63, 128, 4, options=dict(inplace=True, deterministic=True), ignore_frac=0.3),
+    Case(63, 100, 4, torch.float16, options=dict(softcap=5.0), ignore_frac=0.3),
 ]
 
 
@@ -611,3 +617,21 @@ def test_bad_linear_options_raise_value_error(bad: str) -> None:
             backend="triton",
             **kwargs,
         )
+
+
+@pytest.mark.parametrize("softcap", [None, 6.0])
+def test_one_read_and_two_reads_agree(monkeypatch, softcap) -> None:
+    case = Case(40, 120, 3, ignore_frac=0.2)
+    logits, labels, domains, _ = make_batch(case, 9)
+    results = []
+    for limit in (128, 1):  # 120 columns: one read, then two reads in blocks of 128
+        monkeypatch.setattr(domain_ce, "ONE_READ_MAX_V", limit)
+        leaf = logits.clone().requires_grad_()
+        out = domain_cross_entropy(leaf, labels, domains, 3, softcap=softcap, backend="triton")
+        (out.loss + out.loss_sum.sum()).backward()
+        results.append((out, leaf.grad))
+    (a, ga), (b, gb) = results
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+    assert domain_ce.launch_config(120)[2] is False  # the limit is still 1 here
