@@ -54,6 +54,32 @@ def default_chunk_size(n_rows: int, vocab: int, itemsize: int, budget: int = CHU
     return max(1, min(rows, triton.next_power_of_2(max(n_rows, 1))))
 
 
+def peak_extra_bytes(
+    n_rows: int,
+    hidden_size: int,
+    vocab: int,
+    itemsize: int,
+    chunk_size: int,
+    *,
+    weight_grad_fp32: bool = True,
+    mixed_addmm: bool = True,
+) -> int:
+    """Peak bytes that forward + backward allocate beyond the inputs, leading terms (docs/kernels.md):
+
+    ``N H b`` (the hidden gradient) + ``V H a`` (the weight gradient, ``a`` = 4 with
+    ``weight_grad_fp32``, else ``b``) + the larger of one chunk ``C V b`` (plus, on a device without a
+    mixed-dtype addmm, its fp32 operands ``C (V + H) 4``) and, when ``a != b``, the ``V H b`` weight
+    gradient handed back in the weight's dtype. Terms of O(N + V) (per-row state, a bias gradient) are
+    left out.
+    """
+    acc = 4 if weight_grad_fp32 else itemsize
+    chunk = chunk_size * vocab * itemsize
+    if acc != itemsize and not mixed_addmm:
+        chunk += chunk_size * (vocab + hidden_size) * acc
+    handed_back = vocab * hidden_size * itemsize if acc != itemsize else 0
+    return n_rows * hidden_size * itemsize + vocab * hidden_size * acc + max(chunk, handed_back)
+
+
 def add_weight_grad(acc_VH: torch.Tensor, grad_CV: torch.Tensor, hidden_CH: torch.Tensor) -> None:
     """``acc_VH += grad_CV.T @ hidden_CH``, with no [V, H] temporary whatever the dtypes: the same
     dtype adds in place; an fp32 ``acc_VH`` over lower-precision operands uses addmm's ``out_dtype``
@@ -125,15 +151,14 @@ def linear_pass(
             grad_NV=logits_CV if compute_grad else None,
             stats=None if stats is None else stats.chunk(start, end),
         )
-        if not compute_grad:
-            continue
-        grad_CV = logits_CV  # the kernel wrote the gradient over the chunk's logits
-        if need_hidden:
-            torch.mm(grad_CV, weight_VH, out=grad_hidden_NH[start:end])
-        if need_weight:
-            add_weight_grad(grad_weight_VH, grad_CV, hidden_CH)
-        if need_bias:
-            grad_bias_V += grad_CV.sum(dim=0, dtype=torch.float32)
+        if compute_grad:  # the kernel wrote the gradient over the chunk's logits
+            if need_hidden:
+                torch.mm(logits_CV, weight_VH, out=grad_hidden_NH[start:end])
+            if need_weight:
+                add_weight_grad(grad_weight_VH, logits_CV, hidden_CH)
+            if need_bias:
+                grad_bias_V += logits_CV.sum(dim=0, dtype=torch.float32)
+        del logits_CV  # freed before the next chunk's matmul: one chunk alive at a time
     return grad_hidden_NH, grad_weight_VH, grad_bias_V
 
 
