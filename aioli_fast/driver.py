@@ -96,12 +96,14 @@ class MixingDriver:
         device: torch.device | str | None = None,
         on_error: str = "raise",
         window: DomainSums | None = None,
+        micro_rows: int | None = None,
     ) -> MixingDriver:
         """A driver over a new stream of ``manifest`` for ``mixer`` (over ``mixer.domains``), as
         ``options`` say: ``step_rows`` sequences of this rank per step, and the held-out measurement the
         mixer asks for (on ``options.eval_split``, which the corpus must have), run on ``device`` (default
         the mixer's) with ``precision`` and, with ``lockstep``, the same number of forwards on every rank
-        (sharded models); the log window lives on ``device`` too."""
+        (sharded models); the log window lives on ``device`` too. A probe runs in micro-batches of
+        ``micro_rows`` sequences (the training micro-batch; default ``options.eval_batch_size``)."""
         o = options
         device = torch.device(device) if device is not None else mixer.device
         if window is None:
@@ -121,6 +123,7 @@ class MixingDriver:
                 rank=rank,
                 world_size=world_size,
                 lockstep=lockstep,
+                micro_rows=micro_rows or o.eval_batch_size,
             )
         stream = MixtureStream(
             manifest,

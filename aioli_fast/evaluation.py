@@ -72,7 +72,8 @@ def measure_losses(
     """Per-domain token-loss sums [D] and token counts [D] (fp32, on ``device``) over ``batches``
     (a :class:`~aioli_fast.mixing.DomainSums`, which unpacks as ``(loss_sum_D, count_D)``).
 
-    ``batches`` yields ``(samples [b, T+1], domain_ids [b])`` arrays. One no-grad forward per batch
+    ``batches`` yields ``(samples [b, T+1], domain_ids [b])`` arrays (or tensors, already on the
+    device for a probe). One no-grad forward per batch
     through the per-domain loss; nothing is read back to the host.
 
     With ``world_size > 1`` every rank runs the same ``batches`` iterator but forwards only every
@@ -90,8 +91,11 @@ def measure_losses(
     done, seen, spare = 0, 0, None
 
     def forward(samples, domain_ids):
-        tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
-        ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
+        if isinstance(samples, torch.Tensor):  # a probe kept on the device
+            tokens, ids = samples.to(device), domain_ids.to(device)
+        else:
+            tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
+            ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
         with autocast_context(device, precision):
             return loss_of(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
 
@@ -153,8 +157,11 @@ class Measurement:
     """A mixer's probe / full-validation measurement: its held-out batches, and this rank's share of
     running them through a model (:func:`measure_losses`, not all-reduced: the mixer reduces it).
 
-    ``probe``: a fixed probe of ``probe_sequences`` per domain, read once (now) and kept in host memory, in
-    batches of ``ceil(D x probe_sequences / world_size)`` so that each rank forwards one batch.
+    ``probe``: a fixed probe of ``probe_sequences`` per domain, read once (now) and kept on ``device``
+    (``D x probe_sequences x (T + 1)`` int64 tokens), in micro-batches of at most ``micro_rows``
+    sequences (the training micro-batch, so that a probe never needs more activation memory than a
+    training step), shared out among the ranks: each forwards ``ceil(D x probe_sequences /
+    world_size / micro_rows)`` of them at most.
     ``full_val``: the whole ``split`` (at most ``max_sequences`` per domain) in batches of ``batch_size``,
     read anew each time. The native trainer and the adapters build it alike.
     """
@@ -174,6 +181,7 @@ class Measurement:
         rank: int = 0,
         world_size: int = 1,
         lockstep: bool = False,
+        micro_rows: int | None = None,
     ):
         if kind not in ("probe", "full_val"):
             raise AioliError(f"no held-out measurement of kind {kind!r} (probe or full_val)")
@@ -188,7 +196,14 @@ class Measurement:
         }
         if kind == "probe":
             per_process = -(-len(domains) * probe_sequences // world_size)
-            probe = probe_batches(manifest, domains, split, probe_sequences, per_process)
+            rows = per_process if micro_rows is None else max(1, min(per_process, micro_rows))
+            probe = [
+                (
+                    torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device),
+                    torch.from_numpy(np.asarray(ids, dtype=np.int32)).to(device),
+                )
+                for samples, ids in probe_batches(manifest, domains, split, probe_sequences, rows)
+            ]
             self.batches: Callable[[], Batches] = lambda: probe
         else:
             self.batches = lambda: split_batches(manifest, domains, split, batch_size, max_sequences)

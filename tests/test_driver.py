@@ -104,3 +104,25 @@ def test_a_driver_without_a_stream_or_a_measurement_says_so(corpus):
     with pytest.raises(AioliError, match="asks for a 'probe' measurement at step 2, but this loop gave"):
         for step in range(3):
             alone.before_step(step)
+
+
+def test_the_probe_lives_on_the_device_in_training_micro_batches(corpus):
+    from aioli_fast.evaluation import Measurement
+
+    manifest = load_manifest(corpus)
+    model = GPT(preset_config("tiny", vocab_size=320, max_seq_len=manifest.seq_len))
+    common = dict(probe_sequences=3, batch_size=8, max_sequences=None, device=torch.device("cpu"))
+    whole = Measurement("probe", manifest, list(ALPHABETS), "val", **common)
+    micro = Measurement("probe", manifest, list(ALPHABETS), "val", micro_rows=2, **common)
+    assert [len(ids) for _, ids in whole.batches()] == [9]
+    assert [len(ids) for _, ids in micro.batches()] == [2, 2, 2, 2, 1]  # 3 domains x 3 sequences
+    assert all(isinstance(t, torch.Tensor) for batch in micro.batches() for t in batch)
+    a, b = whole(model), micro(model)
+    torch.testing.assert_close(a.buffer, b.buffer, rtol=1e-5, atol=1e-5)
+    assert b.count.tolist() == [3 * (manifest.seq_len)] * 3
+    # the driver gives the probe its micro-batch size
+    mixer = build_mixer("aioli", list(manifest.domains), measurement="probe", **LEARN)
+    options = MixingOptions(probe_sequences=3)
+    driver = MixingDriver.for_corpus(manifest, mixer, options, step_rows=12, micro_rows=4)
+    assert [len(ids) for _, ids in driver.measure.batches()] == [4, 4, 1]
+    driver.close()

@@ -180,6 +180,8 @@ class OnlineMixing:
         framework: the adapter's name, for messages.
         total_steps, warmup_steps: the run's optimizer steps and learning-rate warm-up, when known: a
             mixer given by name sizes its schedule to them (Aioli's ``auto`` options, docs/mixing.md).
+        micro_rows: sequences of a training micro-batch: a probe measurement runs in micro-batches
+            of this size (default ``eval_batch_size``).
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class OnlineMixing:
         framework: str = "this adapter",
         total_steps: int | None = None,
         warmup_steps: int = 0,
+        micro_rows: int | None = None,
         **mixing: Any,
     ):
         if options is not None and mixing:
@@ -267,6 +270,7 @@ class OnlineMixing:
             world_size=world_size,
             lockstep=lockstep,
             device=self.device,
+            micro_rows=micro_rows,
         )
         self.stream = self.driver.stream
         self.step_tokens = 0  # counted tokens of this rank's batch of the step drawn last

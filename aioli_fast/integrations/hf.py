@@ -201,6 +201,7 @@ class AioliTrainer(Trainer):
         self.mixing = OnlineMixing(
             manifest,
             step_rows=a.per_device_train_batch_size * a.gradient_accumulation_steps,
+            micro_rows=a.per_device_train_batch_size,
             device=a.device,
             options=options,
             total_steps=a.max_steps,

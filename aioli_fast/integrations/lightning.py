@@ -150,6 +150,7 @@ class AioliDataModule(pl.LightningDataModule):
         self.mixing = OnlineMixing(
             self.corpus,
             step_rows=self.batch_size * trainer.accumulate_grad_batches,
+            micro_rows=self.batch_size,
             device=trainer.strategy.root_device,
             rank=trainer.global_rank,
             world_size=trainer.world_size,

@@ -161,6 +161,7 @@ class AioliDataLoader(BaseDataLoader):
         self.mixing = OnlineMixing(
             self.manifest,
             step_rows=self.local_batch_size * trainer.gradient_accumulation_steps,
+            micro_rows=self.local_batch_size,
             device=trainer.device,
             options=options,
             total_steps=trainer.config.training.steps,

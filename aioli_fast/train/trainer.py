@@ -240,6 +240,7 @@ class _Run:
             precision=precision,
             on_error=cfg.data.on_error,
             window=self.window.sums,
+            micro_rows=self.micro,
         )
         self.stream = self.driver.stream
         if info.world_size > 1 and cfg.checkpoint.on_sigterm:
