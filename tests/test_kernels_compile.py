@@ -126,7 +126,7 @@ def launch_cases():
 
     The flags (pointer dtype, domain weights, softcap, deterministic, which outputs get a gradient)
     are crossed at one vocabulary size. Then each (BLOCK_V, num_warps, one_read) regime of
-    ``launch_config`` (V = 1, 100, 3000, 16000 read once; 50000 read twice), D = 1 (an int argument
+    ``launch_config`` (V = 1, 100, 2000, 3000, 16000 read once; 50000 read twice), D = 1 (an int argument
     equal to 1 is specialised to a constexpr) and int32 labels and domain ids (deterministic) are
     crossed with the gradient modes.
     """
@@ -137,7 +137,7 @@ def launch_cases():
         yield dict(
             base, dtype=dtype, weighted=weighted, softcap=softcap, deterministic=deterministic, grad=grad
         )
-    regimes = product((1, 100, 16_000, 50_000), (1, 3), INT_DTYPES, GRAD_MODES)
+    regimes = product((1, 100, 2000, 16_000, 50_000), (1, 3), INT_DTYPES, GRAD_MODES)
     for i, (vocab, n_dom, ints, grad) in enumerate(regimes):
         dtype = FLOAT_DTYPES[i % len(FLOAT_DTYPES)]
         deterministic = ints == "int32"  # the per-domain reduction kernel with each index dtype and D
