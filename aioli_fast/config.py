@@ -51,6 +51,19 @@ class DataSection:
     num_workers: int = MixingOptions.num_workers
     prefetch_factor: int = MixingOptions.prefetch_factor  # batches each worker prepares ahead
     on_error: str = "raise"  # raise | skip (bad samples replaced, counted and warned about)
+    # a corpus on object storage (data.path an s3:// gs:// https:// ... URL): where its shards are cached,
+    # the cache's bound in GiB, and fsspec options of the filesystem (docs/data.md)
+    cache_dir: str | None = None  # default $AIOLI_CACHE_DIR or ~/.cache/aioli_fast
+    cache_gb: float | None = None  # default $AIOLI_CACHE_GB or 50
+    storage_options: dict[str, Any] | None = None
+
+    def manifest(self):
+        """The corpus at ``path`` (a folder or a URL, read through the cache)."""
+        from .data import load_manifest
+
+        return load_manifest(
+            self.path, cache_dir=self.cache_dir, cache_gb=self.cache_gb, storage_options=self.storage_options
+        )
 
     def check(self) -> None:
         """Ranges and choices of the data options (called by :meth:`RunConfig.validate`)."""
@@ -66,6 +79,8 @@ class DataSection:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:
             raise ConfigError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if self.cache_gb is not None and not self.cache_gb > 0:
+            raise ConfigError(f"data.cache_gb must be positive, got {self.cache_gb}")
 
 
 @dataclass

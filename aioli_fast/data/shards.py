@@ -21,13 +21,14 @@ import json
 import re
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError, ShardMissingError
 from ..fileio import atomic_write_bytes, progress_bar
+from .remote import ShardStore, is_url, local_path_of
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -217,10 +218,11 @@ class CorpusCheck:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path
+    path: Path  # where it is read from: the corpus folder, or the cache of a remote corpus
     sequences: int
     sha256: str
     size: int | None = None  # bytes; None in manifests that do not record it
+    rel: str = ""  # its path relative to the corpus root, as the manifest writes it
 
 
 @dataclass(frozen=True)
@@ -235,19 +237,37 @@ class Manifest:
     domains: tuple[str, ...]
     shards: dict  # (domain, split) -> tuple[ShardInfo, ...]
     raw: dict
+    store: ShardStore | None = None  # a corpus on object storage: its URL and local cache
 
     @property
     def sample_len(self) -> int:
         return self.seq_len + 1
 
+    @property
+    def location(self) -> str:
+        """The corpus as the user named it: its URL, or its folder."""
+        return self.store.url if self.store is not None else str(self.root)
+
+    def local(self, shard: ShardInfo) -> Path:
+        """A local file holding ``shard``: the shard itself, or for a remote corpus its cached copy
+        (fetched now when absent, checked against the manifest's sha256)."""
+        if self.store is None:
+            return shard.path
+        return self.store.fetch(shard.rel, shard.sha256, shard.size)
+
+    def prefetch(self, shards: Sequence[ShardInfo]) -> None:
+        """Start fetching ``shards`` of a remote corpus in the background (nothing for a local one)."""
+        if self.store is not None:
+            self.store.prefetch((s.rel, s.sha256, s.size) for s in shards)
+
     def split_shards(self, domain: str, split: str) -> tuple[ShardInfo, ...]:
         if domain not in self.domains:
             raise DataError(
-                f"domain {domain!r} is not in the corpus {self.root} (it has {list(self.domains)})"
+                f"domain {domain!r} is not in the corpus {self.location} (it has {list(self.domains)})"
             )
         found = self.shards.get((domain, split))
         if not found:
-            raise DataError(f"corpus {self.root} has no {split!r} split for domain {domain!r}")
+            raise DataError(f"corpus {self.location} has no {split!r} split for domain {domain!r}")
         return found
 
     def fingerprint(self, domains: Sequence[str] | None = None) -> dict:
@@ -266,13 +286,18 @@ class Manifest:
 
     def read(self, shard: ShardInfo) -> tuple[list[str], np.ndarray]:
         """Read one of this corpus' shards, checked against the manifest: (keys, tokens [S, T+1])."""
+        path = self.local(shard)
         return read_shard(
-            shard.path, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
+            path, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
         )
 
     def check_files(self, domains: Sequence[str], splits: Sequence[str]) -> None:
         """Cheap start-up check (one ``stat`` per shard): every shard of these splits exists and has the
-        size the manifest records. Raises DataError naming the first bad shard."""
+        size the manifest records. Raises DataError naming the first bad shard. For a remote corpus
+        the sizes come from one listing of the store (or one request per shard where it cannot list)."""
+        if self.store is not None:
+            self._check_remote_files(domains, splits)
+            return
         for domain in domains:
             for split in splits:
                 for shard in self.split_shards(domain, split):
@@ -283,6 +308,24 @@ class Manifest:
                     if shard.size is not None and size != shard.size:
                         raise DataError(
                             f"shard {shard.path} has {size} bytes, the manifest says {shard.size} "
+                            "(truncated or replaced?)"
+                        )
+
+    def _check_remote_files(self, domains: Sequence[str], splits: Sequence[str]) -> None:
+        listed = self.store.sizes()
+        for domain in domains:
+            for split in splits:
+                for shard in self.split_shards(domain, split):
+                    where = f"{self.store.url}/{shard.rel}"
+                    size = listed.get(shard.rel)
+                    if size is None:
+                        try:
+                            size = self.store.size(shard.rel)
+                        except DataError as exc:
+                            raise ShardMissingError(f"shard not found: {exc}") from None
+                    if shard.size is not None and size != shard.size:
+                        raise DataError(
+                            f"shard {where} has {size} bytes, the manifest says {shard.size} "
                             "(truncated or replaced?)"
                         )
 
@@ -377,6 +420,18 @@ class Manifest:
         return problems
 
     def _check_shard(self, shard: ShardInfo, decode: bool = True) -> list[str]:
+        if self.store is not None:  # a fresh download, checked here rather than by the cache
+            try:
+                shard = replace(shard, path=self.store.download_unchecked(shard.rel))
+            except DataError as exc:
+                return [str(exc)]
+            try:
+                return self._check_shard_file(shard, decode)
+            finally:
+                shard.path.unlink(missing_ok=True)
+        return self._check_shard_file(shard, decode)
+
+    def _check_shard_file(self, shard: ShardInfo, decode: bool) -> list[str]:
         try:
             size = shard.path.stat().st_size
         except OSError:
@@ -417,25 +472,54 @@ class Manifest:
         return sum(s.sequences for s in self.split_shards(domain, split))
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Load ``manifest.json`` (a corpus folder or the file itself) and check that it is complete."""
-    path = Path(path)
+def load_manifest(
+    path: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    cache_gb: float | None = None,
+    storage_options: dict | None = None,
+) -> Manifest:
+    """Load ``manifest.json`` (a corpus folder or the file itself) and check that it is complete.
+
+    ``path`` may be an fsspec URL (``s3://``, ``gs://``, ``https://``, ``file://``): the manifest is
+    read remotely and the shards are fetched when read, into ``cache_dir`` (at most ``cache_gb``;
+    defaults: ``$AIOLI_CACHE_DIR`` or ``~/.cache/aioli_fast``, ``$AIOLI_CACHE_GB`` or 50), with
+    ``storage_options`` for the filesystem (docs/data.md)."""
+    if is_url(path):
+        url = str(path)
+        if url.rstrip("/").endswith("/" + MANIFEST_NAME):
+            url = url.rstrip("/")[: -len(MANIFEST_NAME) - 1]
+        store = ShardStore(url, cache_dir=cache_dir, cache_gb=cache_gb, storage_options=storage_options)
+        try:
+            text = store.read_bytes(MANIFEST_NAME).decode("utf-8")
+        except DataError as exc:
+            hint = " (was `aioli-fast prepare` interrupted?)" if "no such object" in str(exc) else ""
+            raise DataError(f"no corpus manifest at {exc}{hint}") from None
+        manifest = _parse_manifest(text, store.cache, f"{url}/{MANIFEST_NAME}", store)
+        tok = manifest.tokenizer
+        if tok.get("kind") == "hf" and not Path(tok.get("path", "")).is_absolute():
+            store.fetch(tok.get("path", "tokenizer.json"), tok.get("sha256"))  # beside the cached shards
+        return manifest
+    path = local_path_of(path)
     file = path / MANIFEST_NAME if path.is_dir() else path
     if not file.is_file():
         hint = " (was `aioli-fast prepare` interrupted?)" if path.is_dir() else ""
         raise DataError(f"no corpus manifest at {file}{hint}")
+    return _parse_manifest(file.read_text(encoding="utf-8"), file.parent, str(file), None)
+
+
+def _parse_manifest(text: str, root: Path, file: str, store: ShardStore | None) -> Manifest:
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw = json.loads(text)
         if raw.get("format_version") != FORMAT_VERSION:
             raise DataError(
                 f"{file}: format_version {raw.get('format_version')!r}, this version reads {FORMAT_VERSION}"
             )
-        root = file.parent
         shards = {}
         for dom in raw["domains"]:
             for split, info in dom["splits"].items():
                 shards[(dom["name"], split)] = tuple(
-                    ShardInfo(root / s["path"], int(s["sequences"]), s["sha256"], s.get("bytes"))
+                    ShardInfo(root / s["path"], int(s["sequences"]), s["sha256"], s.get("bytes"), s["path"])
                     for s in info["shards"]
                 )
         return Manifest(
@@ -447,6 +531,7 @@ def load_manifest(path: str | Path) -> Manifest:
             domains=tuple(d["name"] for d in raw["domains"]),
             shards=shards,
             raw=raw,
+            store=store,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, DataError):

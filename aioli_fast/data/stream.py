@@ -309,6 +309,9 @@ class ShardReader(torch.utils.data.Dataset):
 
     def __init__(self, manifest: Manifest, domains: Sequence[str], split: str, on_error: str):
         self.paths = [[str(s.path) for s in manifest.split_shards(d, split)] for d in domains]
+        # a remote corpus: shards are fetched into its cache when first read, the next one prefetched
+        self.remote = manifest if manifest.store is not None else None
+        self.infos = [manifest.split_shards(d, split) for d in domains]
         self.counts = [[s.sequences for s in manifest.split_shards(d, split)] for d in domains]
         self.domains = list(domains)
         self.sample_len, self.vocab_size = manifest.sample_len, manifest.vocab_size
@@ -322,8 +325,12 @@ class ShardReader(torch.utils.data.Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
+            path = self.paths[d][s]
+            if self.remote is not None:
+                path = self.remote.local(self.infos[d][s])
+                self.remote.prefetch([self.infos[d][(s + 1) % len(self.infos[d])]])
             content = decode_shard(
-                self.paths[d][s],
+                path,
                 sample_len=self.sample_len,
                 vocab_size=self.vocab_size,
                 expected=self.counts[d][s],

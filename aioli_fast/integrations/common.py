@@ -463,7 +463,7 @@ class OnlineMixing:
         changes = corpus_changes(state.get("corpus"), self.manifest.fingerprint(self.domains))
         if changes:
             raise AioliError(
-                f"{source} was written by a run on another corpus than {self.manifest.root} (changed: "
+                f"{source} was written by a run on another corpus than {self.manifest.location} (changed: "
                 f"{'; '.join(changes)}): its stream positions mean nothing here; resume on that corpus, "
                 "or train on this one from the start (another output folder)"
             )

@@ -192,7 +192,7 @@ def check_held_out_shards(manifest: Manifest, domains: list[str], splits: list[s
         for split in splits:
             for shard in manifest.split_shards(domain, split):
                 try:
-                    with tarfile.open(shard.path, mode="r:") as tar:
+                    with tarfile.open(manifest.local(shard), mode="r:") as tar:
                         first = tar.next()
                 except (OSError, tarfile.TarError) as exc:
                     first, reason = None, f"{type(exc).__name__}: {exc}"

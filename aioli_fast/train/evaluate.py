@@ -65,8 +65,10 @@ def evaluate_checkpoint(
     dev = resolve_device(device, key="--device")
     data = data or None
     model, meta = load_checkpoint(checkpoint, dev)
-    data = Path(data if data is not None else meta["config"]["data"]["path"])
-    manifest = load_manifest(data)
+    saved = meta["config"]["data"]
+    data = str(data if data is not None else saved["path"])
+    cache = {k: saved.get(k) for k in ("cache_dir", "cache_gb", "storage_options")}
+    manifest = load_manifest(data, **cache)
     if not same_tokenizer(manifest.tokenizer, meta["tokenizer"]):
         raise AioliError(
             f"the corpus {data} was tokenized with {manifest.tokenizer}, "

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..data import load_manifest
 from ..device import resolve_device, resolve_precision
 from ..errors import ConfigError
 from ..fileio import atomic_write_json, ensure_writable_dir
@@ -38,7 +37,7 @@ def learn_skills_graph(cfg: RunConfig, steps: int, out: str | Path) -> dict:
     cfg.validate()
     out = Path(out)
     ensure_writable_dir(out.parent, "output folder")
-    manifest = load_manifest(cfg.data.path)
+    manifest = cfg.data.manifest()
     domains = select_domains(cfg, manifest)
     if "val" not in held_out_splits(manifest, domains)[0]:
         raise ConfigError("learning a skills graph needs a val split for every domain")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data import corpus_changes, load_manifest
+from ..data import corpus_changes
 from ..device import resolve_precision
 from ..distributed import (
     all_reduce_,
@@ -183,7 +183,7 @@ class _Run:
         self.cfg, self.info, self.device, self.precision = cfg, info, device, precision
         self.main = info.is_main
         t = cfg.train
-        self.manifest = load_manifest(cfg.data.path)
+        self.manifest = cfg.data.manifest()
         self.domains = select_domains(cfg, self.manifest)
         self.eval_splits, self.eval_notes = held_out_splits(self.manifest, self.domains)
         if cfg.eval.every and "val" not in self.eval_splits:
