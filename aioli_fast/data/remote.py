@@ -24,6 +24,7 @@ aiohttp for ``https://``) are the ``[cloud]`` extra.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -70,7 +71,13 @@ def default_cache_dir() -> Path:
 
 
 def _permanent(exc: BaseException) -> str | None:
-    """Why ``exc`` will not go away with a retry (a missing object, refused credentials), or None."""
+    """Why ``exc`` will not go away with a retry (a missing object, refused credentials, a full cache
+    disk), or None."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return (
+            f"cannot write the local cache ({exc.strerror}): free space on its disk, lower data.cache_gb "
+            "or point data.cache_dir elsewhere"
+        )
     if isinstance(exc, FileNotFoundError):
         return "no such object"
     if isinstance(exc, PermissionError):
@@ -116,10 +123,11 @@ class ShardStore:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._pending: dict[str, Any] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_fs=None, _pool=None, _lock=None, _pending={})
+        state.update(_fs=None, _pool=None, _lock=None, _pending={}, _pid=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -128,8 +136,17 @@ class ShardStore:
 
     # ------------------------------------------------------------------------------------- plumbing
 
+    def _after_fork(self) -> None:
+        """A forked process (a DataLoader worker) inherits the parent's event loop, threads and lock,
+        none of which work there: start afresh."""
+        if getattr(self, "_pid", None) != os.getpid():
+            self._pid = os.getpid()
+            self._fs, self._pool, self._pending = None, None, {}
+            self._lock = threading.Lock()
+
     @property
     def fs(self):
+        self._after_fork()
         if self._fs is None:
             try:
                 import fsspec
@@ -139,7 +156,9 @@ class ShardStore:
                     "pip install 'aioli-fast[cloud]'"
                 ) from None
             try:
-                self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+                # a private instance: fsspec's shared ones are tied to the process that made them
+                options = {"skip_instance_cache": True, **self.storage_options}
+                self._fs, self._root = fsspec.core.url_to_fs(self.url, **options)
             except (ImportError, ValueError) as exc:
                 raise DataError(f"cannot open {self.url}: {exc} (pip install 'aioli-fast[cloud]')") from exc
         return self._fs
@@ -203,6 +222,7 @@ class ShardStore:
 
     def fetch(self, rel: str, sha256: str | None = None, size: int | None = None) -> Path:
         """Shard ``rel`` in the cache, downloaded (and checked against ``sha256``) when absent."""
+        self._after_fork()
         path = self.local(rel)
         if path.is_file():
             try:
@@ -281,6 +301,7 @@ class ShardStore:
 
     def prefetch(self, items: Iterable[tuple[str, str | None, int | None]]) -> None:
         """Fetch ``(rel, sha256, size)`` shards in the background (errors surface on :meth:`fetch`)."""
+        self._after_fork()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aioli-prefetch")
