@@ -97,7 +97,7 @@ def _print_manifest(manifest: dict, out: str) -> None:
     for dom in manifest["domains"]:
         splits = ", ".join(f"{s}: {v['sequences']} seq / {v['tokens']} tok" for s, v in dom["splits"].items())
         print(f"{dom['name']}: {dom['documents']} documents; {splits}")
-    print(f"wrote {Path(out) / 'manifest.json'}")
+    print(f"wrote {out.rstrip('/') + '/manifest.json' if '://' in out else Path(out) / 'manifest.json'}")
 
 
 def _cmd_combine(args: argparse.Namespace) -> None:
@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
         "datasets folders); :FIELD names the text field or column; repeat per domain (a repeated NAME adds "
         "inputs)",
     )
-    p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for shards and manifest.json, or an fsspec URL (s3://bucket/corpus, ...)",
+    )
     p.add_argument(
         "--seq-len", type=positive_int, default=512, help="tokens per training sequence (default 512)"
     )
@@ -244,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("combine", help="write the corpus of a preparation run as several parts (--part I/N)")
-    p.add_argument("out", help="the --out folder the parts were prepared for")
+    p.add_argument("out", help="the --out folder (or URL) the parts were prepared for")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_cmd_combine)
 

@@ -277,3 +277,54 @@ def test_verify_checks_a_remote_corpus(http_server, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not any((tmp_path / "cache").rglob("*.tar"))  # verify's downloads are not left in the cache
+
+
+def _write_texts(root: Path) -> dict[str, list[str]]:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    domains = {}
+    for name, alphabet in {"ab": "ab", "cd": "cdc", "xyz": "xyz"}.items():
+        folder = root / "raw" / name
+        folder.mkdir(parents=True)
+        for i in range(40):
+            (folder / f"{i:03d}.txt").write_text(
+                "".join(rng.choice(list(alphabet), size=int(rng.integers(10, 60))))
+            )
+        domains[name] = [str(folder)]
+    return domains
+
+
+def test_prepare_writes_to_s3_manifest_last_also_from_parts_without_a_shared_disk(
+    s3_env, tmp_path, monkeypatch
+):
+    from aioli_fast.data.prepare import combine, prepare
+
+    domains = _write_texts(tmp_path)
+    common = dict(
+        seq_len=16, val_fraction=0.2, test_fraction=0.1, shard_sequences=8, progress=False, block_bytes=256
+    )
+    local = prepare(domains, tmp_path / "local", **common)
+    url = f"s3://{BUCKET}/prepared"
+    monkeypatch.setenv("AIOLI_CACHE_DIR", str(tmp_path / "machine-a"))
+    remote = prepare(domains, url, **common)
+    assert remote["domains"] == local["domains"]
+    assert s3_env.cat_file(f"{BUCKET}/prepared/manifest.json")
+    with pytest.raises(Exception, match="already holds a prepared corpus"):
+        prepare(domains, url, **common)
+
+    # three parts, each on its own "machine" (its own cache and staging folder): no shared disk
+    parts_url = f"s3://{BUCKET}/from-parts"
+    results = []
+    for i in range(3):
+        monkeypatch.setenv("AIOLI_CACHE_DIR", str(tmp_path / f"machine-{i}"))
+        results.append(prepare(domains, parts_url, part=(i, 3), **common))
+        if i < 2:  # no manifest before the last part: a reader never sees half a corpus
+            assert results[-1] is None and not s3_env.exists(f"{BUCKET}/from-parts/manifest.json")
+    assert results[-1]["domains"] == local["domains"]
+    assert not s3_env.exists(f"{BUCKET}/from-parts/.aioli-parts")
+    assert combine(parts_url, progress=False)["domains"] == local["domains"]  # already combined: the same
+    manifest = load_manifest(parts_url, cache_dir=str(tmp_path / "read"), cache_gb=1.0)
+    for domain in manifest.domains:
+        for shard in manifest.split_shards(domain, "train"):
+            manifest.read(shard)  # every shard there, with its sha256

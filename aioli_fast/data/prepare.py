@@ -59,6 +59,7 @@ from .blocks import (
     shard_on_disk,
 )
 from .readers import dataset_folder_files, is_readable_binary, unreadable_dataset_format
+from .remote import ShardStore, is_url, local_path_of
 from .shards import (
     DOMAIN_NAME_RE,
     FORMAT_VERSION,
@@ -299,8 +300,14 @@ def prepare(
     workers: int | None = None,
     block_bytes: int = BLOCK_BYTES,
     part: tuple[int, int] | str | None = None,
+    storage_options: dict | None = None,
 ) -> dict | None:
     """Prepare a corpus; returns the manifest written to ``out_dir/manifest.json``.
+
+    ``out_dir`` may be an fsspec URL (``s3://bucket/corpus``, ...; docs/data.md): the corpus is built in a
+    local staging folder (under the cache folder), then uploaded, the manifest last, so a reader never
+    sees half a corpus. Parts then need no shared disk: each uploads its shards and its state, and the
+    last to finish (or ``combine(url)``) writes the manifest from the states in the store.
 
     With ``part=(i, N)`` (or ``"i/N"``, ``i`` from 0; ``"env"``: from the launcher's environment, see
     :func:`part_from_environment`, as the ``prepare`` command does) only every N-th block is prepared,
@@ -359,7 +366,14 @@ def prepare(
         fields = {name: text_field.get(name, "text") for name in domains}
     else:
         fields = dict.fromkeys(domains, text_field)
-    final = Path(out_dir)
+    remote = None
+    if is_url(out_dir):
+        remote = ShardStore(str(out_dir), storage_options=storage_options)
+        if remote.exists(MANIFEST_NAME) and not overwrite:
+            raise AioliError(f"{remote.url} already holds a prepared corpus; pass --overwrite to replace it")
+        final = _remote_workdir(remote)  # a private local folder: the corpus is built beside it
+    else:
+        final = local_path_of(out_dir)
     texts = [name for name, value in domains.items() if _is_documents(value)]
     if texts and part[1] > 1:
         raise AioliError(
@@ -433,6 +447,10 @@ def prepare(
                 part,
                 overwrite,
             )
+            if remote is not None:
+                manifest = _publish(remote, out, state, tok, progress)
+                shutil.rmtree(final.parent, ignore_errors=True)  # this machine's work is in the store
+                return manifest
             if parts == 1:
                 manifest = _assemble(out, [state], tok)
                 _replace_folder(out, final)
@@ -586,6 +604,142 @@ class CombineBusy(AioliError):
     """Another process holds the corpus's combine lock."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# A corpus written to object storage
+
+REMOTE_PARTS = ".aioli-parts"  # beside the corpus in the store: each finished part's state
+
+
+def _remote_workdir(store: ShardStore) -> Path:
+    """This machine's local folder for building ``store``'s corpus (its staging folder is beside it)."""
+    work = store.cache.parent / f"prepare-{store.cache.name}"
+    work.mkdir(parents=True, exist_ok=True)
+    return work / "corpus"
+
+
+def _shard_records(state: dict) -> list[dict]:
+    return [
+        sh
+        for record in state["blocks"].values()
+        for split in record["entry"]["splits"].values()
+        for sh in split["shards"]
+    ]
+
+
+def _publish(store: ShardStore, out: Path, state: dict, tok, progress: bool) -> dict | None:
+    """Upload this part's shards (and, for a part, its state); with every part there, write the
+    manifest last. Returns the manifest, or None while parts are missing."""
+    records = _shard_records(state)
+    bar = progress_bar(len(records), "upload", "shard", progress)
+    for sh in records:
+        store.upload(out / sh["path"], sh["path"])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if progress:
+        say(f"prepare: uploaded {len(records)} shard(s) to {store.url}")
+    if state["parts"] == 1:
+        states = [state]
+    else:
+        name = _state_name(state["part"], state["parts"])
+        store.upload(out / name, f"{REMOTE_PARTS}/{name}")
+        states = _remote_states(store)
+        done = {s["part"] for s in states if s.get("complete") and s["parts"] == state["parts"]}
+        missing = [i for i in range(state["parts"]) if i not in done]
+        if missing:
+            if progress:
+                shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+                say(
+                    f"prepare: this part is uploaded; waiting for part(s) {shown} of {state['parts']}. "
+                    f"The last one to finish writes the manifest (or run: aioli-fast combine {store.url})"
+                )
+            shutil.rmtree(out, ignore_errors=True)
+            return None
+    manifest = _write_remote_manifest(store, states, progress)
+    shutil.rmtree(out, ignore_errors=True)
+    return manifest
+
+
+def _remote_states(store: ShardStore) -> list[dict]:
+    states = []
+    for rel in sorted(k for k in store.sizes() if k.startswith(REMOTE_PARTS + "/")):
+        with _local_copy(store, rel) as path:
+            state = _load_state(path)
+        if not state:
+            raise AioliError(f"{store.url}/{rel} is damaged: run that part again")
+        states.append(state)
+    return states
+
+
+class _local_copy:
+    """A temporary local copy of a small object of the store."""
+
+    def __init__(self, store: ShardStore, rel: str):
+        self.store, self.rel = store, rel
+
+    def __enter__(self) -> Path:
+        self.store.cache.mkdir(parents=True, exist_ok=True)
+        self.path = self.store.cache / f".state-{os.getpid()}-{Path(self.rel).name}"
+        self.path.write_bytes(self.store.read_bytes(self.rel))
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _write_remote_manifest(store: ShardStore, states: list[dict], progress: bool) -> dict:
+    """Check the parts' shards in the store, then write the tokenizer and, last, the manifest."""
+    n = states[0]["parts"]
+    found = {s["part"]: s for s in states if s["parts"] == n}
+    incomplete = [i for i in range(n) if i not in found or not found[i].get("complete")]
+    if incomplete:
+        raise AioliError(
+            f"part(s) {', '.join(map(str, incomplete))} of {n} are not in {store.url}: "
+            f"run them (--part I/{n})"
+        )
+    for i in range(1, n):
+        for what in ("settings", "domains"):
+            if found[i][what] != found[0][what]:
+                raise AioliError(
+                    f"part {i} of {n} was prepared with other {what} than part 0: every part must be run "
+                    "with the same command and inputs"
+                )
+    sizes = store.sizes()
+    ordered = [found[i] for i in range(n)]
+    for sh in (sh for s in ordered for sh in _shard_records(s)):
+        size = sizes.get(sh["path"])
+        if size is None:
+            try:
+                size = store.size(sh["path"])
+            except DataError:
+                size = None
+        if size != sh["bytes"]:
+            raise AioliError(
+                f"{store.url}/{sh['path']} is missing or has another size: run the part that wrote it again"
+            )
+    from .tokenizers import load_tokenizer
+
+    tok = load_tokenizer(ordered[0]["settings"]["tokenizer"])
+    # the manifest is built as a local corpus's would be, in an empty local folder, then uploaded
+    assemble = store.cache.parent / f"assemble-{store.cache.name}-{os.getpid()}"
+    shutil.rmtree(assemble, ignore_errors=True)
+    try:
+        for name in ordered[0]["domains"]:
+            (assemble / name).mkdir(parents=True)
+        manifest = _assemble(assemble, ordered, tok)
+        if (assemble / "tokenizer.json").is_file():
+            store.upload(assemble / "tokenizer.json", "tokenizer.json")
+        store.write_bytes(MANIFEST_NAME, (assemble / MANIFEST_NAME).read_bytes())  # last
+    finally:
+        shutil.rmtree(assemble, ignore_errors=True)
+    if n > 1:
+        store.remove(REMOTE_PARTS)
+    if progress:
+        say(f"prepare: wrote the corpus to {store.url}" + (f" from {n} parts" if n > 1 else ""))
+    return manifest
+
+
 def combine(out_dir: str | Path, progress: bool = True) -> dict:
     """Assemble a corpus prepared as N parts (``prepare(..., part=(i, N))``) into ``out_dir``.
 
@@ -593,6 +747,14 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
     settings, tokenizer and inputs, and that every shard they recorded is on disk with its recorded
     size; then writes the manifest (the one a single process would have written) and moves the corpus
     into place."""
+    if is_url(out_dir):
+        store = ShardStore(str(out_dir))
+        states = _remote_states(store)
+        if not states:
+            if store.exists(MANIFEST_NAME):
+                return json.loads(store.read_bytes(MANIFEST_NAME))
+            raise AioliError(f"no parts to combine in {store.url}: prepare the parts with --part I/N first")
+        return _write_remote_manifest(store, states, progress)
     final = Path(out_dir)
     out = _staging(final)
     # one combine at a time (the last part's own and a hand-run one may race): the lock lies beside the
