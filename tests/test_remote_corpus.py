@@ -328,3 +328,16 @@ def test_prepare_writes_to_s3_manifest_last_also_from_parts_without_a_shared_dis
     for domain in manifest.domains:
         for shard in manifest.split_shards(domain, "train"):
             manifest.read(shard)  # every shard there, with its sha256
+
+
+def test_the_adapters_mix_a_remote_corpus_as_a_local_one(http_server, local_corpus, tmp_path, monkeypatch):
+    from aioli_fast.integrations.common import OnlineMixing
+
+    url, _ = http_server()
+    monkeypatch.setenv("AIOLI_CACHE_DIR", str(tmp_path / "cache"))
+    batches = []
+    for corpus in (str(local_corpus), url):
+        mixing = OnlineMixing(corpus, step_rows=6, device="cpu", mixer="stratified", seed=3)
+        batches.append([mixing.draw(step, lambda ids: None).input_ids.clone() for step in range(4)])
+        mixing.close()
+    assert all(a.equal(b) for a, b in zip(*batches))

@@ -390,7 +390,7 @@ def test_a_sweep_runs_on_a_corpus_the_user_prepared(tmp_path):
     with pytest.raises(ConfigError, match="corpus.prepared takes no other corpus key"):
         load_spec(bad)
     bad = _spec(tmp_path, corpus={"prepared": str(tmp_path / "none")}, domains=["ab"])
-    with pytest.raises(ConfigError, match="manifest.json not found"):
+    with pytest.raises(ConfigError, match="corpus.prepared: no corpus manifest at .*none"):
         load_spec(bad)
 
 

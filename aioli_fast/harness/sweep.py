@@ -37,7 +37,9 @@ import torch
 import yaml
 
 from ..config import RunConfig, config_from_dict, dump_config, merge_mappings, read_yaml_mapping
-from ..errors import AioliError, ConfigError
+from ..data import load_manifest
+from ..data.remote import is_url
+from ..errors import AioliError, ConfigError, DataError
 from ..fileio import atomic_write_bytes, atomic_write_json, ensure_writable_dir, say
 from ..report import ProportionPanel, plot_proportions, read_metrics
 from ..train import TrainingInterrupted, build_run_mixer
@@ -93,10 +95,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     if "prepared" in corpus:  # a corpus the user prepared: used as it is, any subset of its domains
         if set(corpus) != {"prepared"}:
             raise ConfigError(f"{path}: corpus.prepared takes no other corpus key, got {sorted(corpus)}")
-        manifest = Path(str(corpus["prepared"])) / "manifest.json"
-        if not manifest.is_file():
-            raise ConfigError(f"{path}: corpus.prepared: {manifest} not found (prepare the corpus first)")
-        known = [d["name"] for d in json.loads(manifest.read_text(encoding="utf-8")).get("domains", [])]
+        try:  # a folder or a URL (s3://..., read through the cache)
+            known = list(load_manifest(str(corpus["prepared"])).domains)
+        except DataError as exc:
+            raise ConfigError(f"{path}: corpus.prepared: {exc} (prepare the corpus first)") from None
     else:  # the built-in corpus: corpus.domains names its domains (a set of corpora.CORPUS_SETS, or a list)
         from .corpora import corpus_domains
 
@@ -187,9 +189,12 @@ def corpus_dir(spec: SweepSpec, out: Path) -> Path:
     return Path(spec.corpus.get("path") or out / "corpus")
 
 
-def prepared_corpus(spec: SweepSpec, out: Path) -> Path:
-    """The prepared corpus the runs train on: ``corpus.prepared``, else the built-in one."""
+def prepared_corpus(spec: SweepSpec, out: Path) -> Path | str:
+    """The prepared corpus the runs train on: ``corpus.prepared`` (a folder, or a URL kept as a
+    string), else the built-in one."""
     prepared = spec.corpus.get("prepared")
+    if prepared and is_url(str(prepared)):
+        return str(prepared)
     return Path(str(prepared)) if prepared else corpus_dir(spec, out) / "corpus"
 
 
@@ -241,8 +246,10 @@ def _sha256(data: bytes) -> str:
 def inputs_stamp(spec: SweepSpec, method: str, seed: int, out: Path) -> dict:
     """What a run's result depends on besides its config: the corpus domains it reads (their shards'
     hashes) and the files it refers to (another run's final.json, the skills graph)."""
-    manifest_path = prepared_corpus(spec, out) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else {}
+    try:
+        manifest = load_manifest(prepared_corpus(spec, out)).raw
+    except DataError:
+        manifest = {}
     entries = {e["name"]: e for e in manifest.get("domains", [])}
     shards = [
         [shard["sha256"] for split in entries[d]["splits"].values() for shard in split["shards"]]
