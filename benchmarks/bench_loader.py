@@ -9,6 +9,12 @@ timed. Correctness: every benchmarked run is also checked to yield the same batc
 reader (``--check``, on by default, on the first 20 batches).
 
     python3 benchmarks/bench_loader.py [--steps 300] [--batch-size 32] [--workers 0,1,2] [--domains 7,64]
+    python3 benchmarks/bench_loader.py --remote     # also from S3: a local moto server, cold and warm cache
+
+``--remote`` starts moto's S3 server in a subprocess (the ``[dev]`` extra), uploads each corpus to it and
+times, beside the local folder in the same run, the stream reading ``s3://`` through a fresh cache
+(cold: every shard downloaded, sha256-checked, while training waits or the prefetch runs) and through
+the cache the cold run filled (warm). Every remote run is first checked to yield the local batches.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import datetime
 import json
 import os
 import platform
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,12 +101,45 @@ def run(manifest, num_domains: int, workers: int, rule: str, args) -> dict:
     }
 
 
-def check_same_batches(manifest, num_domains: int, workers: int, rule: str, args) -> None:
-    def batches(w: int) -> list:
+def start_s3() -> subprocess.Popen:
+    """moto's S3 server on a free local port; sets the environment s3fs reads (endpoint, credentials)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+    )
+    return proc
+
+
+def upload(root: Path, url: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put(str(root), url.split("://", 1)[1], recursive=True)
+
+
+def check_same_batches(manifest, num_domains: int, workers: int, rule: str, args, reference=None) -> None:
+    def batches(w: int, m=manifest) -> list:
         rng = np.random.default_rng(2)
-        s = MixtureStream(
-            manifest, list(manifest.domains), 4, np.ones(num_domains), assignment=rule, num_workers=w
-        )
+        s = MixtureStream(m, list(m.domains), 4, np.ones(num_domains), assignment=rule, num_workers=w)
         out = []
         for step in range(20):
             if step % 7 == 0:
@@ -107,10 +148,12 @@ def check_same_batches(manifest, num_domains: int, workers: int, rule: str, args
         s.close()
         return out
 
-    for a, b in zip(batches(0), batches(workers)):
+    want = batches(0, reference if reference is not None else manifest)
+    for a, b in zip(want, batches(workers)):
         if not (torch.equal(a.input_ids, b.input_ids) and torch.equal(a.domain_ids, b.domain_ids)):
             sys.exit(
-                f"FAILED: {num_domains} domains, {workers} workers, {rule}: batches differ from workers=0"
+                f"FAILED: {num_domains} domains, {workers} workers, {rule}: batches differ from the local "
+                "reader with workers=0"
             )
 
 
@@ -127,7 +170,9 @@ def main() -> None:
     parser.add_argument(
         "--dir", default=None, help="where to build the corpora (default: a temporary folder)"
     )
+    parser.add_argument("--remote", action="store_true", help="also read from a local S3 server (moto)")
     args = parser.parse_args()
+    server = start_s3() if args.remote else None
 
     print(
         f"# bench_loader {datetime.datetime.now().isoformat(timespec='seconds')}  "
@@ -139,25 +184,42 @@ def main() -> None:
         f"# seq_len {SEQ_LEN}, batch {args.batch_size} x {SEQ_LEN} tokens, {args.steps} timed steps, "
         f"new proportions every {args.change_every} steps, uint16 shards on local disk"
     )
-    print("| domains | workers | rule | tokens/s | ms/batch | stale batches dropped |")
-    print("|---:|---:|---|---:|---:|---:|")
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for num_domains in (int(x) for x in args.domains.split(",")):
-            # enough data that no domain wraps during a run at the largest proportion
-            shards, per_shard = (8, 128) if num_domains <= 16 else (2, 128)
-            manifest = load_manifest(
-                build_corpus(Path(tmp) / f"c{num_domains}", num_domains, shards, per_shard)
-            )
-            for workers in (int(x) for x in args.workers.split(",")):
-                for rule in args.rules.split(","):
-                    if args.check and workers:
-                        check_same_batches(manifest, num_domains, workers, rule, args)
-                    r = run(manifest, num_domains, workers, rule, args)
-                    print(
-                        f"| {num_domains} | {workers} | {rule} | {r['tokens_per_s'] / 1e6:.1f} M | "
-                        f"{r['ms_per_batch']:.2f} | {r['discarded']} |",
-                        flush=True,
-                    )
+    print("| domains | workers | rule | source | tokens/s | ms/batch | stale batches dropped |")
+    print("|---:|---:|---|---|---:|---:|---:|")
+    try:
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            for num_domains in (int(x) for x in args.domains.split(",")):
+                # enough data that no domain wraps during a run at the largest proportion
+                shards, per_shard = (8, 128) if num_domains <= 16 else (2, 128)
+                root = build_corpus(Path(tmp) / f"c{num_domains}", num_domains, shards, per_shard)
+                manifest = load_manifest(root)
+                url = f"s3://bench/c{num_domains}"
+                if args.remote:
+                    upload(root, url)
+                for workers in (int(x) for x in args.workers.split(",")):
+                    for rule in args.rules.split(","):
+                        # (source, its cache folder): the cold run fills the cache the warm one reads
+                        cache = Path(tmp) / f"cache-{num_domains}-{workers}-{rule}"
+                        sources = [("local", None)]
+                        if args.remote:
+                            sources += [("s3 cold cache", cache), ("s3 warm cache", cache)]
+                        for source, cache_dir in sources:
+                            m = manifest if cache_dir is None else load_manifest(url, cache_dir=cache_dir)
+                            if args.check and (workers or cache_dir is not None):
+                                check = (
+                                    m if cache_dir is None else load_manifest(url, cache_dir=Path(tmp) / "c")
+                                )
+                                check_same_batches(check, num_domains, workers, rule, args, manifest)
+                            r = run(m, num_domains, workers, rule, args)
+                            print(
+                                f"| {num_domains} | {workers} | {rule} | {source} | "
+                                f"{r['tokens_per_s'] / 1e6:.1f} M | {r['ms_per_batch']:.2f} | "
+                                f"{r['discarded']} |",
+                                flush=True,
+                            )
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 if __name__ == "__main__":
