@@ -48,6 +48,8 @@ setup(
         # prepare's readers of Parquet / Arrow / datasets folders and of zstandard-compressed JSON lines
         "data": ["pyarrow>=14", "zstandard>=0.22"],
         "bench": ["pytest-benchmark>=4.0"],
+        # corpora on object storage (s3://, gs://, https://): fsspec and the providers' filesystems
+        "cloud": ["fsspec[http]>=2023.1", "s3fs>=2023.1", "gcsfs>=2023.1"],
         # the training stacks aioli_fast plugs into (aioli_fast.integrations, per-domain evaluation)
         # torchtitan 0.x changes its extension points between releases: the adapter is written for 0.3.0
         "integrations": [
@@ -67,6 +69,10 @@ setup(
             "pyarrow>=14",
             "zstandard>=0.22",
             "datasets>=3.0",
+            "fsspec[http]>=2023.1",
+            "s3fs>=2023.1",
+            "gcsfs>=2023.1",
+            "moto[server]>=5.0",  # the S3 server the remote-corpus tests and bench_loader --remote run
             "ruff>=0.5",
         ],
     },
