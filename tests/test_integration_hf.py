@@ -339,6 +339,8 @@ trainer.train()
     "weights": float(sum(p.double().sum() for p in trainer.model.parameters())),
     "logs": [r for r in trainer.state.log_history if "loss" in r or "eval_domains_ppl" in r],
 }))
+if torch.distributed.is_initialized():  # a clean exit: gloo threads left at interpreter exit can abort it
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -78,6 +78,8 @@ def _permanent(exc: BaseException) -> str | None:
             f"cannot write the local cache ({exc.strerror}): free space on its disk, lower data.cache_gb "
             "or point data.cache_dir elsewhere"
         )
+    if isinstance(exc, NotImplementedError):
+        return "this store does not support the operation (an https:// store is read-only: write to s3://, gs://)"
     if isinstance(exc, FileNotFoundError):
         return "no such object"
     if isinstance(exc, PermissionError):
