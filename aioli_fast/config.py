@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import re
 import types
@@ -249,6 +250,28 @@ class EvalSection:
     max_sequences: int | None = None  # per domain and split; default: the whole split
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass
+class WandbSection:
+    """Weights & Biases: the scalars TensorBoard gets (loss, per-domain losses, proportions, mixer and
+    data metrics, evaluations), logged by rank 0 when ``project`` is set."""
+
+    project: str | None = None  # set to log to W&B
+    name: str | None = None  # the run's name; default train.name
+    entity: str | None = None  # a team or user; default the account's
+    mode: str = "online"  # online | offline (written locally, `wandb sync` later) | disabled
+    dir: str | None = None  # where wandb writes its files; default the run directory
+
+
+@dataclass
+class LoggingSection:
+    """Where the metrics go besides ``metrics.jsonl`` (TensorBoard: ``train.tensorboard``)."""
+
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
 @dataclass
 class RunConfig:
     """A complete training run."""
@@ -261,6 +284,7 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     engine: EngineSection = field(default_factory=EngineSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def to_dict(self) -> dict:
         return {
@@ -331,6 +355,14 @@ class RunConfig:
         for key, value, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {rule}, got {value}")
+        w = self.logging.wandb
+        if w.mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)}; got {w.mode!r}")
+        if w.project is not None and w.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "logging.wandb.project is set but the wandb package is not installed: pip install wandb, "
+                "or leave logging.wandb.project unset"
+            )
         mb = t.micro_batch_size
         if mb is not None and (mb < 1 or t.batch_size % mb):
             raise ConfigError(
@@ -368,6 +400,8 @@ def _type_name(tp) -> str:
 
 def _coerce(value: Any, tp, key: str):
     """Check ``value`` against the annotation ``tp``; returns the value (ints accepted for floats)."""
+    if tp is Any:
+        return value  # passed on as given (data.storage_options' values)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

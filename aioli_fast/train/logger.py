@@ -19,6 +19,12 @@ non-numeric values are left out. Event files go to ``RUN_DIR/tensorboard/``.
 install command when it does not import) or ``"off"``. The mode is checked, and ``"on"`` enforced, on
 every rank (so that all ranks fail together); only the rank built with ``enabled=True`` writes.
 
+With ``wandb`` options (``logging.wandb``, a ``project`` set), rank 0 also logs every such scalar to
+Weights & Biases at step ``record["step"]``, with the same tags. The W&B run id is kept in
+``RUN_DIR/wandb_run_id``, so a resumed run continues the same W&B run (``resume="allow"``); W&B keeps
+its own history, so the steps a crashed run logged after its last checkpoint stay there and the resumed
+run's first steps up to them are dropped by W&B with a warning.
+
 Resuming from a checkpoint at step ``s``: :meth:`MetricsLog.truncate_after` rewrites ``metrics.jsonl``
 atomically without the records after ``s`` (and without a last line a crash left half-written), and
 the TensorBoard writer, opened lazily at the next write, purges the events after ``s`` (its
@@ -28,6 +34,7 @@ the TensorBoard writer, opened lazily at the next write, purges the events after
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,7 @@ from ..fileio import atomic_write_bytes
 TENSORBOARD_MODES = ("auto", "on", "off")
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def tensorboard_available() -> bool:
@@ -87,7 +95,15 @@ class MetricsLog:
     files again (appending).
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: str = "auto") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: str = "auto",
+        wandb: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         if tensorboard not in TENSORBOARD_MODES:
             raise ConfigError(
                 f"train.tensorboard must be one of {', '.join(TENSORBOARD_MODES)}, got {tensorboard!r}"
@@ -106,6 +122,10 @@ class MetricsLog:
         self._file = None
         self._writer = None
         self._purge_step: int | None = None
+        # W&B: the init keywords (project, name, entity, mode, dir) when this log writes there, else None
+        self.wandb = dict(wandb) if enabled and wandb and wandb.get("project") else None
+        self._wandb_run = None
+        self._config = config
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one JSON line (flushed), and its numeric leaves as TensorBoard scalars.
@@ -128,6 +148,8 @@ class MetricsLog:
             for tag, value in scalar_items(record):
                 writer.add_scalar(tag, value, global_step=step)
             writer.flush()
+        if self.wandb is not None:
+            self._wandb().log(dict(scalar_items(record)), step=step)
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records with ``step <= step`` (resuming from a checkpoint at ``step``).
@@ -172,6 +194,24 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def _wandb(self):
+        """The W&B run, started on the first write (resumed when the run directory names one)."""
+        if self._wandb_run is None:
+            import wandb
+
+            id_file = self.run_dir / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+            options = {k: v for k, v in self.wandb.items() if v is not None}
+            options.setdefault("dir", str(self.run_dir))
+            Path(options["dir"]).mkdir(parents=True, exist_ok=True)
+            self._wandb_run = wandb.init(id=run_id, resume="allow", config=self._config, **options)
+        return self._wandb_run
 
     def _tensorboard_writer(self):
         if self._writer is None:

@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = (
     "engine.dist_backend",
     "eval.every",
     "checkpoint.",
+    "logging.",
 )
 
 
@@ -108,7 +109,7 @@ def prepare_run_dir(
         ensure_writable_dir(run_dir, "run directory")
         stale = ["final.json", "model.pt", "config.yaml"]
         if checkpoint is None:
-            stale.append("metrics.jsonl")
+            stale += ["metrics.jsonl", "wandb_run_id"]  # a fresh start is a new W&B run too
             checkpoints.clear()  # a fresh start: the old checkpoints must not be resumed later
         elif checkpoint.resolve().parent == checkpoints.folder.resolve():
             checkpoints.discard_after(step)  # an abandoned future, if resumed from an older one

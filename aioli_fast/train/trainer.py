@@ -362,7 +362,17 @@ class _Run:
     def _run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
         checkpoint = self._prepare_run_dir()
-        log = MetricsLog(self.run_dir, enabled=self.main, tensorboard=t.tensorboard)
+        w = self.cfg.logging.wandb
+        wandb = None
+        if w.project is not None and w.mode != "disabled":
+            wandb = dict(project=w.project, name=w.name or t.name, entity=w.entity, mode=w.mode, dir=w.dir)
+        log = MetricsLog(
+            self.run_dir,
+            enabled=self.main,
+            tensorboard=t.tensorboard,
+            wandb=wandb,
+            config=self.cfg.to_dict() if wandb else None,
+        )
         if checkpoint is not None:
             self._resume(checkpoint)
             log.truncate_after(self.step)
