@@ -184,6 +184,7 @@ class TrainSection:
     on_nan: str = "stop"  # stop | skip (a step whose loss or gradients are not finite is not applied)
     max_skipped_fraction: float = 0.05  # on_nan=skip: more skipped steps than this share of steps fails
     tensorboard: str = "auto"  # auto (when the tensorboard package is installed) | on | off
+    compile: bool = False  # torch.compile the model (its loss is one registered operator: one graph)
     threads: int | None = None  # CPU threads per process; default: OMP_NUM_THREADS, else cores / processes
 
 
@@ -355,6 +356,11 @@ class RunConfig:
         for key, value, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{key} must be {rule}, got {value}")
+        if t.compile and self.engine.backend != "torch" and self.engine.zero_stage == 3:
+            raise ConfigError(
+                "train.compile=true with engine.zero_stage=3 is not supported (ZeRO-3 gathers parameters "
+                "in hooks the compiled graph would have to trace); use ZeRO-1/2, or train.compile=false"
+            )
         w = self.logging.wandb
         if w.mode not in WANDB_MODES:
             raise ConfigError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)}; got {w.mode!r}")

@@ -298,6 +298,29 @@ def linear_domain_cross_entropy_triton(
         grad_scale=grad_scale,
     )
     inputs = (hidden_NH, weight_VH, bias_V)
+    if torch.compiler.is_compiling():  # one opaque operator for torch.compile (kernels/compiled.py)
+        from .compiled import linear_domain_ce_op
+
+        grad = torch.is_grad_enabled()
+        needs = [grad and t is not None and t.requires_grad for t in inputs]
+        loss, loss_sum_D, count_D, *_ = linear_domain_ce_op(
+            hidden_NH,
+            weight_VH,
+            bias_V,
+            labels_N,
+            domain_ids_N,
+            weights_D,
+            num_domains,
+            opts.ignore_index,
+            opts.lse_square_scale,
+            opts.softcap or 0.0,
+            opts.deterministic,
+            opts.grad_scale,
+            bool(weight_grad_fp32),
+            chunk_size,
+            *needs,
+        )
+        return DomainLoss(loss, loss_sum_D, count_D)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         # no_grad, inference_mode or constant inputs: the statistics only, no gradient work
         rows, stats, upstream = forward_state(labels_N, domain_ids_N, weights_D, num_domains, opts, device)

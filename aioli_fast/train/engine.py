@@ -128,6 +128,8 @@ class TorchEngine(_Engine):
 
     def __init__(self, model: GPT, cfg: RunConfig, device: torch.device, precision: str, micro_steps: int):
         self.module = model.to(device)
+        if cfg.train.compile:
+            self.module.compile()  # in place: parameter names and checkpoints are unchanged
         self.device, self.precision = device, precision
         self.optimizer = build_optimizer(self.module, cfg)
         self.grad_clip = cfg.optim.grad_clip
@@ -259,6 +261,8 @@ class DeepSpeedEngine(_Engine):
         self.device, self.precision = device, precision
         self.zero_stage = cfg.engine.zero_stage
         model = model.to(device)
+        if cfg.train.compile:
+            model.compile()  # in place, before DeepSpeed wraps it: the engine calls the compiled module
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.optim.weight_decay),
