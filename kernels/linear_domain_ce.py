@@ -92,7 +92,11 @@ def add_weight_grad(acc_VH: torch.Tensor, grad_CV: torch.Tensor, hidden_CH: torc
         try:
             torch.addmm(acc_VH, grad_CV.t(), hidden_CH, out_dtype=acc_VH.dtype, out=acc_VH)
             return
-        except (RuntimeError, NotImplementedError, TypeError):
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            if "out_dtype" not in str(exc) and "Could not run" not in str(exc) and "dtype" not in str(exc):
+                raise
             _MIXED_ADDMM[kind] = False  # this build has no mixed-dtype addmm here: upcast from now on
     acc_VH.addmm_(grad_CV.t().to(acc_VH.dtype), hidden_CH.to(acc_VH.dtype))
 

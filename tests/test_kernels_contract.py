@@ -304,6 +304,23 @@ def test_logits_their_producer_saved_are_not_overwritten(mixing, monkeypatch):
     logits, head = _model_logits(mixing, batch)
     saved = (logits / 4).exp()  # exp keeps its output for backward
     assert can_overwrite(logits) and not can_overwrite(saved) and not can_overwrite(logits.detach())
+
+    class Capped(torch.autograd.Function):  # a custom Function: what it saved cannot be inspected
+        @staticmethod
+        def forward(ctx, x):
+            y = x.tanh()
+            ctx.save_for_backward(y)
+            return y
+
+        @staticmethod
+        def backward(ctx, g):
+            (y,) = ctx.saved_tensors
+            return g * (1 - y * y)
+
+    assert not can_overwrite(Capped.apply(logits))
+    assert not can_overwrite(logits.half())  # fp16 keeps the default contract
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert not can_overwrite(logits)  # checkpointing/offloading hooks are never run to look
     before = saved.detach().clone()
     out = mixing.domain_loss(saved, batch["labels"], batch["domain_ids"], train_scale=mixing.step_scale)
     assert torch.equal(saved.detach(), before)

@@ -180,7 +180,9 @@ def test_remote_faults_end_in_one_clear_line(s3_env, local_corpus, tmp_path):
     s3_env.pipe_file(f"{BUCKET}/faults/{first.rel}", bytes(data))
     with pytest.raises(DataError, match=rf"{url}/{first.rel}: sha256 .* differs from the manifest's"):
         manifest.read(first)
-    assert not manifest.store.local(first.rel).exists()  # nothing half-checked kept in the cache
+    assert not manifest.store.local(
+        first.rel, first.sha256
+    ).exists()  # nothing half-checked kept in the cache
 
     # a missing object: the start-up check names it
     s3_env.rm(f"{BUCKET}/faults/{manifest.split_shards('cd', 'val')[0].rel}")
@@ -341,3 +343,39 @@ def test_the_adapters_mix_a_remote_corpus_as_a_local_one(http_server, local_corp
         batches.append([mixing.draw(step, lambda ids: None).input_ids.clone() for step in range(4)])
         mixing.close()
     assert all(a.equal(b) for a, b in zip(*batches))
+
+
+def test_a_corpus_prepared_again_under_the_same_url_never_reads_the_old_cache(s3_env, tmp_path, monkeypatch):
+    from aioli_fast.data.prepare import prepare
+
+    domains = _write_texts(tmp_path)
+    common = dict(seq_len=16, val_fraction=0.2, test_fraction=0.1, shard_sequences=8, progress=False)
+    url = f"s3://{BUCKET}/again"
+    monkeypatch.setenv("AIOLI_CACHE_DIR", str(tmp_path / "writer"))
+    prepare(domains, url, **common)
+    cache = dict(cache_dir=str(tmp_path / "reader"), cache_gb=1.0)
+    old = load_manifest(url, **cache)
+    shard = old.split_shards("ab", "train")[0]
+    _, old_tokens = old.read(shard)  # cached now
+    prepare(domains, url, seed=1, overwrite=True, **common)  # other documents in each shard, same names
+    new = load_manifest(url, **cache)
+    renewed = new.split_shards("ab", "train")[0]
+    assert renewed.rel == shard.rel and renewed.sha256 != shard.sha256
+    _, new_tokens = new.read(renewed)
+    local = prepare(domains, tmp_path / "local-again", seed=1, **common)
+    assert local["domains"][0]["splits"]["train"]["shards"][0]["sha256"] == renewed.sha256
+    assert not (new_tokens.shape == old_tokens.shape and (new_tokens == old_tokens).all())
+
+
+def test_parts_on_one_machine_keep_their_own_staging(s3_env, tmp_path, monkeypatch):
+    from aioli_fast.data.prepare import prepare
+
+    domains = _write_texts(tmp_path)
+    common = dict(
+        seq_len=16, val_fraction=0.2, test_fraction=0.1, shard_sequences=8, progress=False, block_bytes=256
+    )
+    monkeypatch.setenv("AIOLI_CACHE_DIR", str(tmp_path / "one-machine"))
+    url = f"s3://{BUCKET}/same-machine"
+    results = [prepare(domains, url, part=(i, 2), **common) for i in range(2)]
+    assert results[0] is None and results[1] is not None
+    assert not any((tmp_path / "one-machine").glob("prepare-*"))  # each part cleaned only its own folder

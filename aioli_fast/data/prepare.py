@@ -371,7 +371,7 @@ def prepare(
         remote = ShardStore(str(out_dir), storage_options=storage_options)
         if remote.exists(MANIFEST_NAME) and not overwrite:
             raise AioliError(f"{remote.url} already holds a prepared corpus; pass --overwrite to replace it")
-        final = _remote_workdir(remote)  # a private local folder: the corpus is built beside it
+        final = _remote_workdir(remote, part)  # this part's private local folder, built beside it
     else:
         final = local_path_of(out_dir)
     texts = [name for name, value in domains.items() if _is_documents(value)]
@@ -610,9 +610,10 @@ class CombineBusy(AioliError):
 REMOTE_PARTS = ".aioli-parts"  # beside the corpus in the store: each finished part's state
 
 
-def _remote_workdir(store: ShardStore) -> Path:
-    """This machine's local folder for building ``store``'s corpus (its staging folder is beside it)."""
-    work = store.cache.parent / f"prepare-{store.cache.name}"
+def _remote_workdir(store: ShardStore, part: tuple[int, int]) -> Path:
+    """This part's local folder for building ``store``'s corpus (its staging folder is beside it): one
+    per part, so parts that share a machine never touch each other's files."""
+    work = store.cache.parent / f"prepare-{store.cache.name}-part{part[0]}-of-{part[1]}"
     work.mkdir(parents=True, exist_ok=True)
     return work / "corpus"
 
@@ -630,6 +631,8 @@ def _publish(store: ShardStore, out: Path, state: dict, tok, progress: bool) -> 
     """Upload this part's shards (and, for a part, its state); with every part there, write the
     manifest last. Returns the manifest, or None while parts are missing."""
     records = _shard_records(state)
+    if state.get("overwrite") and store.exists(MANIFEST_NAME):
+        store.remove(MANIFEST_NAME)  # the old corpus goes first: no reader pairs it with new shards
     bar = progress_bar(len(records), "upload", "shard", progress)
     for sh in records:
         store.upload(out / sh["path"], sh["path"])
@@ -644,8 +647,13 @@ def _publish(store: ShardStore, out: Path, state: dict, tok, progress: bool) -> 
     else:
         name = _state_name(state["part"], state["parts"])
         store.upload(out / name, f"{REMOTE_PARTS}/{name}")
-        states = _remote_states(store)
-        done = {s["part"] for s in states if s.get("complete") and s["parts"] == state["parts"]}
+        # states an earlier, abandoned splitting or other settings left are not this corpus's
+        states = [
+            s
+            for s in _remote_states(store)
+            if s["parts"] == state["parts"] and s["settings"] == state["settings"]
+        ]
+        done = {s["part"] for s in states if s.get("complete")}
         missing = [i for i in range(state["parts"]) if i not in done]
         if missing:
             if progress:
@@ -664,8 +672,11 @@ def _publish(store: ShardStore, out: Path, state: dict, tok, progress: bool) -> 
 def _remote_states(store: ShardStore) -> list[dict]:
     states = []
     for rel in sorted(k for k in store.sizes() if k.startswith(REMOTE_PARTS + "/")):
-        with _local_copy(store, rel) as path:
-            state = _load_state(path)
+        try:
+            with _local_copy(store, rel) as path:
+                state = _load_state(path)
+        except DataError:  # removed meanwhile: another part has just written the manifest
+            continue
         if not state:
             raise AioliError(f"{store.url}/{rel} is damaged: run that part again")
         states.append(state)
@@ -750,6 +761,12 @@ def combine(out_dir: str | Path, progress: bool = True) -> dict:
     if is_url(out_dir):
         store = ShardStore(str(out_dir))
         states = _remote_states(store)
+        splittings = {(s["parts"], json.dumps(s["settings"], sort_keys=True)) for s in states}
+        if len(splittings) > 1:
+            raise AioliError(
+                f"{store.url}/{REMOTE_PARTS} holds the states of different preparations (other numbers of "
+                "parts or settings): remove the stale ones, or prepare again"
+            )
         if not states:
             if store.exists(MANIFEST_NAME):
                 return json.loads(store.read_bytes(MANIFEST_NAME))

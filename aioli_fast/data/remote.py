@@ -218,14 +218,16 @@ class ShardStore:
         """Bytes of object ``rel`` (a DataError when it is missing)."""
         return int(self._retry(join_url(self.url, rel), lambda: self.fs.size(self._remote(rel))))
 
-    def local(self, rel: str) -> Path:
-        """Where shard ``rel`` lives in the cache (it may not be there yet)."""
-        return self.cache / rel
+    def local(self, rel: str, sha256: str | None = None) -> Path:
+        """Where ``rel`` lives in the cache (it may not be there yet). The name carries the manifest's
+        sha256, so a corpus prepared again under the same URL never reads an older cached shard."""
+        path = self.cache / rel
+        return path.with_name(f"{path.name}.{sha256[:16]}") if sha256 else path
 
     def fetch(self, rel: str, sha256: str | None = None, size: int | None = None) -> Path:
         """Shard ``rel`` in the cache, downloaded (and checked against ``sha256``) when absent."""
         self._after_fork()
-        path = self.local(rel)
+        path = self.local(rel, sha256)
         if path.is_file():
             try:
                 os.utime(path)  # most recently used
@@ -240,7 +242,7 @@ class ShardStore:
         return self._download(rel, sha256, size)
 
     def _download(self, rel: str, sha256: str | None, size: int | None) -> Path:
-        path = self.local(rel)
+        path = self.local(rel, sha256)
         url = join_url(self.url, rel)
         if size is not None:
             self.make_room(size, rel)
@@ -308,7 +310,7 @@ class ShardStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="aioli-prefetch")
             for rel, sha, size in items:
-                if rel in self._pending or self.local(rel).is_file():
+                if rel in self._pending or self.local(rel, sha).is_file():
                     continue
                 future = self._pool.submit(self._download, rel, sha, size)
                 self._pending[rel] = future

@@ -255,6 +255,17 @@ class Manifest:
             return shard.path
         return self.store.fetch(shard.rel, shard.sha256, shard.size)
 
+    def decode(self, shard: ShardInfo, **options) -> ShardContent:
+        """:func:`decode_shard` of ``shard`` (``options``: its keyword arguments but ``path``); for a
+        remote corpus a cached copy evicted (by another reader making room) between its fetch and its
+        opening is fetched once more."""
+        try:
+            return decode_shard(self.local(shard), **options)
+        except ShardMissingError:
+            if self.store is None:
+                raise
+            return decode_shard(self.local(shard), **options)
+
     def prefetch(self, shards: Sequence[ShardInfo]) -> None:
         """Start fetching ``shards`` of a remote corpus in the background (nothing for a local one)."""
         if self.store is not None:
@@ -286,10 +297,10 @@ class Manifest:
 
     def read(self, shard: ShardInfo) -> tuple[list[str], np.ndarray]:
         """Read one of this corpus' shards, checked against the manifest: (keys, tokens [S, T+1])."""
-        path = self.local(shard)
-        return read_shard(
-            path, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
+        content = self.decode(
+            shard, sample_len=self.sample_len, vocab_size=self.vocab_size, expected=shard.sequences
         )
+        return content.keys, content.tokens.astype(np.int64)
 
     def check_files(self, domains: Sequence[str], splits: Sequence[str]) -> None:
         """Cheap start-up check (one ``stat`` per shard): every shard of these splits exists and has the

@@ -325,17 +325,17 @@ class ShardReader(torch.utils.data.Dataset):
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            path = self.paths[d][s]
-            if self.remote is not None:
-                path = self.remote.local(self.infos[d][s])
-                self.remote.prefetch([self.infos[d][(s + 1) % len(self.infos[d])]])
-            content = decode_shard(
-                path,
+            options = dict(
                 sample_len=self.sample_len,
                 vocab_size=self.vocab_size,
                 expected=self.counts[d][s],
                 strict=self.strict,
             )
+            if self.remote is not None:
+                content = self.remote.decode(self.infos[d][s], **options)
+                self.remote.prefetch([self.infos[d][(s + 1) % len(self.infos[d])]])  # the next, meanwhile
+            else:
+                content = decode_shard(self.paths[d][s], **options)
         except ShardMissingError as exc:
             if self.strict:
                 raise

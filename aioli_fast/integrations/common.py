@@ -67,14 +67,18 @@ def can_overwrite(logits: torch.Tensor) -> bool:
     them (through views) did not save them for its own backward, as ``exp`` or a fused soft-cap
     would. Reads autograd metadata only. An op downstream that saved them still fails loudly in
     backward (autograd's version check); ``keep_logits=True`` avoids that."""
-    if logits.grad_fn is None:
-        return False
+    if logits.grad_fn is None or logits.dtype == torch.float16:
+        return False  # fp16: see domain_loss
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return False  # saved-tensor hooks (activation checkpointing, offloading): unpacking runs them
     storage = logits.untyped_storage().data_ptr()
     nodes = [logits.grad_fn]
     base = logits._base
     if base is not None and base.grad_fn is not None:
         nodes.append(base.grad_fn)
     for node in nodes:
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return False  # a custom autograd Function: what it saved is not inspectable
         for name in dir(node):
             if not name.startswith("_saved_"):
                 continue
@@ -345,7 +349,10 @@ class OnlineMixing:
         doms_N = doms_N.reshape(-1) if doms_N.dim() == 2 else doms_N.repeat_interleave(labels.shape[1])
         logits_NV = logits.reshape(-1, logits.shape[-1])
         contract: dict[str, Any] = {}
-        if train_scale is not None and torch.is_grad_enabled() and logits_NV.requires_grad:
+        # fp16 logits keep the default: a gradient scaled by 1 / the step's tokens would underflow fp16
+        # before a GradScaler's factor reaches it in backward
+        fp16 = logits_NV.dtype == torch.float16
+        if train_scale is not None and torch.is_grad_enabled() and logits_NV.requires_grad and not fp16:
             contract = dict(grad_on="loss_sum", grad_scale=train_scale)
             contract["inplace"] = not keep_logits and can_overwrite(logits_NV)
         return domain_cross_entropy(logits_NV, labels.reshape(-1), doms_N, len(self.domains), **contract)

@@ -229,16 +229,17 @@ class AioliDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------------------------------- loss
 
     def loss(
-        self, logits: Any, batch: Mapping[str, torch.Tensor], *, keep_logits: bool = False
+        self, logits: Any, batch: Mapping[str, torch.Tensor], *, keep_logits: bool = True
     ) -> torch.Tensor:
         """The loss of a batch from the model's logits ``[B, T, V]`` (or an output with ``.logits``).
 
         While Lightning trains: the micro-batch's per-domain losses feed the mixer, and the returned
         loss is scaled so that the step's gradient is the mean over the step's tokens. Its gradient is
-        written in this forward pass, over ``logits`` (they hold their gradient afterwards; pass
-        ``keep_logits=True`` to use them after this call, at the cost of a second ``[B, T, V]``
-        buffer). Otherwise (a validation batch): its mean token loss, and its per-domain sums join
-        the validation report.
+        written in this forward pass (backward makes no pass over the logits); with
+        ``keep_logits=False`` it is written over ``logits`` themselves, which saves a second
+        ``[B, T, V]`` buffer but leaves them holding the gradient: only for a ``training_step`` that
+        does not use the logits after this call. Otherwise (a validation batch): its mean token loss,
+        and its per-domain sums join the validation report.
         """
         mixing, trainer = self._ready(), self.trainer
         training = trainer is not None and trainer.training

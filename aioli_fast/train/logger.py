@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, say
 
 TENSORBOARD_MODES = ("auto", "on", "off")
 METRICS_FILE = "metrics.jsonl"
@@ -126,6 +126,8 @@ class MetricsLog:
         self.wandb = dict(wandb) if enabled and wandb and wandb.get("project") else None
         self._wandb_run = None
         self._config = config
+        if self.wandb is not None:
+            self._wandb()  # now, so that a login or network problem stops the run before it trains
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one JSON line (flushed), and its numeric leaves as TensorBoard scalars.
@@ -149,7 +151,11 @@ class MetricsLog:
                 writer.add_scalar(tag, value, global_step=step)
             writer.flush()
         if self.wandb is not None:
-            self._wandb().log(dict(scalar_items(record)), step=step)
+            try:
+                self._wandb().log(dict(scalar_items(record)), step=step)
+            except Exception as exc:  # noqa: BLE001 - W&B must not stop a training run
+                say(f"warning: W&B logging failed ({type(exc).__name__}: {exc}); it is off for this run")
+                self.wandb = None
 
     def truncate_after(self, step: int) -> None:
         """Keep only the records with ``step <= step`` (resuming from a checkpoint at ``step``).
@@ -184,8 +190,12 @@ class MetricsLog:
         atomic_write_bytes(self.path, b"".join(kept))
 
     def close(self) -> None:
-        """Close ``metrics.jsonl`` and the TensorBoard writer (each flushed); closing twice is fine."""
+        """Close ``metrics.jsonl``, the TensorBoard writer and the W&B run (each flushed); closing twice
+        is fine."""
         self._close_files()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
     def _close_files(self) -> None:
         if self._file is not None:
@@ -194,9 +204,6 @@ class MetricsLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if self._wandb_run is not None:
-            self._wandb_run.finish()
-            self._wandb_run = None
 
     def _wandb(self):
         """The W&B run, started on the first write (resumed when the run directory names one)."""
@@ -210,7 +217,13 @@ class MetricsLog:
             options = {k: v for k, v in self.wandb.items() if v is not None}
             options.setdefault("dir", str(self.run_dir))
             Path(options["dir"]).mkdir(parents=True, exist_ok=True)
-            self._wandb_run = wandb.init(id=run_id, resume="allow", config=self._config, **options)
+            try:
+                self._wandb_run = wandb.init(id=run_id, resume="allow", config=self._config, **options)
+            except Exception as exc:  # noqa: BLE001 - login, network, a bad entity: one line
+                raise ConfigError(
+                    f"W&B could not start ({type(exc).__name__}: {exc}); log in (wandb login), set "
+                    "logging.wandb.mode=offline, or leave logging.wandb.project unset"
+                ) from exc
         return self._wandb_run
 
     def _tensorboard_writer(self):
