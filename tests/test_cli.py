@@ -246,7 +246,7 @@ def test_module_entry_point_and_exit_status(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "aioli-fast train: error: unknown config key 'train.stpes'; did you mean 'train.steps'? "
         "(valid keys here: steps, batch_size, micro_batch_size, seed, device, precision, log_every, out_dir, "
-        "name, overwrite, progress, on_nan, max_skipped_fraction, tensorboard, threads)"
+        "name, overwrite, progress, on_nan, max_skipped_fraction, tensorboard, compile, threads)"
     ]
 
 
