@@ -306,7 +306,11 @@ class DeepSpeedEngine(_Engine):
         self.engine.train(mode)
 
     def save(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
+        # universal_checkpoint_info: what deepspeed.checkpoint.ds_to_universal requires to convert the
+        # checkpoint for a run on another number of processes (an empty record suffices for this model)
+        self.engine.save_checkpoint(
+            str(folder), tag=self.TAG, save_latest=False, client_state={"universal_checkpoint_info": {}}
+        )
 
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(
