@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .domain_ce import CEOptions, finish_stats, forward_state
-from .linear_domain_ce import linear_pass
+from .domain_ce import CEOptions
+from .linear_domain_ce import forward_pass
 
 _EMPTY = (0,)
 
@@ -62,23 +62,20 @@ def linear_domain_ce_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, loss_sum [D], count [D], grad_hidden, grad_weight, grad_bias; absent gradients empty)."""
     opts = _options(ignore_index, lse_square_scale, softcap, deterministic, grad_scale)
-    rows, stats, upstream = forward_state(
-        labels, domain_ids, domain_weights, num_domains, opts, hidden.device
-    )
-    grads = linear_pass(
+    needs = (need_hidden, need_weight, need_bias)
+    (loss, loss_sum, count), grads, _ = forward_pass(
         hidden,
         weight,
         bias,
-        rows,
-        upstream,
-        stats=stats,
-        need_hidden=need_hidden,
-        need_weight=need_weight,
-        need_bias=need_bias,
+        labels,
+        domain_ids,
+        domain_weights,
+        num_domains,
+        opts,
+        needs,
         weight_grad_fp32=weight_grad_fp32,
         chunk_size=chunk_size,
     )
-    loss, loss_sum, count = finish_stats(rows, stats)
     gh, gw, gb = (_or_empty(g, hidden) for g in grads)
     return loss, loss_sum.clone(), count.clone(), gh, gw, gb
 

@@ -166,6 +166,41 @@ def linear_pass(
     return grad_hidden_NH, grad_weight_VH, grad_bias_V
 
 
+def forward_pass(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    bias_V: torch.Tensor | None,
+    labels_N: torch.Tensor,
+    domain_ids_N: torch.Tensor,
+    weights_D: torch.Tensor | None,
+    num_domains: int,
+    opts: CEOptions,
+    needs: tuple[bool, bool, bool],
+    weight_grad_fp32: bool,
+    chunk_size: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple, RowInputs]:
+    """The forward over every chunk: ((loss, loss_sum, count), the gradients of hidden, weight and bias
+    that ``needs`` asks for (each else None) for ``opts.grad_scale`` on ``loss``, the RowInputs)."""
+    rows, stats, upstream = forward_state(
+        labels_N, domain_ids_N, weights_D, num_domains, opts, hidden_NH.device
+    )
+    need_hidden, need_weight, need_bias = needs
+    grads = linear_pass(
+        hidden_NH,
+        weight_VH,
+        bias_V,
+        rows,
+        upstream,
+        stats=stats,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+        weight_grad_fp32=weight_grad_fp32,
+        chunk_size=chunk_size,
+    )
+    return finish_stats(rows, stats), grads, rows
+
+
 class _LinearDomainCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -182,24 +217,19 @@ class _LinearDomainCrossEntropy(torch.autograd.Function):
         chunk_size,
     ):
         ctx.set_materialize_grads(False)
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        rows, stats, upstream = forward_state(
-            labels_N, domain_ids_N, weights_D, num_domains, opts, hidden_NH.device
-        )
         config = dict(weight_grad_fp32=weight_grad_fp32, chunk_size=chunk_size)
-        grads = linear_pass(
+        (loss, loss_sum_D, count_D), grads, rows = forward_pass(
             hidden_NH,
             weight_VH,
             bias_V,
-            rows,
-            upstream,
-            stats=stats,
-            need_hidden=need_hidden,
-            need_weight=need_weight,
-            need_bias=need_bias,
+            labels_N,
+            domain_ids_N,
+            weights_D,
+            num_domains,
+            opts,
+            tuple(ctx.needs_input_grad[:3]),
             **config,
         )
-        loss, loss_sum_D, count_D = finish_stats(rows, stats)
         ctx.mark_non_differentiable(count_D)
         ctx.grads = grads
         ctx.save_for_backward(
@@ -327,22 +357,21 @@ def linear_domain_cross_entropy_triton(
         return DomainLoss(loss, loss_sum_D, count_D)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)):
         # no_grad, inference_mode or constant inputs: the statistics only, no gradient work
-        rows, stats, upstream = forward_state(labels_N, domain_ids_N, weights_D, num_domains, opts, device)
         with torch.autocast(device.type, enabled=False):
-            linear_pass(
+            stats, _, _ = forward_pass(
                 hidden_NH,
                 weight_VH,
                 bias_V,
-                rows,
-                upstream,
-                stats=stats,
-                need_hidden=False,
-                need_weight=False,
-                need_bias=False,
+                labels_N,
+                domain_ids_N,
+                weights_D,
+                num_domains,
+                opts,
+                (False, False, False),
                 weight_grad_fp32=False,
                 chunk_size=chunk_size,
             )
-        return DomainLoss(*finish_stats(rows, stats))
+        return DomainLoss(*stats)
     with torch.autocast(device.type, enabled=False):
         loss, loss_sum_D, count_D = _LinearDomainCrossEntropy.apply(
             hidden_NH,
