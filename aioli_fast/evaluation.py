@@ -91,11 +91,7 @@ def measure_losses(
     done, seen, spare = 0, 0, None
 
     def forward(samples, domain_ids):
-        if isinstance(samples, torch.Tensor):  # a probe kept on the device
-            tokens, ids = samples.to(device), domain_ids.to(device)
-        else:
-            tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
-            ids = torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
+        tokens, ids = on_device(samples, domain_ids, device)  # a probe is there already
         with autocast_context(device, precision):
             return loss_of(tokens[:, :-1], tokens[:, 1:], ids, num_domains)
 
@@ -118,6 +114,15 @@ def measure_losses(
     if world_size > 1 and all_reduce:
         all_reduce_(sums.buffer)
     return sums
+
+
+def on_device(samples, domain_ids, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (``samples [b, T+1]``, ``domain_ids [b]``: arrays, or tensors) as int64 / int32 tensors
+    on ``device`` (tensors already there are returned as they are)."""
+    if isinstance(samples, torch.Tensor):
+        return samples.to(device), domain_ids.to(device)
+    tokens = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device)
+    return tokens, torch.from_numpy(np.asarray(domain_ids, dtype=np.int32)).to(device)
 
 
 def split_batches(
@@ -198,10 +203,7 @@ class Measurement:
             per_process = -(-len(domains) * probe_sequences // world_size)
             rows = per_process if micro_rows is None else max(1, min(per_process, micro_rows))
             probe = [
-                (
-                    torch.from_numpy(np.ascontiguousarray(samples, dtype=np.int64)).to(device),
-                    torch.from_numpy(np.asarray(ids, dtype=np.int32)).to(device),
-                )
+                on_device(samples, ids, device)
                 for samples, ids in probe_batches(manifest, domains, split, probe_sequences, rows)
             ]
             self.batches: Callable[[], Batches] = lambda: probe

@@ -17,22 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from .domain_ce import CEOptions
+from .domain_ce import kernel_options
 from .linear_domain_ce import forward_pass
 
 _EMPTY = (0,)
-
-
-def _options(
-    ignore_index: int, lse_square_scale: float, softcap: float, deterministic: bool, grad_scale: float
-):
-    return CEOptions(
-        ignore_index=ignore_index,
-        lse_square_scale=lse_square_scale,
-        softcap=None if softcap <= 0 else softcap,
-        deterministic=deterministic,
-        grad_scale=grad_scale,
-    )
 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -61,7 +49,14 @@ def linear_domain_ce_op(
     need_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, loss_sum [D], count [D], grad_hidden, grad_weight, grad_bias; absent gradients empty)."""
-    opts = _options(ignore_index, lse_square_scale, softcap, deterministic, grad_scale)
+    _, opts = kernel_options(
+        None,
+        ignore_index=ignore_index,
+        lse_square_scale=lse_square_scale,
+        softcap=None if softcap <= 0 else softcap,  # an operator takes no None float: 0 is "no cap"
+        deterministic=deterministic,
+        grad_scale=grad_scale,
+    )
     needs = (need_hidden, need_weight, need_bias)
     (loss, loss_sum, count), grads, _ = forward_pass(
         hidden,
