@@ -309,7 +309,42 @@ def test_a_domain_with_fewer_shards_than_ranks_is_split_by_sample(tmp_path: Path
     assert max(everything.values()) == 1  # nothing read twice across ranks within the pass
 
 
-def test_resume_on_another_number_of_ranks_finishes_the_pass_without_repeats(tmp_path: Path) -> None:
+def global_rows(streams: list[MixtureStream]) -> list[tuple[int, ...]]:
+    """The samples of one global batch, slot by slot (rank 0's slots first)."""
+    return [row for s in streams for row in rows_of(next(s))]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 4), (4, 2), (2, 3)])
+def test_resume_on_another_number_of_ranks_draws_the_uninterrupted_samples(
+    manifest: Manifest, rule: str, old: int, new: int
+) -> None:
+    """The samples of every step, slot by slot, are those of the run that never stopped: the stream
+    keeps the lanes it started with, so the global order does not depend on the number of ranks."""
+    G, before, after = 12, 7, 9  # 12 sequences a step: divisible by 1, 2, 3 and 4 ranks
+    kw = {"proportions": [0.5, 0.3, 0.2], "seed": 3, "assignment": rule}
+    uninterrupted = rank_streams(manifest, old, G // old, **kw)
+    expected = [global_rows(uninterrupted) for _ in range(before + after)]
+    first = rank_streams(manifest, old, G // old, **kw)
+    assert [global_rows(first) for _ in range(before)] == expected[:before]
+    state = first[0].state_dict()
+    resumed = rank_streams(manifest, new, G // new, **kw)
+    for s in resumed:
+        s.load_state_dict(state)
+    got = []
+    for _ in range(after):
+        got.append(global_rows(resumed))
+        ids = [s.last_global_domain_ids for s in resumed]
+        assert all(np.array_equal(i, ids[0]) for i in ids)  # the ranks agree on the global batch
+    assert got == expected[before:]
+    assert all(s.state_dict()["num_lanes"] == old for s in resumed)  # kept for the next resume
+    states = [s.state_dict() for s in resumed]
+    assert all(st == states[0] for st in states)  # one checkpoint still serves every rank
+
+
+def test_a_pass_over_a_domain_is_completed_across_a_change_of_ranks(tmp_path: Path) -> None:
+    """Within a pass, nothing read before the change is read again and nothing is skipped: each lane
+    (here slots 0-2 and 3-5 of the global batch of 6) reads its share of the pass exactly once."""
     corpus = prepare_alphabet_corpus(tmp_path, {"one": "xyz"}, docs=60, shard_sequences=7)
     manifest = load_manifest(corpus)
     all_rows = Counter(
@@ -317,29 +352,21 @@ def test_resume_on_another_number_of_ranks_finishes_the_pass_without_repeats(tmp
     )
     n = sum(all_rows.values())
     old = [MixtureStream(manifest, ["one"], 3, [1.0], rank=r, world_size=2, seed=4) for r in range(2)]
-    before = [row for _ in range(n // 6 // 2) for s in old for row in rows_of(next(s))]
-    state = old[0].state_dict()
-
+    before = [global_rows(old) for _ in range(n // 6 // 2)]
     new = [MixtureStream(manifest, ["one"], 2, [1.0], rank=r, world_size=3, seed=4) for r in range(3)]
     for s in new:
-        s.load_state_dict(state)
-    # what each new rank has left of the pass under way (the rest of the old ranks' shares)
-    left = [
-        sum(s._layouts[0].length(p) for p in s._lanes.residual.get((r, 0), [])) for r, s in enumerate(new)
-    ]
-    assert sum(left) == n - len(before) and min(left) > 0
-    after = []
-    for r, s in enumerate(new):
-        rows = []
-        while len(rows) < left[r]:
-            rows += rows_of(next(s))
-        after += rows[: left[r]]
-    assert Counter(before) + Counter(after) == all_rows  # every sample of the pass exactly once
-    last = max(s.step for s in new)
-    for s in new:
-        while s.step < last:
-            next(s)
-    assert new[0].state_dict() == new[1].state_dict() == new[2].state_dict()
+        s.load_state_dict(old[0].state_dict())
+    after = [global_rows(new) for _ in range(n // 6 + 2)]
+    share = [sum(old[0]._layouts[0].regular(lane, 0)[1]) for lane in range(2)]
+    assert sum(share) == n and min(share) > 0
+    first_pass = Counter()
+    for lane in range(2):
+        read = [row for step in before + after for row in step[3 * lane : 3 * lane + 3]]
+        assert len(read) > share[lane]
+        mine = Counter(read[: share[lane]])
+        assert max(mine.values()) == 1  # nothing twice within the lane's pass
+        first_pass += mine
+    assert first_pass == all_rows  # the two lanes' passes cover the domain exactly once
 
 
 def _rank_main(rank: int, world: int, init_file: str, corpus: str, out_dir: str) -> None:

@@ -11,12 +11,20 @@ Design, in the order a batch is made:
    error carried to the next step, so the realised proportions stay within one sample of the target
    sums per domain). Every rank computes the same global assignment and takes slots
    ``[rank * B, (rank + 1) * B)``.
-3. **Which sample fills a slot.** Each domain's shards are dealt, every pass (epoch), in a seeded order
-   to ``world_size`` lanes, one lane per rank (``shard_order[rank::world_size]``; with fewer shards than
-   ranks, every rank reads all shards and takes every ``world_size``-th sample of each). A lane walks its
-   shards with the samples of each shard in a seeded order and starts its next pass when its share is
-   used up: lanes never wait for each other, so uneven shards never hang a job. Every rank advances every
-   lane (counts are known from the global assignment), so the stream state is the same on all ranks.
+3. **Which sample fills a slot.** The global batch is cut into ``lanes`` equal blocks of consecutive
+   slots, and each domain's shards are dealt, every pass (epoch), in a seeded order to the lanes
+   (``shard_order[lane::lanes]``; with fewer shards than lanes, every lane reads all shards and takes
+   every ``lanes``-th sample of each). The domain-``d`` slots of block ``l`` take the next samples of
+   lane ``l`` of domain ``d``, in slot order. A lane walks its shards with the samples of each shard in
+   a seeded order and starts its next pass when its share is used up: lanes never wait for each other,
+   so uneven shards never hang a job. ``lanes`` is the number of ranks the stream started with and is
+   kept by its state: rank ``r`` takes slots ``[r * B, (r + 1) * B)``, which at the starting world size
+   are exactly block ``r`` (each rank reads only its own shards) and on any other world size are read
+   from whichever lanes they fall in. The samples of every step are therefore a function of the seed,
+   the proportions and the global batch only, never of the number of ranks: a run resumed on another
+   number of processes draws exactly the samples the uninterrupted run would have drawn. Every rank
+   advances every lane (counts are known from the global assignment), so the stream state is the same
+   on all ranks.
 4. **Reading.** Steps 1-3 need only the manifest's sample counts and run in the calling process, which
    knows the step. The result is a *plan* (domain, shard, row per slot); a reader turns it into tokens.
    With ``num_workers > 0`` a torch DataLoader sends plans to worker processes, which only read and
@@ -25,10 +33,9 @@ Design, in the order a batch is made:
    the plans from that step on are made again and the stale batches are dropped on arrival (counted in
    :meth:`MixtureStream.metrics`); a schedule set in advance avoids that.
 
-State (:meth:`MixtureStream.state_dict`) is the next step, the schedule from that step on, every lane's
-position and the carried error: small, JSON-serialisable and identical on every rank. Loading it on
-another number of ranks deals the unread rest of every lane's current pass to the new lanes, so no
-sample is repeated or skipped within the pass under way; the new lanes then start the next pass.
+State (:meth:`MixtureStream.state_dict`) is the next step, the schedule from that step on, the number
+of lanes, every lane's position and the carried error: small, JSON-serialisable and identical on every
+rank. It loads on any number of ranks whose global batch the lanes divide.
 """
 
 from __future__ import annotations
@@ -172,10 +179,10 @@ ASSIGNMENT_RULES: dict[str, Callable] = {
 class _DomainLayout:
     """The pieces of one domain's split, per lane and epoch."""
 
-    def __init__(self, sizes: np.ndarray, seed: int, domain: int, world_size: int):
+    def __init__(self, sizes: np.ndarray, seed: int, domain: int, lanes: int):
         self.sizes = np.asarray(sizes, dtype=np.int64)
-        self.seed, self.domain, self.world = seed, domain, world_size
-        self.shared = int(self.sizes.sum()) < world_size  # too few samples: every lane reads them all
+        self.seed, self.domain, self.lanes = seed, domain, lanes
+        self.shared = int(self.sizes.sum()) < lanes  # too few samples: every lane reads them all
         self._regular: OrderedDict = OrderedDict()
         self._perms: OrderedDict = OrderedDict()
 
@@ -190,13 +197,13 @@ class _DomainLayout:
             order = _rng(_SHARD_ORDER, self.seed, self.domain, epoch).permutation(len(self.sizes))
             if self.shared:
                 pieces = [(int(s), epoch, 0, 1) for s in order]
-            elif len(order) >= self.world:
-                pieces = [(int(s), epoch, 0, 1) for s in order[lane :: self.world]]
+            elif len(order) >= self.lanes:
+                pieces = [(int(s), epoch, 0, 1) for s in order[lane :: self.lanes]]
             else:
-                pieces = [(int(s), epoch, lane, self.world) for s in order]
+                pieces = [(int(s), epoch, lane, self.lanes) for s in order]
             pieces = [p for p in pieces if self.length(p) > 0]
             self._regular[key] = (pieces, [self.length(p) for p in pieces])
-            if len(self._regular) > 4 * self.world + 8:
+            if len(self._regular) > 4 * self.lanes + 8:
                 self._regular.popitem(last=False)
         return self._regular[key]
 
@@ -214,41 +221,28 @@ class _DomainLayout:
 
 
 class _Lanes:
-    """Positions of every (lane, domain): pass, piece index in that pass, row in that piece, and pieces
-    left over from a change of world size (read before the regular pass)."""
+    """Positions of every (lane, domain): pass, piece index in that pass and row in that piece."""
 
-    def __init__(self, layouts: list[_DomainLayout], world_size: int):
+    def __init__(self, layouts: list[_DomainLayout], lanes: int):
         self.layouts = layouts
-        shape = (world_size, len(layouts))
+        shape = (lanes, len(layouts))
         self.epoch = np.zeros(shape, dtype=np.int64)
         self.index = np.zeros(shape, dtype=np.int64)
         self.row = np.zeros(shape, dtype=np.int64)
-        self.residual: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
 
     def snapshot(self) -> tuple:
-        return (
-            self.epoch.copy(),
-            self.index.copy(),
-            self.row.copy(),
-            {k: list(v) for k, v in self.residual.items()},
-        )
+        return (self.epoch.copy(), self.index.copy(), self.row.copy())
 
     def restore(self, snap: tuple) -> None:
-        self.epoch, self.index, self.row = (a.copy() for a in snap[:3])
-        self.residual = {k: list(v) for k, v in snap[3].items()}
+        self.epoch, self.index, self.row = (a.copy() for a in snap)
 
     def advance(self, lane: int, d: int, count: int, want_rows: bool):
         """Take ``count`` samples from lane ``lane`` of domain ``d``; (shards, rows) if ``want_rows``."""
         layout = self.layouts[d]
         shards, rows = [], []
         while count > 0:
-            leftover = self.residual.get((lane, d))
-            if leftover:
-                piece = leftover[0]
-                length = layout.length(piece)
-            else:
-                pieces, lengths = layout.regular(lane, int(self.epoch[lane, d]))
-                piece, length = pieces[self.index[lane, d]], lengths[self.index[lane, d]]
+            pieces, lengths = layout.regular(lane, int(self.epoch[lane, d]))
+            piece, length = pieces[self.index[lane, d]], lengths[self.index[lane, d]]
             j = int(self.row[lane, d])
             take = min(count, length - j)
             if want_rows:
@@ -258,30 +252,14 @@ class _Lanes:
             j += take
             if j == length:
                 j = 0
-                if leftover:
-                    leftover.pop(0)
-                    if not leftover:
-                        del self.residual[(lane, d)]
-                else:
-                    self.index[lane, d] += 1
-                    if self.index[lane, d] == len(pieces):
-                        self.index[lane, d] = 0
-                        self.epoch[lane, d] += 1
+                self.index[lane, d] += 1
+                if self.index[lane, d] == len(pieces):
+                    self.index[lane, d] = 0
+                    self.epoch[lane, d] += 1
             self.row[lane, d] = j
         if want_rows:
             return np.concatenate(shards), np.concatenate(rows)
         return None
-
-    def remaining_pieces(self, lane: int, d: int, old_layout: _DomainLayout) -> list:
-        """The unread rest of a lane's current pass (leftovers first), as pieces."""
-        out = list(self.residual.get((lane, d), []))
-        pieces, _ = old_layout.regular(lane, int(self.epoch[lane, d]))
-        out += pieces[int(self.index[lane, d]) :]
-        j = int(self.row[lane, d])
-        if out and j:
-            s, e, o, k = out[0]
-            out[0] = (s, e, o + j * k, k)
-        return [p for p in out if old_layout.length(p) > 0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,6 +400,8 @@ class MixtureStream:
         assignment: a rule of :data:`ASSIGNMENT_RULES` (``categorical`` or ``largest_remainder``).
         rank, world_size: this rank and the number of ranks; default from ``torch.distributed`` when it
             is initialised, else 0 and 1.
+        lanes: the number of blocks the global batch is read in (module docstring), default
+            ``world_size``; a loaded state brings its own. It must divide the global batch.
         num_workers: DataLoader worker processes that read shards (0: read in this process).
         prefetch_factor: batches each worker prepares ahead (with ``num_workers > 0``).
         on_error: ``"raise"`` (bad data is a DataError naming the file) or ``"skip"`` (a bad sample is
@@ -440,6 +420,7 @@ class MixtureStream:
         assignment: str = "categorical",
         rank: int | None = None,
         world_size: int | None = None,
+        lanes: int | None = None,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         on_error: str = "raise",
@@ -476,12 +457,12 @@ class MixtureStream:
             np.array([s.sequences for s in manifest.split_shards(d, split)], dtype=np.int64)
             for d in self.domains
         ]
-        self._set_layout(self.world_size)
+        self._set_layout(self.world_size if lanes is None else lanes)
         for d, layout in enumerate(self._layouts):
             if layout.shared:
                 warnings.warn(
                     f"domain {self.domains[d]!r} has {int(layout.sizes.sum())} {split} samples for "
-                    f"{self.world_size} ranks: every rank reads all of them (samples repeat across ranks)",
+                    f"{self.lanes} lanes (ranks): every lane reads all of them (samples repeat across ranks)",
                     stacklevel=2,
                 )
         self._changes: list[tuple[int, np.ndarray]] = [(0, check_proportions(proportions, len(self.domains)))]
@@ -499,9 +480,17 @@ class MixtureStream:
         self._discarded = 0
         self._warned: set[str] = set()
 
-    def _set_layout(self, world_size: int) -> None:
-        self._layouts = [_DomainLayout(sz, self.seed, d, world_size) for d, sz in enumerate(self._sizes)]
-        self._lanes = _Lanes(self._layouts, world_size)
+    def _set_layout(self, lanes: int) -> None:
+        G = self.batch_size * self.world_size
+        if lanes < 1 or G % lanes:
+            raise AioliError(
+                f"the stream reads its global batch of {G} sequences ({self.world_size} rank(s) x "
+                f"{self.batch_size}) in {lanes} lanes, the number of ranks it started with; the lanes must "
+                f"divide the global batch: keep the global batch, on a number of ranks that divides it"
+            )
+        self.lanes = lanes
+        self._layouts = [_DomainLayout(sz, self.seed, d, lanes) for d, sz in enumerate(self._sizes)]
+        self._lanes = _Lanes(self._layouts, lanes)
 
     # -- proportions ------------------------------------------------------------------------------------
 
@@ -576,20 +565,24 @@ class MixtureStream:
     def _plan_next(self) -> _Plan:
         step = self._next_plan_step
         self._snapshots[step] = (self._lanes.snapshot(), self._carry.copy())
-        B, W, D = self.batch_size, self.world_size, len(self.domains)
+        B, W, D, L = self.batch_size, self.world_size, len(self.domains), self.lanes
         global_ids, self._carry = self._rule_at(step)(
             self.proportions_at(step), B * W, self.seed, step, self._carry.copy()
         )
-        counts_WD = np.bincount(np.arange(B * W) // B * D + global_ids, minlength=W * D).reshape(W, D)
-        local = global_ids[self.rank * B : (self.rank + 1) * B]
+        block = B * W // L  # slots per lane
+        counts_LD = np.bincount(np.arange(B * W) // block * D + global_ids, minlength=L * D).reshape(L, D)
+        lo, hi = self.rank * B, (self.rank + 1) * B
+        local = global_ids[lo:hi]
         shard_B = np.empty(B, dtype=np.int64)
         row_B = np.empty(B, dtype=np.int64)
-        for lane, d in zip(*np.nonzero(counts_WD)):
-            mine = lane == self.rank
-            taken = self._lanes.advance(int(lane), int(d), int(counts_WD[lane, d]), mine)
+        for lane, d in zip(*np.nonzero(counts_LD)):
+            start = int(lane) * block
+            mine = start < hi and start + block > lo  # this rank reads some slots of the lane's block
+            taken = self._lanes.advance(int(lane), int(d), int(counts_LD[lane, d]), mine)
             if mine:
-                where = local == d
-                shard_B[where], row_B[where] = taken
+                slots = start + np.flatnonzero(global_ids[start : start + block] == d)
+                keep = (slots >= lo) & (slots < hi)
+                shard_B[slots[keep] - lo], row_B[slots[keep] - lo] = taken[0][keep], taken[1][keep]
         self._plan_counter += 1
         self._expected[step] = self._plan_counter
         self._global_ids[step] = global_ids
@@ -670,7 +663,7 @@ class MixtureStream:
             lanes, carry = self._snapshots[self.step]
         else:
             lanes, carry = self._lanes.snapshot(), self._carry
-        epoch, index, row, residual = lanes
+        epoch, index, row = lanes
         changes = [c for c in self._changes if c[0] > self.step]
         return {
             "version": STATE_VERSION,
@@ -680,6 +673,7 @@ class MixtureStream:
             "domains": list(self.domains),
             "assignment": self.assignment,
             "world_size": self.world_size,
+            "num_lanes": self.lanes,
             "proportions": self.proportions.tolist(),
             "schedule": [[s, p.tolist()] for s, p in changes],
             "exact": [[a, b] for a, b in self._exact if b > self.step],
@@ -688,13 +682,13 @@ class MixtureStream:
                 "epoch": epoch.tolist(),
                 "index": index.tolist(),
                 "row": row.tolist(),
-                "residual": [[r, d, [list(p) for p in pieces]] for (r, d), pieces in residual.items()],
             },
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; on another world size the unread rest of every lane's current pass
-        is dealt to the new ranks (see the module docstring)."""
+        """Continue from ``state``, on this stream's number of ranks, which may differ from the one that
+        wrote it: the samples of every step are those the writing ranks would have read (module
+        docstring)."""
         if state.get("version") != STATE_VERSION:
             raise AioliError(
                 f"stream state version {state.get('version')!r}, this version reads {STATE_VERSION}"
@@ -713,17 +707,16 @@ class MixtureStream:
         self._changes = [(step, check_proportions(state["proportions"], D))]
         self._changes += [(int(s), check_proportions(p, D)) for s, p in state["schedule"]]
         self._exact = [(int(a), int(b)) for a, b in state.get("exact", [])]
-        old_world = int(state["world_size"])
-        self._set_layout(old_world)
-        lanes = state["lanes"]
-        self._lanes.epoch = np.array(lanes["epoch"], dtype=np.int64).reshape(old_world, D)
-        self._lanes.index = np.array(lanes["index"], dtype=np.int64).reshape(old_world, D)
-        self._lanes.row = np.array(lanes["row"], dtype=np.int64).reshape(old_world, D)
-        self._lanes.residual = {
-            (int(r), int(d)): [tuple(int(x) for x in p) for p in pieces] for r, d, pieces in lanes["residual"]
-        }
-        if old_world != self.world_size:
-            self._relayout(old_world)
+        positions = state["lanes"]
+        if positions.get("residual"):
+            raise AioliError(
+                "stream state written by an older version after a change of the number of ranks; it "
+                "cannot be continued exactly: resume it on the number of ranks that wrote it"
+            )
+        num_lanes = int(state.get("num_lanes", state["world_size"]))  # older states: one lane per rank
+        self._set_layout(num_lanes)
+        for key in ("epoch", "index", "row"):
+            setattr(self._lanes, key, np.array(positions[key], dtype=np.int64).reshape(num_lanes, D))
         self._carry = np.array(state["carry"], dtype=np.float64)
         self.step = self._next_plan_step = step
         self._snapshots, self._expected, self._global_ids = {}, {}, {}
@@ -735,18 +728,6 @@ class MixtureStream:
         state = self.state_dict()
         state.update(step=int(step), schedule=[], exact=[])
         self.load_state_dict(state)
-
-    def _relayout(self, old_world: int) -> None:
-        old_lanes, old_layouts = self._lanes, self._layouts
-        self._set_layout(self.world_size)
-        for d, old_layout in enumerate(old_layouts):
-            pool = [p for lane in range(old_world) for p in old_lanes.remaining_pieces(lane, d, old_layout)]
-            next_epoch = int(old_lanes.epoch[:, d].max()) + 1
-            self._lanes.epoch[:, d] = next_epoch
-            for lane in range(self.world_size):
-                share = pool[lane :: self.world_size]
-                if share:
-                    self._lanes.residual[(lane, d)] = share
 
 
 def sequential_batches(
