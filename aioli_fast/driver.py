@@ -222,6 +222,13 @@ class MixingDriver:
         self.scheduled_until = int(state["scheduled_until"])
         self.restart()
 
+    def merge_states(self, states: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+        """The :meth:`state_dict` of ``rank`` in a run resumed on another number of processes, from the
+        states every rank of the run that wrote them saved: the mixer's per-rank sums merged
+        (:meth:`Mixer.merge_states`); the stream state and the schedule's end are the same on every
+        rank."""
+        return {**states[0], "mixer": self.mixer.merge_states([s["mixer"] for s in states], rank)}
+
     def restart(self) -> None:
         """Forget which proportions the stream was given (a loop (re)starting at the stream's step)."""
         self._proportions_D = None

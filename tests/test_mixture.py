@@ -531,3 +531,11 @@ def test_a_domain_without_one_readable_sample_stops_even_with_skip(corpus_copy: 
         warnings.simplefilter("ignore")
         with pytest.raises(DataError, match="domain 'letters': no readable sample"):
             next(stream)
+
+
+def test_a_state_of_another_global_batch_is_refused(manifest: Manifest) -> None:
+    state = rank_streams(manifest, 2, 3, proportions=[1, 1, 1])[0].state_dict()
+    with pytest.raises(AioliError, match="global batch of 6 sequences, this stream has 8 .*keep the"):
+        MixtureStream(manifest, DOMAINS, 8, [1, 1, 1]).load_state_dict(state)
+    with pytest.raises(AioliError, match="in 2 lanes, the number of ranks it started with"):
+        MixtureStream(manifest, DOMAINS, 1, [1, 1, 1], rank=0, world_size=3, lanes=2)

@@ -673,6 +673,7 @@ class MixtureStream:
             "domains": list(self.domains),
             "assignment": self.assignment,
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
             "num_lanes": self.lanes,
             "proportions": self.proportions.tolist(),
             "schedule": [[s, p.tolist()] for s, p in changes],
@@ -701,6 +702,14 @@ class MixtureStream:
         for key in ("seed", "split"):
             if state[key] != getattr(self, key):
                 raise AioliError(f"stream state has {key}={state[key]!r}, this stream {getattr(self, key)!r}")
+        G = self.batch_size * self.world_size
+        saved_G = state.get("batch_size", G // state["world_size"]) * state["world_size"]
+        if saved_G != G:
+            raise AioliError(
+                f"stream state of a global batch of {saved_G} sequences, this stream has {G} "
+                f"({self.world_size} rank(s) x {self.batch_size}): keep the global batch to continue its "
+                "sample order"
+            )
         self.close()
         D = len(self.domains)
         step = int(state["step"])

@@ -448,19 +448,46 @@ class OnlineMixing:
     def load_state_dict(
         self, state: Mapping[str, Any], step: int | None = None, source: str = "the checkpoint"
     ) -> None:
-        """Restore this rank's state written by :meth:`state_dict`; refuses a state of another version,
-        number of processes, domain list or (when ``step`` is given) step."""
+        """Restore this rank's state written by :meth:`state_dict` on the same number of processes;
+        refuses a state of another version, number of processes, rank, domain list or (when ``step`` is
+        given) step. :meth:`load_rank_states` takes the states of a run on another number."""
+        self._check_state(state, step, source)
+        if state["world_size"] != self.world_size:
+            raise AioliError(
+                f"{source} was written by a run of {state['world_size']} process(es), this one has "
+                f"{self.world_size}: load the states of every rank that wrote it (load_rank_states)"
+            )
+        if state["rank"] != self.rank:
+            raise AioliError(f"{source} holds the state of rank {state['rank']}, this is rank {self.rank}")
+        self.driver.load_state_dict(state)
+
+    def load_rank_states(
+        self, states: Sequence[Mapping[str, Any]], step: int | None = None, source: str = "the checkpoint"
+    ) -> None:
+        """Restore this rank's state from the :meth:`state_dict` of every rank of the run that wrote
+        them (in rank order), on any number of processes: the stream continues the global sample order
+        of the writing run (the samples of each step do not depend on the number of processes), and
+        the mixer's per-rank windows are merged, so their totals are those the writing run would have
+        reduced."""
+        if not states:
+            raise AioliError(f"{source} holds no mixing state")
+        for r, state in enumerate(states):
+            self._check_state(state, step, source)
+            if state["rank"] != r or state["world_size"] != len(states):
+                raise AioliError(
+                    f"{source} holds the state of rank {state['rank']} of {state['world_size']} where rank "
+                    f"{r} of {len(states)} was expected"
+                )
+        if len(states) == self.world_size:
+            self.driver.load_state_dict(states[self.rank])
+        else:
+            self.driver.load_state_dict(self.driver.merge_states(list(states), self.rank))
+
+    def _check_state(self, state: Mapping[str, Any], step: int | None, source: str) -> None:
         if state.get("version") != STATE_VERSION:
             raise AioliError(
                 f"{source}: state version {state.get('version')!r}, this version reads {STATE_VERSION}"
             )
-        if state["world_size"] != self.world_size:
-            raise AioliError(
-                f"{source} was written by a run of {state['world_size']} process(es), this one has "
-                f"{self.world_size}: the mixer's per-rank measurement windows cannot be redistributed"
-            )
-        if state["rank"] != self.rank:
-            raise AioliError(f"{source} holds the state of rank {state['rank']}, this is rank {self.rank}")
         if state["domains"] != self.domains:
             raise AioliError(f"{source} is for domains {state['domains']}, this run has {self.domains}")
         if step is not None and state["step"] != step:
@@ -474,7 +501,6 @@ class OnlineMixing:
                 f"{'; '.join(changes)}): its stream positions mean nothing here; resume on that corpus, "
                 "or train on this one from the start (another output folder)"
             )
-        self.driver.load_state_dict(state)
 
     def close(self) -> None:
         """Stop the stream's reader processes."""

@@ -342,28 +342,25 @@ class AioliTrainer(Trainer):
         return path
 
     def load_aioli_state(self, folder: str | Path) -> None:
-        """Restore this rank's mixer and stream state from a checkpoint folder written by AioliTrainer."""
+        """Restore this rank's mixer and stream state from a checkpoint folder written by AioliTrainer,
+        on any number of processes: written by another number, the states of all its ranks are read and
+        merged (:meth:`OnlineMixing.load_rank_states`)."""
         folder = Path(folder)
-        rank, world = self.args.process_index, self.args.world_size
-        path = folder / STATE_FILE.format(rank=rank)
-        if not path.is_file():
-            raise AioliError(
-                f"checkpoint {folder} has no mixer and stream state for rank {rank} ({path.name}): its save "
-                f"was cut short, or it was not written by AioliTrainer with {world} process(es); resuming "
-                "from it would train on other data. Resume from an earlier checkpoint"
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise AioliError(
-                f"{path} is damaged or truncated ({first}); resume from an earlier checkpoint"
-            ) from exc
+        problem = _checkpoint_problem(folder)
+        if problem is not None:
+            raise AioliError(f"cannot resume from checkpoint {folder}: {problem}; resume from an earlier one")
         trainer_state = folder / "trainer_state.json"
-        saved_step = None
-        if trainer_state.is_file():
-            saved_step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
-        self.mixing.load_state_dict(state, saved_step, source=str(path))
+        saved_step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
+        written_by = _state_world_size(folder)
+        rank = self.args.process_index
+        ranks = [rank] if written_by == self.args.world_size else range(written_by)
+        states = {r: _read_state(folder / STATE_FILE.format(rank=r)) for r in ranks}
+        if written_by == self.args.world_size:
+            self.mixing.load_state_dict(
+                states[rank], saved_step, source=str(folder / STATE_FILE.format(rank=rank))
+            )
+        else:
+            self.mixing.load_rank_states([states[r] for r in ranks], saved_step, source=str(folder))
 
     def last_complete_checkpoint(self) -> str | None:
         """The newest checkpoint folder of ``args.output_dir`` that holds the Trainer's state and every
@@ -376,7 +373,7 @@ class AioliTrainer(Trainer):
         found = [(int(m[1]), p) for p in output.iterdir() if (m := pattern.match(p.name)) and p.is_dir()]
         reasons = []
         for _, folder in sorted(found, reverse=True):
-            problem = _checkpoint_problem(folder, self.args.world_size)
+            problem = _checkpoint_problem(folder)
             if problem is None:
                 for reason in reasons:
                     warnings.warn(f"{reason}; resuming from {folder} instead", stacklevel=3)
@@ -403,19 +400,43 @@ class AioliTrainer(Trainer):
             self.mixing.close()
 
 
-def _checkpoint_problem(folder: Path, world_size: int) -> str | None:
-    """Why a Trainer checkpoint folder cannot be resumed with its mixer and stream state by a run of
-    ``world_size`` processes, or None. Every rank's state file must be there with a complete zip
+def _read_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise AioliError(
+            f"{path} is damaged or truncated ({first}); resume from an earlier checkpoint"
+        ) from exc
+
+
+def _state_world_size(folder: Path) -> int:
+    """The number of processes that wrote a checkpoint's mixer and stream state (from rank 0's file)."""
+    return int(_read_state(folder / STATE_FILE.format(rank=0))["world_size"])
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed with its mixer and stream state, or None: the
+    state file of every rank that wrote it (rank 0's says how many) must be there with a complete zip
     directory (torch writes it last, so a truncated file fails without its tensors being read), so that
-    every rank decides alike."""
+    every rank decides alike, whatever number of processes resumes it."""
     if not (folder / "trainer_state.json").is_file():
         return "it has no trainer_state.json (its save was cut short)"
-    for rank in range(world_size):
+    first = folder / STATE_FILE.format(rank=0)
+    if not first.is_file():
+        return f"it has no {first.name} (its save was cut short, or it was not written by AioliTrainer)"
+    damage = torch_file_damage(first, first.name)
+    if damage is not None:
+        return damage
+    try:
+        written_by = _state_world_size(folder)
+    except AioliError as exc:
+        return str(exc)
+    for rank in range(1, written_by):
         path = folder / STATE_FILE.format(rank=rank)
         if not path.is_file():
             return (
-                f"it has no {path.name} (its save was cut short, or it was not written by AioliTrainer "
-                f"with {world_size} process(es))"
+                f"it has no {path.name} of the {written_by} processes that wrote it (its save was cut short)"
             )
         damage = torch_file_damage(path, path.name)
         if damage is not None:

@@ -211,6 +211,15 @@ class AioliDataModule(pl.LightningDataModule):
         if not self._queue:
             module = trainer.lightning_module
             if self._resumed is not None:
+                done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                if done % trainer.accumulate_grad_batches:
+                    raise ConfigError(
+                        f"the checkpoint was written after {done} micro-batches of this epoch, not a whole "
+                        f"number of optimizer steps of accumulate_grad_batches="
+                        f"{trainer.accumulate_grad_batches}: it was written with another "
+                        "accumulate_grad_batches; keep that value (change batch_size to keep the global "
+                        "batch on another number of processes)"
+                    )
                 self._restore_rng(self._resumed)
                 self._resumed = None
             if trainer.optimizers and len(trainer.optimizers) > 1:
@@ -278,18 +287,16 @@ class AioliDataModule(pl.LightningDataModule):
         return {"ranks": gather_objects(mine)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state :meth:`state_dict` saved, on any number of processes (a run on another
+        number continues the same global sample order, with the mixer's per-rank windows merged and
+        rank r taking the RNG state of rank r mod N)."""
         mixing = self._ready()
         ranks = state_dict.get("ranks")
-        if not isinstance(ranks, list) or len(ranks) != mixing.world_size:
-            got = len(ranks) if isinstance(ranks, list) else "no"
-            raise AioliError(
-                f"the checkpoint holds the mixing state of {got} process(es), this run has "
-                f"{mixing.world_size}: the mixer's per-rank measurement windows cannot be redistributed"
-            )
-        mine = ranks[mixing.rank]
-        mixing.load_state_dict(mine, source="the checkpoint")
+        if not isinstance(ranks, list) or not ranks:
+            raise AioliError("the checkpoint holds no mixing state of its processes (no 'ranks')")
+        mixing.load_rank_states(ranks, source="the checkpoint")
         self._queue = []
-        self._resumed = mine
+        self._resumed = ranks[mixing.rank % len(ranks)]
 
     @staticmethod
     def _restore_rng(state: Mapping[str, Any]) -> None:

@@ -297,6 +297,7 @@ class AioliMixer(Mixer):
         "missing_measurements": "missing_measurements",
         "last_A": "last_A_DD",
     }
+    RANK_SUMS = ("window",)  # the open train-mode measurement (the probe's sums are reduced at once)
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)

@@ -88,6 +88,9 @@ class Mixer:
     #: state-dict key -> attribute saved under it (tensors are cloned, plain values copied, a
     #: :class:`DomainSums` is saved as its ``[2, D]`` tensor).
     STATE: ClassVar[dict[str, str]] = {"proportions": "_proportions_D"}
+    #: keys of :attr:`STATE` that hold this rank's own sums, not yet all-reduced (every other key holds
+    #: the same value on every rank); :meth:`merge_states` adds them up over the ranks
+    RANK_SUMS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -242,6 +245,19 @@ class Mixer:
                 value = value.buffer  # stored as its [2, D] tensor
             state[key] = value.detach().clone() if isinstance(value, torch.Tensor) else value
         return state
+
+    def merge_states(self, states: list[dict], rank: int) -> dict:
+        """The state of ``rank`` in a run resumed on another number of processes, from the
+        :meth:`state_dict` of every rank of the run that wrote them: the sums of :attr:`RANK_SUMS`
+        added up on rank 0 and zero on the others (their all-reduce then gives the total the writing
+        ranks would have reduced), every other key as rank 0 wrote it (the same on every rank)."""
+        if not states:
+            raise ConfigError("no mixer state to merge")
+        merged = dict(states[0])
+        for key in self.RANK_SUMS:
+            total = sum(s[key] for s in states[1:]) + states[0][key]
+            merged[key] = total if rank == 0 else torch.zeros_like(total)
+        return merged
 
     def load_state_dict(self, state: dict) -> None:
         method = state.get("method", self.name)

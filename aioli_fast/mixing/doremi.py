@@ -57,6 +57,7 @@ class DoReMiMixer(OnlineMixer):
         "proportions_sum": "proportions_sum_D",
         "averaged_updates": "averaged_updates",
     }
+    RANK_SUMS = ("window", "reference_window")
 
     def __init__(self, domains, device="cpu", proportions=None, **options):
         super().__init__(domains, device=device, proportions=proportions, **options)

@@ -29,6 +29,7 @@ class OnlineMixer(Mixer):
         "num_updates": "num_updates",
         "skipped_updates": "skipped_updates",
     }
+    RANK_SUMS = ("window",)
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)

@@ -26,8 +26,9 @@ import torch.distributed as dist
 
 from ..config import RunConfig, merge_mappings
 from ..device import autocast_context
-from ..distributed import DistInfo, collectives, group_info
+from ..distributed import DistInfo, all_ok, collectives, group_info
 from ..errors import ConfigError
+from ..fileio import say
 from ..model import GPT, ModelOutput
 
 # --------------------------------------------------------------------------------------------------
@@ -175,13 +176,58 @@ class TorchEngine(_Engine):
             folder / "engine.pt",
         )
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int = 1) -> None:
+        # the run checks that the checkpoint is of this engine, and this engine runs in one process
         state = torch.load(folder / "engine.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
+
+
+#: the folder of a run checkpoint that holds its conversion to DeepSpeed's universal checkpoint
+UNIVERSAL = "universal"
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """Convert the DeepSpeed checkpoint folder ``source`` (one tag) to a universal checkpoint at
+    ``target`` with ``deepspeed.checkpoint.ds_to_universal``, atomically: a partial conversion is never
+    left at ``target``. Its console output is kept and shown only when it fails."""
+    import argparse
+    import io
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    staging = target.parent.with_name(f".{target.parent.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(staging / target.name),
+        num_extract_workers=max(1, min(4, os.cpu_count() or 1)),
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # checkpoints saved without universal_checkpoint_info convert too
+    )
+    say(f"converting {source} to a universal checkpoint for another number of processes")
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            ds_to_universal.main(args)
+        if target.parent.exists():
+            shutil.rmtree(target.parent)
+        os.replace(staging, target.parent)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if output.getvalue().strip():
+            say(f"DeepSpeed's output while converting:\n{output.getvalue()[-3000:]}")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"cannot convert {source} to a universal checkpoint ({first}); resume on the number of "
+            "processes that wrote it"
+        ) from exc
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, micro: int, micro_steps: int, precision: str) -> dict:
@@ -312,7 +358,33 @@ class DeepSpeedEngine(_Engine):
             str(folder), tag=self.TAG, save_latest=False, client_state={"universal_checkpoint_info": {}}
         )
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int | None = None) -> None:
+        """Load the checkpoint in ``folder``. Written by another number of processes
+        (``saved_world_size``) under ZeRO, it is first converted to DeepSpeed's universal checkpoint
+        (once, by rank 0, into ``folder/universal``), which DeepSpeed loads on any number of processes."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved_world_size is None or saved_world_size == world or self.zero_stage == 0:
+            self._load(folder)  # without ZeRO every rank holds the whole optimizer state: it loads as is
+            return
+        universal = folder / UNIVERSAL
+        error = None
+        if group_info().is_main and not (universal / self.TAG).is_dir():
+            try:
+                convert_to_universal(folder / self.TAG, universal / self.TAG)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                error = exc
+        if not all_ok(error is None, self.device):
+            if error is not None:
+                raise error
+            raise ConfigError(f"rank 0 could not convert {folder / self.TAG} to a universal checkpoint")
+        config = self.engine._config  # DeepSpeed reads the switch from its config at load time
+        config.load_universal_checkpoint = True
+        try:
+            self._load(universal)
+        finally:
+            config.load_universal_checkpoint = False
+
+    def _load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(
             str(folder), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )

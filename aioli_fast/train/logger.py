@@ -3,8 +3,8 @@
 Records are JSON objects with an integer ``step`` (the optimizer steps done); the loop writes two kinds:
 
 - training records, one per ``train.log_every`` steps: ``{"step", "loss", "domain_loss": {domain:
-  loss or null}, "proportions": {domain: p}, "mixer_*", "data_*", "lr", "tokens", "tokens_per_s",
-  "elapsed_s"}``;
+  loss or null}, "domain_tokens": {domain: tokens}, "proportions": {domain: p}, "mixer_*", "data_*",
+  "lr", "tokens", "tokens_per_s", "elapsed_s"}``;
 - evaluation records, one per ``eval.every`` steps: ``{"step", "eval": {"val": {"domains": {domain:
   {"loss", "ppl", "tokens"}}, "average": {"loss", "ppl"}}}}``.
 

@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = (
     "data.storage_options",
     "data.storage_options.",
     "engine.dist_backend",
+    "engine.backend",  # auto or named: the engine kind itself is checked apart
     "eval.every",
     "checkpoint.",
     "logging.",
@@ -156,10 +157,34 @@ def check_resumable(
             + "; ".join(diffs)
             + " (set checkpoint.resume=never to start afresh)"
         )
-    if state["world_size"] != world_size or state["engine"] != engine_kind:
+    if state["engine"] != engine_kind:
+        hint = (
+            "set engine.backend=deepspeed (one process runs DeepSpeed too)"
+            if state["engine"] == "deepspeed"
+            else "resume it in one process with engine.backend=torch (a run that may have to move to "
+            "more processes starts with engine.backend=deepspeed, which runs one process too)"
+        )
         raise ConfigError(
             f"cannot resume from {checkpoint}: it was written by {state['world_size']} process(es) with "
-            f"the {state['engine']} engine, this run has {world_size} with {engine_kind}"
+            f"the {state['engine']} engine, this run has {world_size} with {engine_kind}; {hint}"
+        )
+    if state["world_size"] != world_size and engine_kind == "deepspeed" and cfg.engine.zero_stage == 3:
+        raise ConfigError(
+            f"cannot resume from {checkpoint} on {world_size} process(es): it was written by "
+            f"{state['world_size']} under ZeRO-3, whose optimizer partitions DeepSpeed's universal "
+            "checkpoint does not restore exactly; resume on "
+            f"{state['world_size']} process(es) (ZeRO-1 and ZeRO-2 runs resume on any number)"
+        )
+    if state["world_size"] != world_size:
+        say(
+            f"note: {checkpoint} was written by {state['world_size']} process(es), this run has "
+            f"{world_size}: the data stream continues the same global sample order and the mixer's "
+            "per-rank windows are merged"
+            + (
+                "; DeepSpeed's checkpoint is loaded as a universal checkpoint"
+                if engine_kind == "deepspeed"
+                else ""
+            )
         )
     if state["step"] > cfg.train.steps:
         raise ConfigError(

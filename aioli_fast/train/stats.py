@@ -79,6 +79,15 @@ class LossWindow:
     def zero_(self) -> None:
         self.buffer.zero_()
 
+    def merged(self, buffers: list[torch.Tensor], rank: int, world_size: int) -> torch.Tensor:
+        """This rank's buffer in a run resumed on ``world_size`` processes, from the buffers every rank
+        of the run that wrote them saved: all on rank 0, zero on the others, so that the next all-reduce
+        gives what the writing run would have: the per-domain sums in full, and the per-step fields
+        (which every rank counts for every step) as ``world_size`` ranks would have counted them."""
+        total = torch.stack([b.to(self.buffer.device) for b in buffers]).sum(0)
+        total[2 * self.num_domains :] *= world_size / len(buffers)
+        return total if rank == 0 else torch.zeros_like(total)
+
     def load_(self, buffer: torch.Tensor) -> None:
         """Restore a buffer saved from :attr:`buffer` (a checkpoint's)."""
         if buffer.shape != self.buffer.shape:

@@ -305,9 +305,9 @@ class _Run:
 
     def _resume(self, checkpoint: Path) -> None:
         state = RunCheckpoints.load_trainer_state(checkpoint)
-        own = state["ranks"][self.info.rank]
+        own = self._own_saved_state(state["ranks"])
         try:
-            self.engine.load(checkpoint)
+            self.engine.load(checkpoint, saved_world_size=len(state["ranks"]))
         except (OSError, RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise AioliError(
@@ -336,6 +336,18 @@ class _Run:
                 f"note: the checkpoint's run had train.steps={state['config']['train']['steps']}, this one "
                 f"{self.cfg.train.steps}; the learning-rate schedule follows the new length"
             )
+
+    def _own_saved_state(self, ranks: list[dict]) -> dict:
+        """This rank's part of a checkpoint's ``ranks``; written by another number of processes, the
+        per-rank windows are merged (their totals kept) and rank r takes the RNG state of rank r mod N."""
+        rank, W = self.info.rank, self.info.world_size
+        if len(ranks) == W:
+            return ranks[rank]
+        return {
+            "mixer": self.mixer.merge_states([r["mixer"] for r in ranks], rank),
+            "window": self.window.merged([r["window"] for r in ranks], rank, W),
+            "rng": ranks[rank % len(ranks)]["rng"],
+        }
 
     def _save(self, bar) -> Path:
         path = self.checkpoints.save(
@@ -540,6 +552,7 @@ class _Run:
             "domain_loss": {
                 d: (s / c if c else None) for d, s, c in zip(self.domains, totals.loss_sum, totals.count)
             },
+            "domain_tokens": {d: int(c) for d, c in zip(self.domains, totals.count)},
             "proportions": dict(zip(self.domains, host_p)),
             **{f"mixer_{k}": v.item() for k, v in self.mixer.metrics().items()},
             **{f"data_{k}": v for k, v in self.stream.metrics().items()},
