@@ -200,7 +200,8 @@ trainer.train(resume_from_checkpoint=resume or None)
     "seen": trainer.seen,
     "logs": {r["step"]: r for r in trainer.state.log_history if "loss" in r},
 }))
-if torch.distributed.is_initialized():
+if torch.distributed.is_initialized():  # a clean exit: gloo threads left at exit can abort it
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 """
 

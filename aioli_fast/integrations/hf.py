@@ -348,7 +348,9 @@ class AioliTrainer(Trainer):
         folder = Path(folder)
         problem = _checkpoint_problem(folder)
         if problem is not None:
-            raise AioliError(f"cannot resume from checkpoint {folder}: {problem}; resume from an earlier one")
+            raise AioliError(
+                f"cannot resume from checkpoint {folder}: {problem}; resume from an earlier checkpoint"
+            )
         trainer_state = folder / "trainer_state.json"
         saved_step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
         written_by = _state_world_size(folder)
@@ -424,7 +426,10 @@ def _checkpoint_problem(folder: Path) -> str | None:
         return "it has no trainer_state.json (its save was cut short)"
     first = folder / STATE_FILE.format(rank=0)
     if not first.is_file():
-        return f"it has no {first.name} (its save was cut short, or it was not written by AioliTrainer)"
+        return (
+            f"it has no {first.name}, no mixer and stream state for rank 0 (its save was cut short, or it "
+            "was not written by AioliTrainer)"
+        )
     damage = torch_file_damage(first, first.name)
     if damage is not None:
         return damage
@@ -436,7 +441,8 @@ def _checkpoint_problem(folder: Path) -> str | None:
         path = folder / STATE_FILE.format(rank=rank)
         if not path.is_file():
             return (
-                f"it has no {path.name} of the {written_by} processes that wrote it (its save was cut short)"
+                f"it has no {path.name}, no mixer and stream state for rank {rank} of the {written_by} "
+                "processes that wrote it (its save was cut short)"
             )
         damage = torch_file_damage(path, path.name)
         if damage is not None:

@@ -192,42 +192,39 @@ UNIVERSAL = "universal"
 
 def convert_to_universal(source: Path, target: Path) -> None:
     """Convert the DeepSpeed checkpoint folder ``source`` (one tag) to a universal checkpoint at
-    ``target`` with ``deepspeed.checkpoint.ds_to_universal``, atomically: a partial conversion is never
-    left at ``target``. Its console output is kept and shown only when it fails."""
-    import argparse
-    import io
+    ``target`` with DeepSpeed's ``ds_to_universal``, atomically: a partial conversion is never left at
+    ``target``. It runs in a fresh interpreter (its worker pool must not fork a training process, whose
+    threads can deadlock the children); its console output is shown only when it fails."""
     import shutil
-
-    from deepspeed.checkpoint import ds_to_universal
+    import subprocess
+    import sys
 
     staging = target.parent.with_name(f".{target.parent.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(source),
-        output_folder=str(staging / target.name),
-        num_extract_workers=max(1, min(4, os.cpu_count() or 1)),
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # checkpoints saved without universal_checkpoint_info convert too
-    )
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source)]
+    cmd += ["--output_folder", str(staging / target.name), "--num_extract_workers"]
+    cmd += [str(max(1, min(4, os.cpu_count() or 1))), "--num_merge_workers", "1"]
+    cmd += ["--inject_missing_state"]  # checkpoints saved without universal_checkpoint_info convert too
     say(f"converting {source} to a universal checkpoint for another number of processes")
-    output = io.StringIO()
     try:
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            ds_to_universal.main(args)
-        if target.parent.exists():
-            shutil.rmtree(target.parent)
-        os.replace(staging, target.parent)
-    except Exception as exc:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    except OSError as exc:
+        raise ConfigError(f"cannot run DeepSpeed's checkpoint converter ({exc})") from exc
+    if done.returncode != 0 or not (staging / target.name).is_dir():
         shutil.rmtree(staging, ignore_errors=True)
-        if output.getvalue().strip():
-            say(f"DeepSpeed's output while converting:\n{output.getvalue()[-3000:]}")
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        output = (done.stdout + done.stderr).strip()
+        if output:
+            say(f"DeepSpeed's output while converting:\n{output[-3000:]}")
+        lines = [x for x in done.stderr.strip().splitlines() if x.strip()]
         raise ConfigError(
-            f"cannot convert {source} to a universal checkpoint ({first}); resume on the number of "
-            "processes that wrote it"
-        ) from exc
+            f"cannot convert {source} to a universal checkpoint ({lines[-1] if lines else 'no output'}); "
+            "resume on the number of processes that wrote it"
+        )
+    if target.parent.exists():
+        shutil.rmtree(target.parent)
+    os.replace(staging, target.parent)
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, micro: int, micro_steps: int, precision: str) -> dict:
