@@ -15,6 +15,7 @@ from aioli_fast.mixing.aioli import (
     PAPER_SETTINGS,
     AioliMixer,
     paper_setting,
+    percent,
 )
 
 
@@ -190,3 +191,25 @@ def test_a_run_that_ends_inside_learnparams_is_warned_about():
     line = build_mixer("aioli", names(3), total_steps=20, round_steps=250).describe(20)
     assert "warning: the run is too short to apply a round's proportions: it ends inside LearnParams" in line
     assert "lower mixing.round_steps or train longer" in line
+
+
+@pytest.mark.parametrize("k", [2, 3, 7, 12, 22, 64])
+@pytest.mark.parametrize("steps", [300, 5000])
+def test_the_measurement_cost_counts_the_measurements_the_run_makes(k, steps):
+    mixer = build_mixer("aioli", names(k), total_steps=steps)
+    made = sum(mixer.measurement_due(s) for s in range(steps))
+    assert mixer.plan.measurements_in(steps) == made > 0
+    # each a forward of k x probe sequences; a training step is about 3 forwards of its batch
+    assert mixer.measurement_cost(steps, 512, 16) == pytest.approx(made * k * 16 / (3 * 512 * steps))
+    line = mixer.describe(steps, 512, 16)
+    assert f"{made} probe measurement(s) of {k} x 16 sequences: " in line
+    assert f"{percent(made * k * 16 / (3 * 512 * steps))} of the training compute" in line
+    train = build_mixer("aioli", names(k), total_steps=steps, measurement="train")
+    assert train.measurement_cost(steps, 512, 16) == 0.0
+    assert "no extra compute" in train.describe(steps, 512, 16)
+
+
+def test_the_cost_of_the_issue_example():
+    """22 domains (the Pile's), a global batch of 512 and 50k steps: about 3.9% with the defaults."""
+    mixer = build_mixer("aioli", names(22), total_steps=50_000)
+    assert mixer.measurement_cost(50_000, 512, 16) == pytest.approx(0.039, abs=0.001)

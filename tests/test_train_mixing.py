@@ -91,6 +91,8 @@ def test_aioli_trains_with_every_measurement_source(corpus, measurement, update)
     # measurements: R*k + 1 = 4 per round of 10 steps at offsets 0, 2, 4, 6; steps 20-23 hold offsets 0, 2
     expected = 0 if measurement == "train" else 4 + 4 + 2
     assert final["mixer"]["measurements"] == expected
+    if measurement != "train":  # the count the start-up line's cost comes from
+        assert mixer.plan.measurements_in(24) == expected
     assert final["mixer"]["skipped_updates"] == 0
     assert final["mixer"]["method"] == "aioli"
     assert set(final["test"]["domains"]) == set(DOMAINS)

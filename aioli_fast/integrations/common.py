@@ -259,10 +259,15 @@ class OnlineMixing:
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:
             warnings.warn(warning, stacklevel=3)
-        #: the start-up line ``aioli-fast train`` prints (rounds, LearnParams steps and share, and a
-        #: warning when the run is too short for a round's proportions); None when the run length is
+        #: the start-up line ``aioli-fast train`` prints (rounds, LearnParams steps and share, the cost
+        #: of the measurements, and a warning when the run is too short for a round's proportions);
+        #: None when the run length is
         #: unknown or the method has none
-        self.schedule_line = self.mixer.describe(total_steps) if total_steps else None
+        self.schedule_line = (
+            self.mixer.describe(total_steps, step_rows * world_size, o.probe_sequences)
+            if total_steps
+            else None
+        )
         if self.schedule_line and rank == 0:
             say(self.schedule_line)
         self.driver = MixingDriver.for_corpus(

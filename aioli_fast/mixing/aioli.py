@@ -73,6 +73,12 @@ def learn_params_steps(sweeps: int, num_domains: int, block_steps: int, closing_
     return sweeps * num_domains * block_steps + closing_steps
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a percentage with two significant digits (``0.39%``, ``2.9%``, ``47%``, ``130%``)."""
+    value = 100 * fraction
+    return f"{value:.0f}%" if value >= 10 else f"{value:.2g}%"
+
+
 def _auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
@@ -151,6 +157,14 @@ class AioliSchedule:
     def rounds_in(self, total_steps: int) -> int:
         """Rounds that start within a run of ``total_steps``."""
         return len(range(self.uniform_steps, total_steps, self.round_steps))
+
+    def measurements_in(self, total_steps: int) -> int:
+        """Loss measurements in a run of ``total_steps``: the block boundaries 0..R·D of every round
+        that fall before its end (boundary n of a round starting at s is at step s + n·S)."""
+        return sum(
+            min(self.blocks + 1, -(-(total_steps - start) // self.block_steps))
+            for start in range(self.uniform_steps, total_steps, self.round_steps)
+        )
 
     def learn_steps_in(self, total_steps: int) -> int:
         """Steps of a run of ``total_steps`` in LearnParams (block mixtures, closing train measurement)."""
@@ -437,8 +451,27 @@ class AioliMixer(Mixer):
         """(first, last) step trained on each round's learned proportions, for a run of ``total_steps``."""
         return self.plan.exploit_spans(total_steps)
 
-    def describe(self, total_steps: int) -> str | None:
-        """The schedule in numbers: rounds, LearnParams length and its share of the run's steps."""
+    def measurement_cost(self, total_steps: int, batch_sequences: int, probe_sequences: int) -> float | None:
+        """The compute the loss measurements add to a run of ``total_steps`` steps of ``batch_sequences``
+        (the global batch), as a fraction of its training compute (a training step costs about three
+        forwards of its batch: forward, and a backward of about two):
+
+            probe     measurements x D x probe_sequences / (3 x batch_sequences x total_steps)
+            train     0 (the training batches' own per-domain losses)
+            full_val  None (the validation split's size decides; every measurement reads all of it)
+        """
+        if self.measurement == "train":
+            return 0.0
+        if self.measurement != "probe" or total_steps < 1 or batch_sequences < 1:
+            return None
+        forwards = self.plan.measurements_in(total_steps) * self.num_domains * probe_sequences
+        return forwards / (3 * batch_sequences * total_steps)
+
+    def describe(
+        self, total_steps: int, batch_sequences: int | None = None, probe_sequences: int | None = None
+    ) -> str | None:
+        """The schedule in numbers: rounds, LearnParams length and its share of the run's steps; with
+        the global batch and the probe size, what the measurements cost (:meth:`measurement_cost`)."""
         plan, D = self.plan, self.num_domains
         learn = plan.learn_steps_in(total_steps)
         extra = f" + {plan.closing_steps} measurement step(s)" if plan.closing_steps else ""
@@ -466,7 +499,23 @@ class AioliMixer(Mixer):
             f"{plan.round_steps} steps, each starting with LearnParams ({plan.sweeps} sweep(s) x {D} domains "
             f"x {plan.block_steps} steps{extra}){fraction}; eta {self.eta:g}, one_hot_factor "
             f"{self.one_hot_factor:g}; LearnParams takes {learn} of the run's {total_steps} steps, "
-            f"{100 * plan.learn_share(total_steps):.0f}% of its sequences{short}"
+            f"{100 * plan.learn_share(total_steps):.0f}% of its sequences"
+            f"{self._cost_clause(total_steps, batch_sequences, probe_sequences)}{short}"
+        )
+
+    def _cost_clause(self, total_steps: int, batch_sequences: int | None, probe_sequences: int | None) -> str:
+        if self.measurement == "train":
+            return "; measurements from the training batches' losses: no extra compute"
+        if self.measurement == "full_val":
+            n = self.plan.measurements_in(total_steps)
+            return f"; {n} measurement(s) on the whole validation split"
+        if batch_sequences is None or probe_sequences is None:
+            return ""
+        n = self.plan.measurements_in(total_steps)
+        cost = self.measurement_cost(total_steps, batch_sequences, probe_sequences)
+        return (
+            f"; {n} probe measurement(s) of {self.num_domains} x {probe_sequences} sequences: "
+            f"{percent(cost)} of the training compute"
         )
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:

@@ -224,8 +224,11 @@ class Mixer:
         """Device tensors worth logging (read by the loop at log steps only)."""
         return {}
 
-    def describe(self, total_steps: int) -> str | None:
-        """One line on what the method will do over a run of ``total_steps`` (printed at start-up)."""
+    def describe(
+        self, total_steps: int, batch_sequences: int | None = None, probe_sequences: int | None = None
+    ) -> str | None:
+        """One line on what the method will do over a run of ``total_steps`` of ``batch_sequences`` (the
+        global batch) with a probe of ``probe_sequences`` per domain (printed at start-up)."""
         return None
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:

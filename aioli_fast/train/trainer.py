@@ -205,7 +205,7 @@ class _Run:
         warning = self.mixer.train_measurement_warning(t.batch_size)
         if warning:
             self._say(f"warning: {warning}")
-        plan = self.mixer.describe(t.steps)
+        plan = self.mixer.describe(t.steps, t.batch_size, cfg.mixing.probe_sequences)
         if plan:
             self._say(plan)
         self.reference = (
