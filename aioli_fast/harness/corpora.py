@@ -26,6 +26,11 @@ The ``twelve`` set adds six more (the text12 sweep):
 - ``metadata``: the long descriptions (READMEs, Markdown or reST) of the installed distributions this
   package and its ``dev`` extra need (documentation with markup).
 
+The ``six_noise`` set adds to the six a domain a mixer should learn to down-weight:
+
+- ``noise``: uniformly random printable ASCII (seeded; no file is read). Its loss cannot go below
+  ln 95 = 4.55 nats per byte, and training on it helps no other domain.
+
 A corpus is built from a domain set or from a list of domains (:func:`corpus_domains`); without one, from
 the six, so that corpora built before the set of twelve existed are still what the same command builds.
 
@@ -56,6 +61,7 @@ from .sources import (
     collect_fontmetrics,
     collect_licenses,
     collect_metadata,
+    collect_noise,
     collect_python,
     collect_reference,
     collect_stubs,
@@ -103,12 +109,14 @@ DOMAINS: dict[str, tuple[str, Callable[[int], tuple[list[str], list[str]]]]] = {
     "yaml": ("torch's YAML: ATen operator schemas and derivative formulas (torchgen)", collect_yaml),
     "csv": ("numpy's CSV validation data (hexadecimal test vectors)", collect_csv),
     "metadata": ("package descriptions (Markdown, reST) of the installed dependencies", collect_metadata),
+    "noise": ("uniformly random printable ASCII: a useless domain (seeded, no file read)", collect_noise),
 }
 # named sets of domains; a corpus built without naming its domains has the six
 _SIX = ("python", "cpp", "licenses", "reference", "docstrings", "fontmetrics")
 CORPUS_SETS: dict[str, tuple[str, ...]] = {
     "six": _SIX,
     "twelve": (*_SIX, "stubs", "tests", "cuda", "yaml", "csv", "metadata"),
+    "six_noise": (*_SIX, "noise"),
 }
 DEFAULT_SET = "six"
 DEFAULT_DOMAINS = CORPUS_SETS[DEFAULT_SET]

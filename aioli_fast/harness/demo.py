@@ -25,17 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..config import config_from_dict
 from ..data import prepare
 from ..errors import AioliError
 from ..fileio import atomic_write_bytes, ensure_writable_dir, say
 from ..report import read_metrics
-from .sources import license_files, python_code_files, reference_documents
+from .sources import license_files, noise_documents, python_code_files, reference_documents
 
 DEMO_SEQ_LEN = 128
-NOISE_ALPHABET = bytes(range(32, 127))  # 95 printable ASCII characters
 
 # The stratified run the demo trains; configs/demo.yaml holds the same settings for `aioli-fast train`.
 DEMO_CONFIG = {
@@ -88,15 +85,6 @@ def demo_config(method: str = "stratified") -> dict:
         cfg["mixing"] = dict(DEMO_AIOLI_MIXING)
     cfg["train"]["name"] = method
     return cfg
-
-
-def noise_documents(n_docs: int, doc_bytes: int, seed: int = 0) -> list[str]:
-    """Uniformly random printable ASCII documents."""
-    rng = np.random.default_rng(seed)
-    alphabet = np.frombuffer(NOISE_ALPHABET, dtype=np.uint8)
-    return [
-        alphabet[rng.integers(0, len(alphabet), doc_bytes)].tobytes().decode("ascii") for _ in range(n_docs)
-    ]
 
 
 def _write_jsonl(path: Path, docs: list[str]) -> None:
