@@ -213,3 +213,27 @@ def test_the_cost_of_the_issue_example():
     """22 domains (the Pile's), a global batch of 512 and 50k steps: about 3.9% with the defaults."""
     mixer = build_mixer("aioli", names(22), total_steps=50_000)
     assert mixer.measurement_cost(50_000, 512, 16) == pytest.approx(0.039, abs=0.001)
+
+
+@pytest.mark.parametrize(("k", "steps", "batch"), [(7, 5000, 256), (22, 50_000, 512), (64, 5000, 1024)])
+def test_a_measure_budget_sizes_the_probe_within_it(k, steps, batch):
+    mixer = build_mixer("aioli", names(k), total_steps=steps, measure_budget=0.01)
+    probe = mixer.probe_size(steps, batch, 16)
+    assert 1 <= probe <= 16
+    assert mixer.measurement_cost(steps, batch, probe) <= 0.01
+    assert probe == 16 or mixer.measurement_cost(steps, batch, probe + 1) > 0.01  # the most that fit
+    assert "(mixing.measure_budget 1%)" in mixer.describe(steps, batch, probe)
+    unbounded = build_mixer("aioli", names(k), total_steps=steps)
+    assert unbounded.probe_size(steps, batch, 16) == 16
+
+
+def test_a_measure_budget_too_small_for_one_sequence_is_refused_with_the_numbers():
+    mixer = build_mixer("aioli", names(12), total_steps=300, measure_budget=0.01)
+    with pytest.raises(
+        ConfigError, match=r"measure_budget=0.01: the run's 100 probe measurements cost .*% of"
+    ):
+        mixer.probe_size(300, 16, 16)
+    with pytest.raises(ConfigError, match=r"mixing.measure_budget must be in \(0, 1\]"):
+        build_mixer("aioli", names(3), total_steps=300, measure_budget=0.0)
+    train = build_mixer("aioli", names(12), total_steps=300, measure_budget=0.01, measurement="train")
+    assert train.probe_size(300, 16, 16) == 16  # no probe: nothing to size

@@ -142,6 +142,19 @@ def test_a_run_ending_inside_learnparams_reports_learned_proportions(corpus, cap
     ) in err
 
 
+def test_a_measure_budget_shrinks_the_probe_and_the_start_up_line_says_so(corpus, capsys):
+    # 10 measurements of 3 domains against 24 steps of 6 sequences: each probe sequence per domain
+    # costs 10 x 3 / (3 x 6 x 24) = 6.9% of the training compute, so a 15% budget pays for 2 of the 4
+    mixing = {**AIOLI, "measurement": "probe", "probe_sequences": 4, "measure_budget": 0.15}
+    final, _ = _train(corpus, "aioli-budget", mixing)
+    assert final["mixer"]["measurements"] == 10
+    err = capsys.readouterr().err
+    assert (
+        "; 10 probe measurement(s) of 3 x 2 sequences: 14% of the training compute "
+        "(mixing.measure_budget 15%)"
+    ) in err
+
+
 @pytest.mark.parametrize(
     "mixing",
     [

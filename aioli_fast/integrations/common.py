@@ -263,8 +263,12 @@ class OnlineMixing:
         #: of the measurements, and a warning when the run is too short for a round's proportions);
         #: None when the run length is
         #: unknown or the method has none
+        if total_steps:  # the probe, sized to the mixer's compute budget when it has one
+            self.probe_sequences = self.mixer.probe_size(
+                total_steps, step_rows * world_size, o.probe_sequences
+            )
         self.schedule_line = (
-            self.mixer.describe(total_steps, step_rows * world_size, o.probe_sequences)
+            self.mixer.describe(total_steps, step_rows * world_size, self.probe_sequences)
             if total_steps
             else None
         )
@@ -273,7 +277,7 @@ class OnlineMixing:
         self.driver = MixingDriver.for_corpus(
             manifest,
             self.mixer,
-            dataclasses.replace(o, eval_split=eval_split),
+            dataclasses.replace(o, eval_split=eval_split, probe_sequences=self.probe_sequences),
             step_rows=step_rows,
             rank=rank,
             world_size=world_size,

@@ -288,6 +288,7 @@ class AioliMixer(Mixer):
         "prior_steps": "auto",
         "min_proportion": 0.0,
         "block_counts": "exact",
+        "measure_budget": None,
         "seed": 0,
     }
     OPTION_TYPES = {
@@ -298,6 +299,7 @@ class AioliMixer(Mixer):
         "sweeps": int | str,
         "block_steps": int | str,
         "prior_steps": int | str,
+        "measure_budget": float,
     }
     STATE = {
         "proportions": "_p_D",
@@ -371,6 +373,12 @@ class AioliMixer(Mixer):
             ),
             ("prior_steps", o["prior_steps"], o["prior_steps"] >= 0, ">= 0"),
             ("ema", self.ema, 0 <= self.ema <= 1, "in [0, 1]"),
+            (
+                "measure_budget",
+                o["measure_budget"],
+                o["measure_budget"] is None or 0 < o["measure_budget"] <= 1,
+                "in (0, 1] (a share of the training compute) or unset",
+            ),
             (
                 "min_proportion",
                 self.min_proportion,
@@ -467,6 +475,28 @@ class AioliMixer(Mixer):
         forwards = self.plan.measurements_in(total_steps) * self.num_domains * probe_sequences
         return forwards / (3 * batch_sequences * total_steps)
 
+    def probe_size(self, total_steps: int, batch_sequences: int, probe_sequences: int) -> int:
+        """The probe sequences per domain a run measures with: ``probe_sequences``, or with
+        ``measure_budget`` set and probe measurements the most that keep :meth:`measurement_cost` within
+        the budget (at most ``probe_sequences``). A budget that cannot pay for one sequence per domain
+        per measurement is a ConfigError with the numbers."""
+        budget = self.options["measure_budget"]
+        if budget is None or self.measurement != "probe" or total_steps < 1:
+            return probe_sequences
+        n = self.plan.measurements_in(total_steps)
+        if n == 0:
+            return probe_sequences
+        affordable = int(budget * 3 * batch_sequences * total_steps // (n * self.num_domains))
+        if affordable < 1:
+            one = self.measurement_cost(total_steps, batch_sequences, 1)
+            raise ConfigError(
+                f"mixing.measure_budget={budget:g}: the run's {n} probe measurements cost {percent(one)} of "
+                f"its training compute with one sequence per domain ({self.num_domains} domains, a global "
+                f"batch of {batch_sequences}, {total_steps} steps); raise the budget, use "
+                "mixing.measurement=train (no extra compute), or a larger batch"
+            )
+        return min(probe_sequences, affordable)
+
     def describe(
         self, total_steps: int, batch_sequences: int | None = None, probe_sequences: int | None = None
     ) -> str | None:
@@ -513,9 +543,11 @@ class AioliMixer(Mixer):
             return ""
         n = self.plan.measurements_in(total_steps)
         cost = self.measurement_cost(total_steps, batch_sequences, probe_sequences)
+        budget = self.options["measure_budget"]
+        within = "" if budget is None else f" (mixing.measure_budget {percent(budget)})"
         return (
             f"; {n} probe measurement(s) of {self.num_domains} x {probe_sequences} sequences: "
-            f"{percent(cost)} of the training compute"
+            f"{percent(cost)} of the training compute{within}"
         )
 
     def final_proportions(self, total_steps: int) -> tuple[list[float], str | None]:

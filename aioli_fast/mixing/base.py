@@ -224,6 +224,11 @@ class Mixer:
         """Device tensors worth logging (read by the loop at log steps only)."""
         return {}
 
+    def probe_size(self, total_steps: int, batch_sequences: int, probe_sequences: int) -> int:
+        """The probe sequences per domain the run measures with (a method may size its probe to a
+        compute budget: Aioli's ``measure_budget``); by default ``probe_sequences``."""
+        return probe_sequences
+
     def describe(
         self, total_steps: int, batch_sequences: int | None = None, probe_sequences: int | None = None
     ) -> str | None:

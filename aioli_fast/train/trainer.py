@@ -25,6 +25,7 @@ engine's own checkpoint shards, which every rank writes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -205,7 +206,9 @@ class _Run:
         warning = self.mixer.train_measurement_warning(t.batch_size)
         if warning:
             self._say(f"warning: {warning}")
-        plan = self.mixer.describe(t.steps, t.batch_size, cfg.mixing.probe_sequences)
+        # the probe, sized to mixing.measure_budget when one is set
+        probe = self.mixer.probe_size(t.steps, t.batch_size, cfg.mixing.probe_sequences)
+        plan = self.mixer.describe(t.steps, t.batch_size, probe)
         if plan:
             self._say(plan)
         self.reference = (
@@ -232,7 +235,7 @@ class _Run:
         self.driver = MixingDriver.for_corpus(
             self.manifest,
             self.mixer,
-            cfg.mixing_options(),
+            dataclasses.replace(cfg.mixing_options(), probe_sequences=probe),
             step_rows=self.per_rank,
             rank=info.rank,
             world_size=info.world_size,
