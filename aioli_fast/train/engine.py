@@ -18,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -195,10 +198,6 @@ def convert_to_universal(source: Path, target: Path) -> None:
     ``target`` with DeepSpeed's ``ds_to_universal``, atomically: a partial conversion is never left at
     ``target``. It runs in a fresh interpreter (its worker pool must not fork a training process, whose
     threads can deadlock the children); its console output is shown only when it fails."""
-    import shutil
-    import subprocess
-    import sys
-
     staging = target.parent.with_name(f".{target.parent.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source)]
