@@ -56,13 +56,24 @@ def test_chunks_cut_at_line_breaks_and_keep_the_text():
     assert chunk_text("\n\n  \n") == []
 
 
+def test_the_noise_domain_is_seeded_random_printable_ascii(tmp_path):
+    a, b = (collect(tmp_path / x, "six_noise", budget_bytes=30_000)["noise"][0] for x in "ab")
+    data = Path(a).read_bytes()
+    assert data == Path(b).read_bytes()  # the same bytes on every build
+    text = "".join(json.loads(line)["text"] for line in data.decode().splitlines())
+    assert 0.5 * 30_000 < len(text) <= 30_000 and set(text) <= set(map(chr, range(32, 127)))
+    assert len(set(text)) == 95  # every printable character, none favoured enough to learn
+    entry = json.loads((tmp_path / "a" / "sources.json").read_text())["domains"]["noise"]
+    assert entry["files"] == [] and "random" in entry["description"]
+
+
 def test_every_domain_is_collected_from_this_installation_deterministically(tmp_path):
     first = collect(tmp_path / "a", "twelve", budget_bytes=30_000)
-    second = collect(tmp_path / "b", list(DOMAINS), budget_bytes=30_000)
-    assert list(first) == list(DOMAINS) == list(CORPUS_SETS["twelve"])
+    second = collect(tmp_path / "b", list(CORPUS_SETS["twelve"]), budget_bytes=30_000)
+    assert list(first) == list(CORPUS_SETS["twelve"]) and set(DOMAINS) == {*first, "noise"}
     sources = json.loads((tmp_path / "a" / "sources.json").read_text())
     assert sources["versions"]["torch"] != "not installed"
-    for name in DOMAINS:
+    for name in first:
         data = Path(first[name][0]).read_bytes()
         assert data == Path(second[name][0]).read_bytes()
         entry = sources["domains"][name]
@@ -109,7 +120,8 @@ def test_corpus_domains_are_the_six_unless_asked():
     assert corpus_domains() == list(DEFAULT_DOMAINS) == list(CORPUS_SETS["six"])
     assert CORPUS_SETS["six"] == ("python", "cpp", "licenses", "reference", "docstrings", "fontmetrics")
     assert list(CORPUS_SETS["twelve"][:6]) == list(CORPUS_SETS["six"]) and len(CORPUS_SETS["twelve"]) == 12
-    assert corpus_domains("twelve") == list(DOMAINS)
+    assert corpus_domains("twelve") == [d for d in DOMAINS if d != "noise"]
+    assert corpus_domains("six_noise") == [*CORPUS_SETS["six"], "noise"]
     assert corpus_domains(["csv", "six", "python"]) == ["csv", *CORPUS_SETS["six"]]
     assert corpus_domains("stubs") == ["stubs"]
     assert not set(CORPUS_SETS) & set(DOMAINS)  # a set name never shadows a domain

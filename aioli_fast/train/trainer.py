@@ -207,8 +207,8 @@ class _Run:
         if warning:
             self._say(f"warning: {warning}")
         # the probe, sized to mixing.measure_budget when one is set
-        probe = self.mixer.probe_size(t.steps, t.batch_size, cfg.mixing.probe_sequences)
-        plan = self.mixer.describe(t.steps, t.batch_size, probe)
+        probe_sequences = self.mixer.probe_size(t.steps, t.batch_size, cfg.mixing.probe_sequences)
+        plan = self.mixer.describe(t.steps, t.batch_size, probe_sequences)
         if plan:
             self._say(plan)
         self.reference = (
@@ -235,7 +235,7 @@ class _Run:
         self.driver = MixingDriver.for_corpus(
             self.manifest,
             self.mixer,
-            dataclasses.replace(cfg.mixing_options(), probe_sequences=probe),
+            dataclasses.replace(cfg.mixing_options(), probe_sequences=probe_sequences),
             step_rows=self.per_rank,
             rank=info.rank,
             world_size=info.world_size,
