@@ -142,3 +142,28 @@ def run_guide(page: Path, args: list[str], monkeypatch, cwd: Path) -> list[str]:
         printed.append(out.getvalue())
         shutil.rmtree(cwd / "runs", ignore_errors=True)
     return printed
+
+
+def tiny_zero_overrides(root: Path, name: str, steps: int, checkpoint_every: int) -> list[str]:
+    """Overrides of ``configs/zero-cpu.yaml`` for a tiny Aioli run (probe measurements, 8-step rounds,
+    a global batch of 8 in micro-batches of 2) on the corpus of :func:`prepare_three_domains` under
+    ``root``, into ``root/runs/name``, logging every step."""
+    return [
+        f"data.path={root / 'corpus'}",
+        "model.preset=tiny",
+        f"train.out_dir={root / 'runs'}",
+        f"train.name={name}",
+        f"train.steps={steps}",
+        "train.batch_size=8",
+        "train.micro_batch_size=2",
+        "train.log_every=1",
+        "train.progress=false",
+        "mixing.round_steps=8",
+        "mixing.sweeps=1",
+        "mixing.block_steps=1",
+        "mixing.probe_sequences=3",
+        "optim.warmup_steps=2",
+        f"checkpoint.every={checkpoint_every}",
+        "eval.batch_size=8",
+        "eval.max_sequences=6",
+    ]

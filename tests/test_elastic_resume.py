@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import prepare_three_domains
+from helpers import prepare_three_domains, tiny_zero_overrides
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -56,27 +56,7 @@ def root(tmp_path_factory):
 
 
 def overrides(root: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={root / 'corpus'}",
-        "model.preset=tiny",
-        f"train.out_dir={root / 'runs'}",
-        f"train.name={name}",
-        f"train.steps={STEPS}",
-        "train.batch_size=8",
-        "train.micro_batch_size=2",
-        "train.log_every=1",
-        "train.progress=false",
-        "mixing.round_steps=8",
-        "mixing.sweeps=1",
-        "mixing.block_steps=1",
-        "mixing.probe_sequences=3",
-        "optim.warmup_steps=2",
-        "checkpoint.every=4",
-        "checkpoint.keep_last=10",
-        "eval.batch_size=8",
-        "eval.max_sequences=6",
-        *extra,
-    ]
+    return [*tiny_zero_overrides(root, name, STEPS, checkpoint_every=4), "checkpoint.keep_last=10", *extra]
 
 
 def train(root: Path, processes: int, name: str, *extra: str) -> subprocess.CompletedProcess:
@@ -167,7 +147,8 @@ import transformers
 
 from aioli_fast.integrations.hf import AioliTrainer
 
-corpus, out, accumulation, resume = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+corpus, out, processes, resume = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+accumulation = 4 // processes  # a global batch of 2 x accumulation x processes = 8
 
 
 class Recording(AioliTrainer):
@@ -213,8 +194,10 @@ import torch
 
 from aioli_fast.integrations.lightning import AioliCallback, AioliDataModule
 
-corpus, out, resume = sys.argv[1], sys.argv[2], sys.argv[5]
-devices, batch_size = int(sys.argv[3]), int(sys.argv[4])
+corpus, out, devices, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+# a global batch of 8 kept as Lightning needs it: the same accumulate_grad_batches (2), a micro-batch of
+# 4 // processes
+batch_size = 4 // devices
 
 
 class TinyLM(pl.LightningModule):
@@ -272,21 +255,28 @@ def assert_same_samples(resumed: dict, full: dict, first: int) -> None:
         assert resumed[step] == full[step], f"step {step}"
 
 
+def before_and_after(root: Path, tmp_path: Path, script: str, before: int, after: int, checkpoint) -> tuple:
+    """The script's run on ``before`` processes, then on ``after`` from ``checkpoint(first run's
+    folder)``; checks that every resumed step drew the uninterrupted run's samples, slot by slot, and
+    returns both runs' rank-0 records."""
+    path = tmp_path / "elastic.py"
+    path.write_text(textwrap.dedent(script))
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for out in (full, resumed):
+        out.mkdir()
+    launch(before, str(path), str(root / "corpus"), str(full), str(before), "", cwd=tmp_path)
+    launch(
+        after, str(path), str(root / "corpus"), str(resumed), str(after), str(checkpoint(full)), cwd=tmp_path
+    )
+    assert_same_samples(global_order(resumed, after), global_order(full, before), 5)
+    return tuple(json.loads((out / "rank0.json").read_text()) for out in (full, resumed))
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_the_hf_trainer_resumes_on_another_number_of_processes(root, tmp_path, before, after):
     pytest.importorskip("transformers")
-    script = tmp_path / "hf_elastic.py"
-    script.write_text(textwrap.dedent(HF_SCRIPT))
-    corpus = str(root / "corpus")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(before, str(script), corpus, str(full), str(4 // before), "", cwd=tmp_path)
-    assert (full / "checkpoint-5" / f"aioli_state_rank{before - 1}.pt").is_file()
-    launch(
-        after, str(script), corpus, str(resumed), str(4 // after), str(full / "checkpoint-5"), cwd=tmp_path
-    )
-    assert_same_samples(global_order(resumed, after), global_order(full, before), 5)
-    want = json.loads((full / "rank0.json").read_text())["logs"]
-    got = json.loads((resumed / "rank0.json").read_text())["logs"]
+    want, got = before_and_after(root, tmp_path, HF_SCRIPT, before, after, lambda full: full / "checkpoint-5")
+    want, got = want["logs"], got["logs"]
     for step in range(6, 13):
         a, b = got[str(step)], want[str(step)]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), f"step {step}"
@@ -300,19 +290,8 @@ def test_the_hf_trainer_resumes_on_another_number_of_processes(root, tmp_path, b
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_lightning_resumes_on_another_number_of_processes(root, tmp_path, before, after):
     pytest.importorskip("lightning")
-    script = tmp_path / "pl_elastic.py"
-    script.write_text(textwrap.dedent(LIGHTNING_SCRIPT))
-    corpus = str(root / "corpus")
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    for out in (full, resumed):
-        out.mkdir()
-    # the global batch of 8 kept as Lightning needs it: the same accumulate_grad_batches (2), a
-    # micro-batch of 4 // processes
-    launch(before, str(script), corpus, str(full), str(before), str(4 // before), "", cwd=tmp_path)
-    (ck,) = (full / "ck").glob("*step=5.ckpt")
-    launch(after, str(script), corpus, str(resumed), str(after), str(4 // after), str(ck), cwd=tmp_path)
-    assert_same_samples(global_order(resumed, after), global_order(full, before), 5)
-    want = json.loads((full / "rank0.json").read_text())["learned"]
-    got = json.loads((resumed / "rank0.json").read_text())["learned"]
-    assert got == pytest.approx(want, abs=1e-6)
-    assert max(abs(p - 1 / 3) for p in want) > 0.01  # the mixer moved
+    want, got = before_and_after(
+        root, tmp_path, LIGHTNING_SCRIPT, before, after, lambda full: next((full / "ck").glob("*step=5.ckpt"))
+    )
+    assert got["learned"] == pytest.approx(want["learned"], abs=1e-6)
+    assert max(abs(p - 1 / 3) for p in want["learned"]) > 0.01  # the mixer moved

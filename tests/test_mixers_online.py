@@ -577,3 +577,60 @@ def test_per_domain_windows_are_stored_as_plain_2_by_D_tensors(method, reference
     for m in (mixer, again):
         m.observe(8, *more)
     assert_states_equal(again.state_dict(), mixer.state_dict())
+
+
+# ---- resume on another number of processes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [*METHODS, "aioli"])
+def test_merged_states_keep_the_window_totals_of_the_ranks_that_wrote_them(method, reference, graph):
+    """Two ranks' states merged for one and for three processes: the per-rank sums (RANK_SUMS) add up
+    to the same total over the new ranks, on rank 0; every other key is rank 0's (the same on all)."""
+    gen = torch.Generator().manual_seed(3)
+    ranks = [
+        make_named(method, reference, graph, measurement="train", round_steps=8, sweeps=1, block_steps=2)
+        if method == "aioli"
+        else make_named(method, reference, graph, update_every=50)
+        for _ in range(2)
+    ]
+    for mixer in ranks:  # each rank's own observations: windows still open (no update before step 50)
+        step_loop(mixer, 3, gen)
+    states = [m.state_dict() for m in ranks]
+    assert ranks[0].RANK_SUMS and all(k in states[0] for k in ranks[0].RANK_SUMS)
+    for world in (1, 3):
+        merged = [ranks[0].merge_states(states, r) for r in range(world)]
+        for key in states[0]:
+            total = sum(m[key] for m in merged) if key in ranks[0].RANK_SUMS else merged[0][key]
+            want = states[0][key] + states[1][key] if key in ranks[0].RANK_SUMS else states[0][key]
+            if isinstance(want, torch.Tensor):
+                torch.testing.assert_close(total, want, rtol=0, atol=0, equal_nan=True, msg=key)
+            else:
+                assert total == want, key
+        for r, state in enumerate(merged):
+            fresh = make_named(method, reference, graph) if method != "aioli" else None
+            if fresh is not None:
+                fresh.load_state_dict(state)  # a valid state of the mixer
+            if r:
+                assert all(float(state[k].abs().sum()) == 0 for k in ranks[0].RANK_SUMS)
+    if method.startswith("skillit"):
+        assert "measured" not in ranks[0].RANK_SUMS  # already reduced over the ranks: never summed
+
+
+def test_a_merged_loss_window_counts_steps_as_the_new_processes_would():
+    from aioli_fast.train.stats import LossWindow
+
+    old = [LossWindow(3) for _ in range(2)]
+    for r, window in enumerate(old):  # 4 steps on each of 2 ranks, each rank's own tokens
+        window.sums.add(torch.tensor([1.0, 2.0, 3.0]) * (r + 1), torch.tensor([10.0, 20.0, 30.0]))
+        for _ in range(4):
+            window.add_step(torch.tensor(2.0 + r))
+    for world in (1, 4):
+        new = LossWindow(3)
+        merged = [new.merged([w.buffer for w in old], r, world) for r in range(world)]
+        total = LossWindow(3)
+        total.load_(sum(merged))
+        t = total.totals()
+        assert t.loss_sum == [3.0, 6.0, 9.0] and t.count == [20.0, 40.0, 60.0]  # every token once
+        assert t.steps == 4 * world and t.finite_steps == 4 * world  # each step counted by every process
+        assert t.loss == pytest.approx(2.5)  # the mean over the old ranks' step losses
+        assert all(float(m.abs().sum()) == 0 for m in merged[1:])

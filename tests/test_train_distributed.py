@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import prepare_three_domains
+from helpers import prepare_three_domains, tiny_zero_overrides
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -38,26 +38,7 @@ def _env() -> dict:
 
 
 def _overrides(root: Path, name: str, *extra: str) -> list[str]:
-    return [
-        f"data.path={root / 'corpus'}",
-        "model.preset=tiny",
-        f"train.out_dir={root / 'runs'}",
-        f"train.name={name}",
-        f"train.steps={STEPS}",
-        "train.batch_size=8",
-        "train.micro_batch_size=2",
-        "train.log_every=1",
-        "train.progress=false",
-        "mixing.round_steps=8",
-        "mixing.sweeps=1",
-        "mixing.block_steps=1",
-        "mixing.probe_sequences=3",
-        "optim.warmup_steps=2",
-        "checkpoint.every=8",
-        "eval.batch_size=8",
-        "eval.max_sequences=6",
-        *extra,
-    ]
+    return [*tiny_zero_overrides(root, name, STEPS, checkpoint_every=8), *extra]
 
 
 def torchrun(root: Path, name: str, *extra: str, wait: bool = True):

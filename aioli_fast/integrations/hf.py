@@ -424,27 +424,23 @@ def _checkpoint_problem(folder: Path) -> str | None:
     every rank decides alike, whatever number of processes resumes it."""
     if not (folder / "trainer_state.json").is_file():
         return "it has no trainer_state.json (its save was cut short)"
-    first = folder / STATE_FILE.format(rank=0)
-    if not first.is_file():
-        return (
-            f"it has no {first.name}, no mixer and stream state for rank 0 (its save was cut short, or it "
-            "was not written by AioliTrainer)"
-        )
-    damage = torch_file_damage(first, first.name)
-    if damage is not None:
-        return damage
-    try:
-        written_by = _state_world_size(folder)
-    except AioliError as exc:
-        return str(exc)
-    for rank in range(1, written_by):
+    rank, written_by = 0, 1
+    while rank < written_by:
         path = folder / STATE_FILE.format(rank=rank)
         if not path.is_file():
+            of = f" of the {written_by} processes that wrote it" if rank else ""
+            other = "" if rank else ", or it was not written by AioliTrainer"
             return (
-                f"it has no {path.name}, no mixer and stream state for rank {rank} of the {written_by} "
-                "processes that wrote it (its save was cut short)"
+                f"it has no {path.name}, no mixer and stream state for rank {rank}{of} (its save was cut "
+                f"short{other})"
             )
         damage = torch_file_damage(path, path.name)
         if damage is not None:
             return damage
+        if rank == 0:
+            try:
+                written_by = _state_world_size(folder)
+            except AioliError as exc:
+                return str(exc)
+        rank += 1
     return None
