@@ -10,6 +10,10 @@ training time runs from the first step to the last and includes the mixer's meas
 - ``full_val``: Aioli measuring the validation split (at most ``eval.max_sequences`` per domain) after
   every block, as the paper.
 
+Beside the throughput, each row gives what the run's start-up line states (the measurements' share of
+the training compute, by the formula of docs/mixing.md; ``split`` for ``full_val``, whose cost the
+validation split's size decides) and the share of the training time the measurements took.
+
 Nothing inside a timed run is excluded: compile/warm-up of the first steps counts. Before the timed runs
 one short untimed run (``--warmup-steps``) warms the process (thread pool, allocator, page cache of the
 shards). With ``--repeats N`` the methods run N times, in an order rotated each repeat, and the table
@@ -43,6 +47,7 @@ import torch
 
 from aioli_fast.config import config_from_dict
 from aioli_fast.fileio import say
+from aioli_fast.mixing.aioli import AioliMixer, percent
 from aioli_fast.train import build_run_mixer
 
 METHODS = ("static", "train", "probe", "full_val")
@@ -259,6 +264,12 @@ def run_one(entry: dict, name: str, verbose: bool) -> dict:
     call_s = time.perf_counter() - start
     f = result.final
     mixer = f.get("mixer", {})
+    # what the start-up line states: the measurements' share of the training compute, by the formula
+    built = build_run_mixer(cfg, list(f["domains"]), torch.device("cpu"))
+    cost = 0.0
+    if isinstance(built, AioliMixer):
+        probe = built.probe_size(cfg.train.steps, cfg.train.batch_size, cfg.mixing.probe_sequences)
+        cost = built.measurement_cost(cfg.train.steps, cfg.train.batch_size, probe)
     average = f.get("average", {})
     wall = float(f["train_time_s"])
     return {
@@ -269,6 +280,7 @@ def run_one(entry: dict, name: str, verbose: bool) -> dict:
         "tokens_per_s": f.get("tokens_per_s") or (f["tokens"] / wall if wall > 0 else None),
         "measurements": int(mixer.get("measurements", 0)),
         "measurement_time_s": float(mixer.get("measurement_time_s", 0.0)),
+        "compute_cost": cost,  # None: full_val (the split's size decides)
         "missing_measurements": mixer.get("missing_measurements"),
         "val_ppl": average.get("val_ppl"),
         "test_ppl": average.get("test_ppl"),
@@ -289,6 +301,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
         row = {"repeats": len(reps), "steps": reps[0]["steps"], "tokens": reps[0]["tokens"]}
         for key in ("wall_s", "tokens_per_s", "measurements", "measurement_time_s", "val_ppl", "test_ppl"):
             row[key] = _median([r[key] for r in reps])
+        row["compute_cost"] = reps[0]["compute_cost"]  # the formula's: the same for every repeat
+        row["time_share"] = row["measurement_time_s"] / row["wall_s"] if row["wall_s"] else None
         tps = [r["tokens_per_s"] for r in reps]
         row["tokens_per_s_min"], row["tokens_per_s_max"] = min(tps), max(tps)
         out[method] = row
@@ -305,16 +319,19 @@ def _label(method: str) -> str:
 def format_table(summary: dict[str, dict]) -> str:
     head = (
         f"{'method':<15} {'steps':>6} {'tokens':>11} {'wall s':>8} {'tokens/s':>10} "
-        f"{'% of static':>11} {'measurements':>12} {'measurement s':>13} {'test ppl':>9}"
+        f"{'% of static':>11} {'measurements':>12} {'measurement s':>13} {'cost (formula)':>14} "
+        f"{'time share':>10} {'test ppl':>9}"
     )
     lines = [head, "-" * len(head)]
     for method, r in summary.items():
         frac = f"{100 * r['fraction_of_static']:.1f}%" if r["fraction_of_static"] is not None else "-"
         ppl = f"{r['test_ppl']:.3f}" if r["test_ppl"] is not None else "-"
+        cost = percent(r["compute_cost"]) if r["compute_cost"] is not None else "split"
+        share = f"{100 * r['time_share']:.1f}%" if r["time_share"] is not None else "-"
         lines.append(
             f"{_label(method):<15} {r['steps']:>6} {r['tokens']:>11,} {r['wall_s']:>8.2f} "
             f"{r['tokens_per_s']:>10,.0f} {frac:>11} {r['measurements']:>12g} "
-            f"{r['measurement_time_s']:>13.2f} {ppl:>9}"
+            f"{r['measurement_time_s']:>13.2f} {cost:>14} {share:>10} {ppl:>9}"
         )
     return "\n".join(lines)
 

@@ -94,6 +94,11 @@ def test_every_method_runs_and_is_reported(bench, corpus, tmp_path, capsys):
     assert saved["summary"]["full_val"]["measurements"] == 6
     assert saved["summary"]["probe"]["measurement_time_s"] > 0
     assert saved["summary"]["train"]["measurements"] == 0
+    # the start-up line's cost: 6 measurements x 2 domains x 2 probe sequences / (3 x 4 x 8) = 25%
+    assert saved["summary"]["probe"]["compute_cost"] == pytest.approx(0.25)
+    assert saved["summary"]["train"]["compute_cost"] == saved["summary"]["static"]["compute_cost"] == 0.0
+    assert saved["summary"]["full_val"]["compute_cost"] is None
+    assert 0 < saved["summary"]["probe"]["time_share"] < 1
     assert saved["summary"]["static"]["fraction_of_static"] == 1.0
     # the same seed, steps and data for every method: static and Aioli differ only in their mixing
     configs = saved["configs"]
@@ -105,7 +110,7 @@ def test_every_method_runs_and_is_reported(bench, corpus, tmp_path, capsys):
         "full_val",
     }
     header = stdout.splitlines()
-    assert any("tokens/s" in line and "% of static" in line for line in header)
+    assert any("tokens/s" in line and "% of static" in line and "cost (formula)" in line for line in header)
     assert "GPU target aioli probe >= 98% of static" in stdout
 
 
