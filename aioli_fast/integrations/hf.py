@@ -353,16 +353,14 @@ class AioliTrainer(Trainer):
             )
         trainer_state = folder / "trainer_state.json"
         saved_step = json.loads(trainer_state.read_text(encoding="utf-8")).get("global_step")
-        written_by = _state_world_size(folder)
-        rank = self.args.process_index
-        ranks = [rank] if written_by == self.args.world_size else range(written_by)
-        states = {r: _read_state(folder / STATE_FILE.format(rank=r)) for r in ranks}
+        first = _read_state(folder / STATE_FILE.format(rank=0))  # says how many processes wrote it
+        written_by, rank = int(first["world_size"]), self.args.process_index
         if written_by == self.args.world_size:
-            self.mixing.load_state_dict(
-                states[rank], saved_step, source=str(folder / STATE_FILE.format(rank=rank))
-            )
+            own = folder / STATE_FILE.format(rank=rank)
+            self.mixing.load_state_dict(first if rank == 0 else _read_state(own), saved_step, source=str(own))
         else:
-            self.mixing.load_rank_states([states[r] for r in ranks], saved_step, source=str(folder))
+            rest = [_read_state(folder / STATE_FILE.format(rank=r)) for r in range(1, written_by)]
+            self.mixing.load_rank_states([first, *rest], saved_step, source=str(folder))
 
     def last_complete_checkpoint(self) -> str | None:
         """The newest checkpoint folder of ``args.output_dir`` that holds the Trainer's state and every

@@ -263,7 +263,7 @@ class Mixer:
             raise ConfigError("no mixer state to merge")
         merged = dict(states[0])
         for key in self.RANK_SUMS:
-            total = sum(s[key] for s in states[1:]) + states[0][key]
+            total = sum(s[key] for s in states)
             merged[key] = total if rank == 0 else torch.zeros_like(total)
         return merged
 
