@@ -67,7 +67,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder: raw/ (collected text) and corpus/ (prepared)")
     p.add_argument("--domains", help="comma-separated domains or domain sets: six (python,cpp,licenses,"
                    "reference,docstrings,fontmetrics; the default), twelve (six plus stubs,tests,cuda,yaml,"
-                   "csv,metadata), six_noise (six plus noise: random printable ASCII)")  # fmt: skip
+                   "csv,metadata), six_noise (six plus noise: random letters)")  # fmt: skip
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--budget-bytes", type=positive_int, default=1_500_000, help="per domain")
     p.add_argument(

@@ -7,7 +7,7 @@ downloaded:
 - ``language_reference``: the language-reference and help topics Python ships (``pydoc_data``), or the
   module docstrings of the standard library where that module is missing;
 - ``licenses``: license texts of Python and of the installed packages (deduplicated);
-- ``noise``: synthetic, uniformly random printable ASCII. Its loss cannot drop below ln(95) = 4.55 nats
+- ``noise``: synthetic, uniformly random lowercase letters. Its loss cannot drop below ln(26) = 3.26 nats
   per byte whatever the model learns, so training on it is wasted: a good mixer should down-weight it.
 
 It then prepares the corpus (byte-level tokenizer), trains the same tiny model on the CPU twice, with the

@@ -36,9 +36,10 @@ from typing import Any
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..errors import ConfigError
 from . import lmo
-from .base import Mixer, check_measurement, register_mixer
+from .base import MEASUREMENTS, Mixer, check_measurement, register_mixer
 from .static import proportions_tensor
 from .sums import DomainSums
 
@@ -57,6 +58,16 @@ DEFAULT_MAX_LEARN_SHARE = 0.3
 AUTO_ROUNDS = 4
 #: the shortest block ``block_steps: auto`` gives a run long enough for AUTO_ROUNDS paper-length rounds
 AUTO_BLOCK_STEPS = 4
+#: Aioli's measurement sources: the base ones and ``round`` (every training batch of a round, regressed)
+AIOLI_MEASUREMENTS = (*MEASUREMENTS, "round")
+#: ``update: gated`` defaults (measurement: round): the step per unit-free difference of loss drops, the
+#: standard errors a difference must clear to move p, and the most one update may multiply or divide a
+#: proportion by
+GATED_ETA = 2.0
+GATED_SIGNIFICANCE = 2.0
+GATED_MAX_CHANGE = 2.0
+#: the weight in a round's fit of a training batch one round older (each step older: memory^(1/round_steps))
+GATED_MEMORY = 0.5
 #: the options whose value may be ``auto`` (sized to the domain count and the run length)
 SCHEDULE_OPTIONS = ("round_steps", "sweeps", "block_steps", "prior_steps")
 
@@ -211,6 +222,10 @@ def resolve_options(
     o = dict(options)
     D = num_domains
     paper = PAPER_SETTINGS[paper_setting(D)]
+    if o.get("update", "auto") == "auto":
+        o["update"] = "gated" if o.get("measurement") == "round" else "ema"
+    if o.get("eta") is None and o["update"] == "gated":
+        o["eta"] = GATED_ETA
     for key in ("eta", "one_hot_factor", "ema"):
         if o.get(key) is None:
             o[key] = paper[key]
@@ -220,7 +235,8 @@ def resolve_options(
     if auto_prior:
         o["prior_steps"] = max(int(warmup_steps), (total_steps or 0) // 4)
     if _auto(o["sweeps"]):
-        o["sweeps"] = 2 if partial else paper["sweeps"]
+        # measurement: round fits the loss trends of the training batches: no block mixtures
+        o["sweeps"] = 0 if o.get("measurement") == "round" else 2 if partial else paper["sweeps"]
     sweeps = o["sweeps"]
     if _auto(o["round_steps"]):
         block = 1 if _auto(o["block_steps"]) else o["block_steps"]
@@ -243,10 +259,10 @@ def resolve_options(
         o["prior_steps"] += (total_steps - o["prior_steps"]) % o["round_steps"]
     if _auto(o["block_steps"]):
         # the longest blocks that leave the closing measurement and one learned step in the round
-        fit = max(1, (o["round_steps"] - 1 - closing) // learn_params_steps(sweeps, D, 1))
+        fit = max(1, (o["round_steps"] - 1 - closing) // max(1, learn_params_steps(sweeps, D, 1)))
         o["block_steps"] = fit if partial else min(int(paper["block_steps"]), fit)
     if o["block_order"] == "auto":
-        o["block_order"] = "mirrored" if partial and sweeps % 2 == 0 else "random"
+        o["block_order"] = "mirrored" if partial and sweeps and sweeps % 2 == 0 else "random"
     return o
 
 
@@ -280,10 +296,13 @@ class AioliMixer(Mixer):
         "learn_fraction": DEFAULT_LEARN_FRACTION,
         "block_order": "auto",
         "max_learn_share": DEFAULT_MAX_LEARN_SHARE,
-        "update": "ema",
+        "update": "auto",
         "ema": None,
         "diagonal": False,
-        "measurement": "probe",
+        "measurement": "round",
+        "significance": GATED_SIGNIFICANCE,
+        "max_change": GATED_MAX_CHANGE,
+        "memory": GATED_MEMORY,
         "measure_steps": 1,
         "prior_steps": "auto",
         "min_proportion": 0.0,
@@ -300,6 +319,9 @@ class AioliMixer(Mixer):
         "block_steps": int | str,
         "prior_steps": int | str,
         "measure_budget": float,
+        "significance": float,
+        "max_change": float,
+        "memory": float,
     }
     STATE = {
         "proportions": "_p_D",
@@ -312,8 +334,13 @@ class AioliMixer(Mixer):
         "skipped_updates": "skipped_updates",
         "missing_measurements": "missing_measurements",
         "last_A": "last_A_DD",
+        "fit": "_fit_F",
+        "fit_observations": "_fit_obs",
+        "fit_exposure": "_fit_X",
+        "fit_step": "_fit_step",
     }
-    RANK_SUMS = ("window",)  # the open train-mode measurement (the probe's sums are reduced at once)
+    #: the open train-mode measurement and the open round regression (the probe's sums are reduced at once)
+    RANK_SUMS = ("window", "fit", "fit_observations")
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)
@@ -352,6 +379,12 @@ class AioliMixer(Mixer):
         self.skipped_updates = torch.zeros((), dtype=torch.int64, device=self.device)
         self.missing_measurements = torch.zeros((), dtype=torch.int64, device=self.device)
         self.last_A_DD = torch.zeros(D, D, device=self.device)
+        # measurement: round: each domain's trend statistics (this rank's share, older batches
+        # down-weighted), and the exposure X before step _fit_step (None: before the fit starts)
+        self._fit_F = torch.zeros(D, 3, 3, dtype=torch.float64, device=self.device)
+        self._fit_obs = torch.zeros(D, dtype=torch.float64, device=self.device)
+        self._fit_X = torch.zeros(D, dtype=torch.float64, device=self.device)
+        self._fit_step: int | None = None
         self._rounds: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def _check_options(self) -> None:
@@ -363,7 +396,14 @@ class AioliMixer(Mixer):
         bad = [
             ("eta", self.eta, self.eta >= 0, ">= 0"),
             ("round_steps", o["round_steps"], o["round_steps"] >= 1, ">= 1"),
-            ("sweeps", o["sweeps"], o["sweeps"] >= 1, ">= 1"),
+            (
+                "sweeps",
+                o["sweeps"],
+                o["sweeps"] == 0 if self.measurement == "round" else o["sweeps"] >= 1,
+                "0 with mixing.measurement=round (its fit uses no block mixtures)"
+                if self.measurement == "round"
+                else ">= 1",
+            ),
             ("block_steps", o["block_steps"], o["block_steps"] >= 1, ">= 1"),
             (
                 "measure_steps",
@@ -405,9 +445,25 @@ class AioliMixer(Mixer):
             raise ConfigError(f"mixing.block_order 'mirrored' needs an even mixing.sweeps, got {o['sweeps']}")
         if o["block_counts"] not in ("exact", "drawn"):
             raise ConfigError(f"mixing.block_counts must be 'exact' or 'drawn', got {o['block_counts']!r}")
-        if o["update"] not in ("ema", "cumulative"):
-            raise ConfigError(f"mixing.update must be 'ema' or 'cumulative', got {o['update']!r}")
-        check_measurement(self.measurement)
+        if o["update"] not in ("ema", "cumulative", "gated"):
+            raise ConfigError(
+                f"mixing.update must be 'ema', 'cumulative', 'gated' or 'auto', got {o['update']!r}"
+            )
+        check_measurement(self.measurement, AIOLI_MEASUREMENTS)
+        if (o["update"] == "gated") != (self.measurement == "round"):
+            raise ConfigError(
+                "mixing.update 'gated' and mixing.measurement 'round' go together (the gate needs the "
+                f"regression's standard errors); got update {o['update']!r} with measurement "
+                f"{self.measurement!r}. Leave mixing.update unset (auto) to take the matching one"
+            )
+        gated = [
+            ("significance", o["significance"], o["significance"] >= 0, ">= 0"),
+            ("max_change", o["max_change"], o["max_change"] > 1, "> 1"),
+            ("memory", o["memory"], 0 < o["memory"] <= 1, "in (0, 1]"),
+        ]
+        for key, value, ok, rule in gated:
+            if not ok:
+                raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
 
     def _check_plan(self) -> None:
         """A round must fit LearnParams and a learned step; LearnParams must stay within its share."""
@@ -466,9 +522,10 @@ class AioliMixer(Mixer):
 
             probe     measurements x D x probe_sequences / (3 x batch_sequences x total_steps)
             train     0 (the training batches' own per-domain losses)
+            round     0 (the same, every batch of the round)
             full_val  None (the validation split's size decides; every measurement reads all of it)
         """
-        if self.measurement == "train":
+        if self.measurement in ("train", "round"):
             return 0.0
         if self.measurement != "probe" or total_steps < 1 or batch_sequences < 1:
             return None
@@ -536,6 +593,10 @@ class AioliMixer(Mixer):
     def _cost_clause(self, total_steps: int, batch_sequences: int | None, probe_sequences: int | None) -> str:
         if self.measurement == "train":
             return "; measurements from the training batches' losses: no extra compute"
+        if self.measurement == "round":
+            return (
+                "; every training batch's per-domain losses regressed over each round: no extra compute"
+            )
         if self.measurement == "full_val":
             n = self.plan.measurements_in(total_steps)
             return f"; {n} measurement(s) on the whole validation split"
@@ -601,6 +662,7 @@ class AioliMixer(Mixer):
 
     def proportions(self, step: int) -> torch.Tensor:
         self._finish_window(step)
+        self._finish_fit(step)
         j = self._block_mixture(step)
         return self._block_rows(step)[0][j] if j is not None else self._p_D
 
@@ -611,24 +673,29 @@ class AioliMixer(Mixer):
     def schedule(self, step: int) -> list[list[float]] | None:
         """At the first step of a round's LearnParams: the block mixture of each of its steps."""
         where = self.plan.locate(step)
-        if where is None or where[1] != 0:
+        if where is None or where[1] != 0 or not self.plan.learn_steps:
             return None
         per_step = lmo.learn_params_schedule(torch.tensor(self.order(where[0])), self.plan.block_steps)
         host_rows = self._block_rows(step, host=True)[1]
         return [list(host_rows[j]) for j in per_step.tolist()]
 
     def measurement_due(self, step: int) -> bool:
-        return self.measurement != "train" and self.plan.boundary(step) is not None
+        return self.measurement in ("probe", "full_val") and self.plan.boundary(step) is not None
 
     def observe_measurement(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        if self.measurement == "train":
-            raise ConfigError("mixing.measurement is 'train': losses come from observe(), not measurements")
+        if self.measurement in ("train", "round"):
+            raise ConfigError(
+                f"mixing.measurement is {self.measurement!r}: losses come from observe(), not measurements"
+            )
         at = self.plan.boundary(step)
         if at is None:
             raise ConfigError(f"no loss measurement is due at step {step}")
         self._record(at, self.reduce(loss_sum_D, count_D))
 
     def observe(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+        if self.measurement == "round":
+            self._observe_fit(step, loss_sum_D, count_D)
+            return
         if self.measurement != "train":
             return
         self._finish_window(step)
@@ -655,6 +722,55 @@ class AioliMixer(Mixer):
         at = self.plan.boundary(start)
         if at is not None:
             self._record(at, measured)
+
+    # ---- measurement: round ------------------------------------------------------------------------
+
+    def fit_end(self, round_index: int) -> int:
+        """The step from which round ``round_index``'s update applies (measurement: round): its start.
+        The fit holds every training batch before it from :meth:`fit_start` on, each batch weighted
+        by ``memory`` per round of age."""
+        return self.plan.uniform_steps + round_index * self.plan.round_steps
+
+    def fit_start(self) -> int:
+        """The first step whose training batch enters the fit: a round before the first update, but not
+        in the first half of the uniform phase or the learning-rate warm-up (where every domain's loss,
+        a useless one's included, falls fast)."""
+        first = self.fit_end(0)
+        return min(first, max(first - self.plan.round_steps, first // 2, self.warmup_steps))
+
+    def _observe_fit(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+        self._finish_fit(step)
+        if step < self.fit_start():
+            return
+        if self._fit_step is None:
+            self._fit_step = self.fit_start()
+        decay = float(self.options["memory"]) ** (1 / self.plan.round_steps)
+        while self._fit_step < step:  # the exposure before ``step``; older batches weigh less
+            self._fit_X += self._p_D.to(self._fit_X.dtype)
+            self._fit_F *= decay
+            self._fit_obs *= decay
+            self._fit_step += 1
+        lmo.accumulate_trend(self._fit_F, self._fit_X, loss_sum_D.detach(), count_D)
+        self._fit_obs += (count_D > 0).to(self._fit_obs.dtype)
+
+    def _finish_fit(self, step: int) -> None:
+        """Apply the next round's update once ``step`` reaches it (every rank: one all-reduce)."""
+        if self.measurement != "round":
+            return
+        r = self._round_done + 1
+        if step < self.fit_end(r):
+            return
+        stats = all_reduce_sum(torch.cat([self._fit_F.flatten(), self._fit_obs]))
+        F, obs = stats[: self._fit_F.numel()].view_as(self._fit_F), stats[self._fit_F.numel() :]
+        gain_D, var_D = lmo.fit_trends(F, obs)
+        self.missing_measurements += (obs < 3).sum()
+        gain_D, var_D = gain_D.float(), var_D.float()
+        ok = torch.isfinite(gain_D).all() & torch.isfinite(var_D).all()
+        o = self.options
+        p_new = lmo.gated_update(
+            self._p_D, gain_D, var_D, self.eta, float(o["significance"]), float(o["max_change"])
+        )
+        self._apply(r, p_new, torch.diag_embed(gain_D), ok)
 
     def _record(self, at: tuple[int, int], measured: DomainSums) -> None:
         round_index, n = at
@@ -716,6 +832,10 @@ class AioliMixer(Mixer):
             # a prior of 0 for a domain would otherwise keep it at 0 for the whole run
             base_D = self.uniform() if round_index == 0 else self._p_D
             p_new = lmo.exponentiated_gradient(base_D, A_DD, self.eta)
+        self._apply(round_index, p_new, A_DD, ok)
+
+    def _apply(self, round_index: int, p_new: torch.Tensor, A_DD: torch.Tensor, ok: torch.Tensor) -> None:
+        """New proportions (floored) and the round's A, where ``ok`` (a device bool: no host read)."""
         p_new = lmo.apply_floor(p_new, self.min_proportion)
         self._p_D = torch.where(ok, p_new, self._p_D)  # a new tensor: the loop sees the change
         self.last_A_DD = torch.where(ok, A_DD, self.last_A_DD)

@@ -43,10 +43,10 @@ from .sums import DomainSums
 MEASUREMENTS = ("train", "probe", "full_val")
 
 
-def check_measurement(measurement: str) -> str:
-    """``mixing.measurement`` validated against :data:`MEASUREMENTS`."""
-    if measurement not in MEASUREMENTS:
-        raise ConfigError(f"mixing.measurement must be one of {', '.join(MEASUREMENTS)}; got {measurement!r}")
+def check_measurement(measurement: str, allowed: tuple[str, ...] = MEASUREMENTS) -> str:
+    """``mixing.measurement`` validated against ``allowed`` (default :data:`MEASUREMENTS`)."""
+    if measurement not in allowed:
+        raise ConfigError(f"mixing.measurement must be one of {', '.join(allowed)}; got {measurement!r}")
     return measurement
 
 

@@ -209,3 +209,76 @@ def apply_floor(p_k: torch.Tensor, min_proportion: float) -> torch.Tensor:
         return p_k
     k = p_k.shape[-1]
     return (1.0 - k * min_proportion) * p_k + min_proportion
+
+
+# ---- the loss-trend fit (measurement: round) --------------------------------------------------------
+
+
+def accumulate_trend(
+    F_k33: torch.Tensor, exposure_k: torch.Tensor, loss_sum_k: torch.Tensor, count_k: torch.Tensor
+) -> None:
+    """Add one observation to the per-domain trend statistics ``F_k33`` [k, 3, 3] in place.
+
+    The observation is a micro-batch's per-domain loss sums and token counts, trained after
+    ``exposure_k`` steps' worth of each domain. Domain i gets F[i] += n_i · f fᵀ, with
+    f = (1, X_i, ℓ_i) and ℓ_i its mean token loss: a token-weighted least-squares fit of ℓ_i on X_i."""
+    n_k = count_k.to(F_k33.dtype)
+    loss_k = loss_sum_k.to(F_k33.dtype) / n_k.clamp_min(1)
+    f_k3 = torch.stack([torch.ones_like(loss_k), exposure_k.to(F_k33.dtype), loss_k], dim=-1)
+    F_k33 += n_k[:, None, None] * f_k3.unsqueeze(-1) * f_k3.unsqueeze(-2)
+
+
+def fit_trends(F_k33: torch.Tensor, obs_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each domain's loss drop per step's worth of its own data, and the variance of that estimate.
+
+    Fits ``ℓ_i = c_i − a_i·X_i`` to the statistics of :func:`accumulate_trend` (``obs_k``: each domain's
+    number of observations, weighted as the statistics are): ``a`` [k] is the diagonal A of the linear
+    mixing law, everything that lowered domain i's loss credited to training on it (the paper's diagonal
+    ablation). The variance is the least-squares one, σ²_i / Σ n (X_i − X̄_i)², σ²_i the residual variance
+    per token. A domain with fewer than three observations, or whose exposure never changed, gets 0 and
+    variance 0 (no evidence).
+    """
+    F = F_k33.to(torch.float64)
+    n, sx, sy = F[:, 0, 0], F[:, 0, 1], F[:, 0, 2]
+    tiny = torch.finfo(F.dtype).tiny
+    inv_n = 1 / n.clamp_min(tiny)
+    sxx = F[:, 1, 1] - sx * sx * inv_n  # centred sums
+    sxy = F[:, 1, 2] - sx * sy * inv_n
+    syy = F[:, 2, 2] - sy * sy * inv_n
+    ok = (obs_k >= 3) & (sxx > 1e-9 * F[:, 1, 1].clamp_min(tiny)) & (n > 0)
+    slope = sxy / sxx.clamp_min(tiny)
+    rss = (syy - slope * sxy).clamp_min(0)
+    sigma2 = rss / (obs_k.to(F.dtype) - 2).clamp_min(1)
+    var = sigma2 / sxx.clamp_min(tiny)
+    zero = torch.zeros_like(slope)
+    return torch.where(ok, -slope, zero).to(F_k33.dtype), torch.where(ok, var, zero).to(F_k33.dtype)
+
+
+def gated_update(
+    p_k: torch.Tensor,
+    gain_k: torch.Tensor,
+    var_k: torch.Tensor,
+    eta: float,
+    significance: float,
+    max_change: float,
+) -> torch.Tensor:
+    """p ∝ p ⊙ exp(Δ), moving only where the data say so.
+
+    ``gain_k`` is each domain's column of A summed (how much a step on domain j lowers the summed loss;
+    with the diagonal A of :func:`fit_trends`, its own loss), ``var_k`` its variance. The difference
+    d_j = gain_j − mean(gain) is shrunk towards 0 by ``significance`` standard errors (a soft threshold:
+    a difference within the estimate's own noise moves nothing), divided by mean(gain) (unit-free: −1
+    is a domain worth nothing where the average domain is worth mean(gain)), times ``eta``, and bounded
+    to ±ln(``max_change``): no proportion changes by more than that factor in one update. When
+    mean(gain) <= 0 (no domain's loss drops) nothing moves. Zeros stay zero.
+    """
+    k = gain_k.shape[-1]
+    mean = gain_k.mean(-1, keepdim=True)
+    d = gain_k - mean
+    se = torch.sqrt((var_k * (1 - 2 / k) + var_k.sum(-1, keepdim=True) / k**2).clamp_min(0))
+    shrunk = torch.sign(d) * torch.relu(d.abs() - significance * se)
+    tiny = torch.finfo(gain_k.dtype).tiny
+    step = torch.where(mean > 0, eta * shrunk / mean.clamp_min(tiny), torch.zeros_like(d))
+    bound = math.log(max_change)
+    step = step.clamp(-bound, bound)
+    return torch.softmax(torch.log(p_k) + step.to(p_k.dtype), dim=-1)
