@@ -262,23 +262,25 @@ def gated_update(
     significance: float,
     max_change: float,
 ) -> torch.Tensor:
-    """p ∝ p ⊙ exp(Δ), moving only where the data say so.
+    """p ∝ p ⊙ exp(Δ): lower the domains that the data say are worth less than the average, and only
+    those.
 
     ``gain_k`` is each domain's column of A summed (how much a step on domain j lowers the summed loss;
-    with the diagonal A of :func:`fit_trends`, its own loss), ``var_k`` its variance. The difference
-    d_j = gain_j − mean(gain) is shrunk towards 0 by ``significance`` standard errors (a soft threshold:
-    a difference within the estimate's own noise moves nothing), divided by mean(gain) (unit-free: −1
-    is a domain worth nothing where the average domain is worth mean(gain)), times ``eta``, and bounded
-    to ±ln(``max_change``): no proportion changes by more than that factor in one update. When
+    with the diagonal A of :func:`fit_trends`, its own loss), ``var_k`` its variance. A domain's shortfall
+    d_j = mean(gain) − gain_j counts only beyond ``significance`` standard errors (a soft threshold: a
+    difference within the estimate's own noise moves nothing), is divided by mean(gain) (unit-free: 1 is
+    a domain worth nothing where the average domain is worth mean(gain)) and times ``eta`` is the
+    decrease of its log proportion, at most ln(``max_change``) per update. The others keep their ratios
+    (the renormalisation shares the freed mass in proportion). A domain that gains more than the
+    average is not raised for it: a fast-falling loss is often an easy domain near its floor. When
     mean(gain) <= 0 (no domain's loss drops) nothing moves. Zeros stay zero.
     """
     k = gain_k.shape[-1]
     mean = gain_k.mean(-1, keepdim=True)
-    d = gain_k - mean
+    shortfall = mean - gain_k
     se = torch.sqrt((var_k * (1 - 2 / k) + var_k.sum(-1, keepdim=True) / k**2).clamp_min(0))
-    shrunk = torch.sign(d) * torch.relu(d.abs() - significance * se)
+    beyond = torch.relu(shortfall - significance * se)
     tiny = torch.finfo(gain_k.dtype).tiny
-    step = torch.where(mean > 0, eta * shrunk / mean.clamp_min(tiny), torch.zeros_like(d))
-    bound = math.log(max_change)
-    step = step.clamp(-bound, bound)
-    return torch.softmax(torch.log(p_k) + step.to(p_k.dtype), dim=-1)
+    step = torch.where(mean > 0, eta * beyond / mean.clamp_min(tiny), torch.zeros_like(beyond))
+    step = step.clamp(max=math.log(max_change))
+    return torch.softmax(torch.log(p_k) - step.to(p_k.dtype), dim=-1)
