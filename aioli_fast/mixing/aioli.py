@@ -68,6 +68,8 @@ GATED_SIGNIFICANCE = 2.0
 GATED_MAX_CHANGE = 2.0
 #: the weight in a round's fit of a training batch one round older (each step older: memory^(1/round_steps))
 GATED_MEMORY = 0.5
+#: the least a gated update leaves a domain, as a fraction of the uniform share 1/k
+GATED_LOWEST_SHARE = 0.25
 #: the options whose value may be ``auto`` (sized to the domain count and the run length)
 SCHEDULE_OPTIONS = ("round_steps", "sweeps", "block_steps", "prior_steps")
 
@@ -303,6 +305,7 @@ class AioliMixer(Mixer):
         "significance": GATED_SIGNIFICANCE,
         "max_change": GATED_MAX_CHANGE,
         "memory": GATED_MEMORY,
+        "lowest_share": GATED_LOWEST_SHARE,
         "measure_steps": 1,
         "prior_steps": "auto",
         "min_proportion": 0.0,
@@ -322,6 +325,7 @@ class AioliMixer(Mixer):
         "significance": float,
         "max_change": float,
         "memory": float,
+        "lowest_share": float,
     }
     STATE = {
         "proportions": "_p_D",
@@ -460,6 +464,7 @@ class AioliMixer(Mixer):
             ("significance", o["significance"], o["significance"] >= 0, ">= 0"),
             ("max_change", o["max_change"], o["max_change"] > 1, "> 1"),
             ("memory", o["memory"], 0 < o["memory"] <= 1, "in (0, 1]"),
+            ("lowest_share", o["lowest_share"], 0 <= o["lowest_share"] <= 1, "in [0, 1]"),
         ]
         for key, value, ok, rule in gated:
             if not ok:
@@ -768,7 +773,13 @@ class AioliMixer(Mixer):
         ok = torch.isfinite(gain_D).all() & torch.isfinite(var_D).all()
         o = self.options
         p_new = lmo.gated_update(
-            self._p_D, gain_D, var_D, self.eta, float(o["significance"]), float(o["max_change"])
+            self._p_D,
+            gain_D,
+            var_D,
+            self.eta,
+            float(o["significance"]),
+            float(o["max_change"]),
+            float(o["lowest_share"]) / self.num_domains,
         )
         self._apply(r, p_new, torch.diag_embed(gain_D), ok)
 

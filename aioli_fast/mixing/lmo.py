@@ -261,6 +261,7 @@ def gated_update(
     eta: float,
     significance: float,
     max_change: float,
+    lowest: float = 0.0,
 ) -> torch.Tensor:
     """p ∝ p ⊙ exp(Δ): lower the domains that the data say are worth less than the average, and only
     those.
@@ -273,7 +274,8 @@ def gated_update(
     decrease of its log proportion, at most ln(``max_change``) per update. The others keep their ratios
     (the renormalisation shares the freed mass in proportion). A domain that gains more than the
     average is not raised for it: a fast-falling loss is often an easy domain near its floor. When
-    mean(gain) <= 0 (no domain's loss drops) nothing moves. Zeros stay zero.
+    mean(gain) <= 0 (no domain's loss drops) nothing moves. No update takes a domain below ``lowest``
+    (a proportion; one that is below it already is not lowered further). Zeros stay zero.
     """
     k = gain_k.shape[-1]
     mean = gain_k.mean(-1, keepdim=True)
@@ -283,4 +285,7 @@ def gated_update(
     tiny = torch.finfo(gain_k.dtype).tiny
     step = torch.where(mean > 0, eta * beyond / mean.clamp_min(tiny), torch.zeros_like(beyond))
     step = step.clamp(max=math.log(max_change))
-    return torch.softmax(torch.log(p_k) - step.to(p_k.dtype), dim=-1)
+    log_p = torch.log(p_k)
+    # no lower than ``lowest`` (before the renormalisation, which only raises the lowered ones)
+    step = torch.minimum(step.to(p_k.dtype), (log_p - math.log(lowest)).clamp_min(0) if lowest > 0 else step)
+    return torch.softmax(log_p - step, dim=-1)
