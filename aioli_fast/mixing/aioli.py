@@ -340,11 +340,12 @@ class AioliMixer(Mixer):
         "last_A": "last_A_DD",
         "fit": "_fit_F",
         "fit_observations": "_fit_obs",
+        "fit_squared": "_fit_F2",
         "fit_exposure": "_fit_X",
         "fit_step": "_fit_step",
     }
     #: the open train-mode measurement and the open round regression (the probe's sums are reduced at once)
-    RANK_SUMS = ("window", "fit", "fit_observations")
+    RANK_SUMS = ("window", "fit", "fit_observations", "fit_squared")
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
         super().__init__(domains, device=device, proportions=proportions, **options)
@@ -386,6 +387,7 @@ class AioliMixer(Mixer):
         # measurement: round: each domain's trend statistics (this rank's share, older batches
         # down-weighted), and the exposure X before step _fit_step (None: before the fit starts)
         self._fit_F = torch.zeros(D, 3, 3, dtype=torch.float64, device=self.device)
+        self._fit_F2 = torch.zeros(D, 3, 3, dtype=torch.float64, device=self.device)  # weights squared
         self._fit_obs = torch.zeros(D, dtype=torch.float64, device=self.device)
         self._fit_X = torch.zeros(D, dtype=torch.float64, device=self.device)
         self._fit_step: int | None = None
@@ -586,6 +588,17 @@ class AioliMixer(Mixer):
                     f"LearnParams, on block mixtures, before any update (a round takes {plan.round_steps} "
                     "steps): lower mixing.round_steps or train longer"
                 )
+        if self.measurement == "round":
+            o = self.options
+            return (
+                f"aioli: {prior if plan.uniform_steps else ''}{plan.rounds_in(total_steps)} round(s) of "
+                f"{plan.round_steps} steps; at the start of each, every domain's training loss is fitted "
+                f"against its exposure (each round older weighted {o['memory']:g}) and a domain whose loss "
+                f"falls by significantly less ({o['significance']:g} standard errors) than the average "
+                f"domain's is lowered (eta {self.eta:g}), at most {o['max_change']:g}x per round and to no "
+                f"less than {o['lowest_share']:g} of 1/{D}"
+                f"{self._cost_clause(total_steps, batch_sequences, probe_sequences)}{short}"
+            )
         return (
             f"aioli: {prior if plan.uniform_steps else ''}{plan.rounds_in(total_steps)} round(s) of "
             f"{plan.round_steps} steps, each starting with LearnParams ({plan.sweeps} sweep(s) x {D} domains "
@@ -599,9 +612,7 @@ class AioliMixer(Mixer):
         if self.measurement == "train":
             return "; measurements from the training batches' losses: no extra compute"
         if self.measurement == "round":
-            return (
-                "; every training batch's per-domain losses regressed over each round: no extra compute"
-            )
+            return "; measurements from every training batch's per-domain losses: no extra compute"
         if self.measurement == "full_val":
             n = self.plan.measurements_in(total_steps)
             return f"; {n} measurement(s) on the whole validation split"
@@ -753,9 +764,11 @@ class AioliMixer(Mixer):
         while self._fit_step < step:  # the exposure before ``step``; older batches weigh less
             self._fit_X += self._p_D.to(self._fit_X.dtype)
             self._fit_F *= decay
+            self._fit_F2 *= decay * decay
             self._fit_obs *= decay
             self._fit_step += 1
         lmo.accumulate_trend(self._fit_F, self._fit_X, loss_sum_D.detach(), count_D)
+        lmo.accumulate_trend(self._fit_F2, self._fit_X, loss_sum_D.detach(), count_D)
         self._fit_obs += (count_D > 0).to(self._fit_obs.dtype)
 
     def _finish_fit(self, step: int) -> None:
@@ -765,9 +778,10 @@ class AioliMixer(Mixer):
         r = self._round_done + 1
         if step < self.fit_end(r):
             return
-        stats = all_reduce_sum(torch.cat([self._fit_F.flatten(), self._fit_obs]))
-        F, obs = stats[: self._fit_F.numel()].view_as(self._fit_F), stats[self._fit_F.numel() :]
-        gain_D, var_D = lmo.fit_trends(F, obs)
+        n = self._fit_F.numel()
+        stats = all_reduce_sum(torch.cat([self._fit_F.flatten(), self._fit_F2.flatten(), self._fit_obs]))
+        F, F2, obs = stats[:n].view_as(self._fit_F), stats[n : 2 * n].view_as(self._fit_F), stats[2 * n :]
+        gain_D, var_D = lmo.fit_trends(F, obs, F2)
         self.missing_measurements += (obs < 3).sum()
         gain_D, var_D = gain_D.float(), var_D.float()
         ok = torch.isfinite(gain_D).all() & torch.isfinite(var_D).all()

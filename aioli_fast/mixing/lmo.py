@@ -228,28 +228,38 @@ def accumulate_trend(
     F_k33 += n_k[:, None, None] * f_k3.unsqueeze(-1) * f_k3.unsqueeze(-2)
 
 
-def fit_trends(F_k33: torch.Tensor, obs_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_trends(
+    F_k33: torch.Tensor, obs_k: torch.Tensor, F2_k33: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each domain's loss drop per step's worth of its own data, and the variance of that estimate.
 
     Fits ``ℓ_i = c_i − a_i·X_i`` to the statistics of :func:`accumulate_trend` (``obs_k``: each domain's
     number of observations, weighted as the statistics are): ``a`` [k] is the diagonal A of the linear
     mixing law, everything that lowered domain i's loss credited to training on it (the paper's diagonal
-    ablation). The variance is the least-squares one, σ²_i / Σ n (X_i − X̄_i)², σ²_i the residual variance
-    per token. A domain with fewer than three observations, or whose exposure never changed, gets 0 and
-    variance 0 (no evidence).
+    ablation). When the statistics down-weight older observations by factors w (``memory``), ``F2_k33``
+    holds the same sums with w² and the variance is the weighted fit's,
+    σ²_i · Σ n w² (X_i − X̄_i)² / (Σ n w (X_i − X̄_i)²)²; without it (every w = 1) that is the least-squares
+    σ²_i / Σ n (X_i − X̄_i)². σ²_i is the residual variance per token. A domain with fewer than three
+    observations, or whose exposure never changed, gets 0 and variance 0 (no evidence).
     """
     F = F_k33.to(torch.float64)
     n, sx, sy = F[:, 0, 0], F[:, 0, 1], F[:, 0, 2]
     tiny = torch.finfo(F.dtype).tiny
     inv_n = 1 / n.clamp_min(tiny)
-    sxx = F[:, 1, 1] - sx * sx * inv_n  # centred sums
+    mean_x = sx * inv_n
+    sxx = F[:, 1, 1] - sx * mean_x  # centred sums
     sxy = F[:, 1, 2] - sx * sy * inv_n
     syy = F[:, 2, 2] - sy * sy * inv_n
     ok = (obs_k >= 3) & (sxx > 1e-9 * F[:, 1, 1].clamp_min(tiny)) & (n > 0)
     slope = sxy / sxx.clamp_min(tiny)
     rss = (syy - slope * sxy).clamp_min(0)
     sigma2 = rss / (obs_k.to(F.dtype) - 2).clamp_min(1)
-    var = sigma2 / sxx.clamp_min(tiny)
+    if F2_k33 is None:
+        spread = sxx
+    else:
+        F2 = F2_k33.to(torch.float64)
+        spread = (F2[:, 1, 1] - 2 * mean_x * F2[:, 0, 1] + mean_x**2 * F2[:, 0, 0]).clamp_min(0)
+    var = sigma2 * spread / sxx.clamp_min(tiny) ** 2
     zero = torch.zeros_like(slope)
     return torch.where(ok, -slope, zero).to(F_k33.dtype), torch.where(ok, var, zero).to(F_k33.dtype)
 
@@ -274,7 +284,8 @@ def gated_update(
     decrease of its log proportion, at most ln(``max_change``) per update. The others keep their ratios
     (the renormalisation shares the freed mass in proportion). A domain that gains more than the
     average is not raised for it: a fast-falling loss is often an easy domain near its floor. When
-    mean(gain) <= 0 (no domain's loss drops) nothing moves. No update takes a domain below ``lowest``
+    mean(gain) is not ``significance`` standard errors above 0 (no clear loss drop to compare with)
+    nothing moves. No update takes a domain below ``lowest``
     (a proportion; one that is below it already is not lowered further). Zeros stay zero.
     """
     k = gain_k.shape[-1]
@@ -283,7 +294,10 @@ def gated_update(
     se = torch.sqrt((var_k * (1 - 2 / k) + var_k.sum(-1, keepdim=True) / k**2).clamp_min(0))
     beyond = torch.relu(shortfall - significance * se)
     tiny = torch.finfo(gain_k.dtype).tiny
-    step = torch.where(mean > 0, eta * beyond / mean.clamp_min(tiny), torch.zeros_like(beyond))
+    # the average domain's drop must itself stand out of the noise, or relative shortfalls mean nothing
+    mean_se = torch.sqrt(var_k.sum(-1, keepdim=True).clamp_min(0)) / k
+    learning = mean > significance * mean_se
+    step = torch.where(learning, eta * beyond / mean.clamp_min(tiny), torch.zeros_like(beyond))
     step = step.clamp(max=math.log(max_change))
     log_p = torch.log(p_k)
     # no lower than ``lowest`` (before the renormalisation, which only raises the lowered ones)
