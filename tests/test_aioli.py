@@ -14,8 +14,17 @@ import torch
 from mixing_helpers import assert_states_equal, drive, expected_A, planted_sim, save_load
 
 from aioli_fast.errors import ConfigError
-from aioli_fast.mixing import build_mixer, lmo
+from aioli_fast.mixing import build_mixer as build_any_mixer
+from aioli_fast.mixing import lmo
 from aioli_fast.mixing.aioli import AioliMixer
+
+
+def build_mixer(method, domains, *args, **options):
+    """The mixer with Aioli's probe measurements unless a test names another: these tests are of
+    LearnParams (the default measurement, ``round``, is tested in test_aioli_round.py)."""
+    if method == "aioli":
+        options.setdefault("measurement", "probe")
+    return build_any_mixer(method, domains, *args, **options)
 
 DOMAINS = ["a", "b", "c"]
 K, R, S, F = 3, 2, 3, 0.5
@@ -389,8 +398,8 @@ def test_min_proportion_floor_applies_to_prior_and_updates():
             dict(round_steps=20, measurement="train", measure_steps=2),
             "plus measure_steps=2; use round_steps >= 21",
         ),
-        (dict(update="EMA"), "mixing.update must be 'ema' or 'cumulative', got 'EMA'"),
-        (dict(measurement="val"), "mixing.measurement must be one of train, probe, full_val; got 'val'"),
+        (dict(update="EMA"), "mixing.update must be 'ema', 'cumulative', 'gated' or 'auto', got 'EMA'"),
+        (dict(measurement="val"), "mixing.measurement must be one of train, probe, full_val, round; got 'val'"),
         (dict(foo=1), "mixing.method 'aioli' does not use mixing.foo (it takes: mixing.eta"),
         (dict(min_proportion=0.34), "mixing.min_proportion must be in [0, 1/k = 0.3333], got 0.34"),
         (dict(min_proportion=-0.01), "mixing.min_proportion must be in [0, 1/k = 0.3333], got -0.01"),

@@ -8,7 +8,8 @@ import torch
 
 from aioli_fast.errors import ConfigError
 from aioli_fast.harness.sim import LinearLawSimulator, run_mixer
-from aioli_fast.mixing import build_mixer, lmo
+from aioli_fast.mixing import build_mixer as build_any_mixer
+from aioli_fast.mixing import lmo
 from aioli_fast.mixing.aioli import (
     DEFAULT_LEARN_FRACTION,
     DEFAULT_MAX_LEARN_SHARE,
@@ -17,6 +18,14 @@ from aioli_fast.mixing.aioli import (
     paper_setting,
     percent,
 )
+
+
+def build_mixer(method, domains, *args, **options):
+    """The mixer with Aioli's probe measurements unless a test names another: these tests are of
+    LearnParams (the default measurement, ``round``, is tested in test_aioli_round.py)."""
+    if method == "aioli":
+        options.setdefault("measurement", "probe")
+    return build_any_mixer(method, domains, *args, **options)
 
 
 def names(k: int) -> list[str]:

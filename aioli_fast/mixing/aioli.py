@@ -63,13 +63,16 @@ AIOLI_MEASUREMENTS = (*MEASUREMENTS, "round")
 #: ``update: gated`` defaults (measurement: round): the step per unit-free difference of loss drops, the
 #: standard errors a difference must clear to move p, and the most one update may multiply or divide a
 #: proportion by
-GATED_ETA = 2.0
+GATED_ETA = 4.0
 GATED_SIGNIFICANCE = 2.0
 GATED_MAX_CHANGE = 2.0
 #: the weight in a round's fit of a training batch one round older (each step older: memory^(1/round_steps))
 GATED_MEMORY = 0.5
 #: the least a gated update leaves a domain, as a fraction of the uniform share 1/k
-GATED_LOWEST_SHARE = 0.25
+GATED_LOWEST_SHARE = 0.4
+#: a domain is lowered when its loss drop per step on it is significantly below this fraction of the
+#: average domain's
+GATED_USEFUL = 0.5
 #: the options whose value may be ``auto`` (sized to the domain count and the run length)
 SCHEDULE_OPTIONS = ("round_steps", "sweeps", "block_steps", "prior_steps")
 
@@ -306,6 +309,7 @@ class AioliMixer(Mixer):
         "max_change": GATED_MAX_CHANGE,
         "memory": GATED_MEMORY,
         "lowest_share": GATED_LOWEST_SHARE,
+        "useful": GATED_USEFUL,
         "measure_steps": 1,
         "prior_steps": "auto",
         "min_proportion": 0.0,
@@ -326,6 +330,7 @@ class AioliMixer(Mixer):
         "max_change": float,
         "memory": float,
         "lowest_share": float,
+        "useful": float,
     }
     STATE = {
         "proportions": "_p_D",
@@ -467,6 +472,7 @@ class AioliMixer(Mixer):
             ("max_change", o["max_change"], o["max_change"] > 1, "> 1"),
             ("memory", o["memory"], 0 < o["memory"] <= 1, "in (0, 1]"),
             ("lowest_share", o["lowest_share"], 0 <= o["lowest_share"] <= 1, "in [0, 1]"),
+            ("useful", o["useful"], 0 < o["useful"] <= 1, "in (0, 1]"),
         ]
         for key, value, ok, rule in gated:
             if not ok:
@@ -594,8 +600,8 @@ class AioliMixer(Mixer):
                 f"aioli: {prior if plan.uniform_steps else ''}{plan.rounds_in(total_steps)} round(s) of "
                 f"{plan.round_steps} steps; at the start of each, every domain's training loss is fitted "
                 f"against its exposure (each round older weighted {o['memory']:g}) and a domain whose loss "
-                f"falls by significantly less ({o['significance']:g} standard errors) than the average "
-                f"domain's is lowered (eta {self.eta:g}), at most {o['max_change']:g}x per round and to no "
+                f"falls by significantly less ({o['significance']:g} standard errors) than {o['useful']:g} "
+                f"of the average domain's is lowered (eta {self.eta:g}), at most {o['max_change']:g}x per round and to no "
                 f"less than {o['lowest_share']:g} of 1/{D}"
                 f"{self._cost_clause(total_steps, batch_sequences, probe_sequences)}{short}"
             )
@@ -794,6 +800,7 @@ class AioliMixer(Mixer):
             float(o["significance"]),
             float(o["max_change"]),
             float(o["lowest_share"]) / self.num_domains,
+            float(o["useful"]),
         )
         self._apply(r, p_new, torch.diag_embed(gain_D), ok)
 

@@ -272,25 +272,25 @@ def gated_update(
     significance: float,
     max_change: float,
     lowest: float = 0.0,
+    useful: float = 1.0,
 ) -> torch.Tensor:
-    """p ∝ p ⊙ exp(Δ): lower the domains that the data say are worth less than the average, and only
-    those.
+    """p ∝ p ⊙ exp(−Δ): lower the domains the data say are worth little, and only those.
 
     ``gain_k`` is each domain's column of A summed (how much a step on domain j lowers the summed loss;
     with the diagonal A of :func:`fit_trends`, its own loss), ``var_k`` its variance. A domain's shortfall
-    d_j = mean(gain) − gain_j counts only beyond ``significance`` standard errors (a soft threshold: a
-    difference within the estimate's own noise moves nothing), is divided by mean(gain) (unit-free: 1 is
-    a domain worth nothing where the average domain is worth mean(gain)) and times ``eta`` is the
-    decrease of its log proportion, at most ln(``max_change``) per update. The others keep their ratios
-    (the renormalisation shares the freed mass in proportion). A domain that gains more than the
-    average is not raised for it: a fast-falling loss is often an easy domain near its floor. When
-    mean(gain) is not ``significance`` standard errors above 0 (no clear loss drop to compare with)
-    nothing moves. No update takes a domain below ``lowest``
-    (a proportion; one that is below it already is not lowered further). Zeros stay zero.
+    is ``useful`` x mean(gain) − gain_j: how far it falls below that fraction of the average domain. It
+    counts only beyond ``significance`` standard errors of gain_j − mean(gain) (a soft threshold: a
+    difference within the estimate's own noise moves nothing); divided by mean(gain) (unit-free) and
+    times ``eta`` it is Δ_j, the decrease of the domain's log proportion, at most ln(``max_change``)
+    per update, and none that would take it below ``lowest`` (a proportion; one below it already is
+    not lowered further). The renormalisation shares the freed mass among the others in proportion: a
+    domain that gains more than the average is not raised for it (a fast-falling loss is often an easy
+    domain near its floor). When mean(gain) is not ``significance`` standard errors above 0 (no clear
+    loss drop to compare with) nothing moves. Zeros stay zero.
     """
     k = gain_k.shape[-1]
     mean = gain_k.mean(-1, keepdim=True)
-    shortfall = mean - gain_k
+    shortfall = useful * mean - gain_k
     se = torch.sqrt((var_k * (1 - 2 / k) + var_k.sum(-1, keepdim=True) / k**2).clamp_min(0))
     beyond = torch.relu(shortfall - significance * se)
     tiny = torch.finfo(gain_k.dtype).tiny
