@@ -11,8 +11,8 @@ downloaded:
   per byte whatever the model learns, so training on it is wasted: a good mixer should down-weight it.
 
 It then prepares the corpus (byte-level tokenizer), trains the same tiny model on the CPU twice, with the
-same seed and steps: with stratified proportions and with Aioli learning them online from the training
-batches (``mixing.measurement=train``: no extra forward passes), and prints the two side by side:
+same seed and steps: with stratified proportions and with Aioli's defaults, which learn them online from
+the training batches (no extra forward passes), and prints the two side by side:
 per-domain validation and test loss and perplexity, the difference, the proportions Aioli learned over
 the run, and the time each run took.
 """
@@ -51,27 +51,9 @@ DEMO_CONFIG = {
     "eval": {"batch_size": 32, "max_sequences": 256},
 }
 
-# The Aioli run: DEMO_CONFIG with this mixing section and train.name "aioli" (configs/demo-aioli.yaml).
-# Train-mode measurements see a few sequences of each domain per step, so the settings trade the paper's
-# many short blocks for long ones: one sweep of 4 blocks per round, each measured over its first
-# measure_steps batches, and a cumulative exponentiated-gradient update with a large eta, so that a
-# consistent signal (noise stops improving early) adds up over the rounds. The first prior_steps train on
-# uniform proportions, past the first steps in which every domain, noise included, drops fast. The blocks
-# train whole batches on the block mixtures (learn_fraction 1), whose share of the run needs the cap lifted.
-DEMO_AIOLI_MIXING = {
-    "method": "aioli",
-    "learn_fraction": 1.0,
-    "max_learn_share": 1.0,
-    "one_hot_factor": 0.625,
-    "measurement": "train",
-    "update": "cumulative",
-    "eta": 3.0,
-    "round_steps": 100,
-    "sweeps": 1,
-    "block_steps": 10,
-    "measure_steps": 5,
-    "prior_steps": 20,
-}
+# The Aioli run: DEMO_CONFIG with this mixing section and train.name "aioli" (configs/demo-aioli.yaml):
+# Aioli with nothing set, as a user would start (its defaults: docs/mixing.md).
+DEMO_AIOLI_MIXING = {"method": "aioli"}
 
 DEMO_METHODS = ("stratified", "aioli")
 
@@ -168,7 +150,7 @@ def run_demo(
         t = cfg.train
         how = {
             "stratified": "stratified proportions",
-            "aioli": f"Aioli (mixing.measurement={cfg.mixing.option('measurement') or 'probe'})",
+            "aioli": f"Aioli (mixing.measurement={cfg.mixing.option('measurement') or 'round'})",
         }[method]
         size = f"{t.steps} steps x {t.batch_size} x {DEMO_SEQ_LEN} tokens"
         say(f"[{n}/{total}] training with {how}: {size} ...")

@@ -34,7 +34,8 @@ class LinearLawSimulator:
         L_k: starting losses.
         noise: std of the per-step noise on the losses (the training process).
         measure_noise: std of a measurement of a domain's loss from one token-weighted unit; a measurement
-            over ``n`` tokens of a domain has std ``measure_noise / sqrt(n)``.
+            over ``n`` tokens of a domain has std ``measure_noise / sqrt(n)``. One value for every domain,
+            or one per domain (a domain of uniform random text varies far less between sequences).
         decay: A_t = A_0 · decay^t.
         drift: std of a random walk added to A_t each step (relative to A_0's mean magnitude).
         tokens_per_step: tokens of a training batch (split over domains by the proportions).
@@ -45,7 +46,7 @@ class LinearLawSimulator:
     A_kk: torch.Tensor
     L_k: torch.Tensor
     noise: float = 0.0
-    measure_noise: float = 0.0
+    measure_noise: float | list[float] = 0.0
     decay: float = 1.0
     drift: float = 0.0
     tokens_per_step: int = 8192
@@ -58,6 +59,8 @@ class LinearLawSimulator:
         self.A_kk = self.A_kk.to(torch.float64).clone()
         self.L_k = self.L_k.to(torch.float64).clone()
         self.A0_kk = self.A_kk.clone()
+        if not isinstance(self.measure_noise, (int, float)):
+            self.measure_noise = torch.as_tensor(self.measure_noise, dtype=torch.float64)
         self.gen = torch.Generator().manual_seed(self.seed)
 
     @classmethod

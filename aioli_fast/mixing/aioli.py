@@ -65,14 +65,14 @@ AIOLI_MEASUREMENTS = (*MEASUREMENTS, "round")
 #: proportion by
 GATED_ETA = 4.0
 GATED_SIGNIFICANCE = 2.0
-GATED_MAX_CHANGE = 2.0
+GATED_MAX_CHANGE = 4.0
 #: the weight in a round's fit of a training batch one round older (each step older: memory^(1/round_steps))
 GATED_MEMORY = 0.5
 #: the least a gated update leaves a domain, as a fraction of the uniform share 1/k
-GATED_LOWEST_SHARE = 0.4
+GATED_LOWEST_SHARE = 0.25
 #: a domain is lowered when its loss drop per step on it is significantly below this fraction of the
 #: average domain's
-GATED_USEFUL = 0.5
+GATED_USEFUL = 0.75
 #: the options whose value may be ``auto`` (sized to the domain count and the run length)
 SCHEDULE_OPTIONS = ("round_steps", "sweeps", "block_steps", "prior_steps")
 
