@@ -7,6 +7,9 @@
    same training steps for every source, with the extra tokens each source evaluates per round:
    ``full_val`` (a whole validation split per measurement), ``probe`` (a small fixed probe), ``train``
    (the training batches themselves; zero extra tokens).
+3. The cost of the default, ``measurement: round``, for k domains: what each training micro-batch adds
+   (two k x 3 x 3 outer-product sums, the exposure and the decay) and the update at a round's start (the
+   trend fit and the gated update), on the device.
 
     python3 benchmarks/bench_mixer.py                 # both tables
     python3 benchmarks/bench_mixer.py --device cuda   # the update timing on a GPU
@@ -93,6 +96,45 @@ def bench_update(ks, device: str, repeats: int) -> list[dict]:
     return rows
 
 
+def bench_round(ks, device: str, repeats: int) -> list[dict]:
+    """Per micro-batch and per update time of ``measurement: round`` (what AioliMixer runs), k domains."""
+    rows = []
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for k in ks:
+        gen = torch.Generator().manual_seed(k)
+        F = torch.zeros(k, 3, 3, dtype=torch.float64, device=dev)
+        F2, obs, X = torch.zeros_like(F), torch.zeros(k, dtype=torch.float64, device=dev), torch.zeros_like(F[:, 0, 0])
+        p = torch.full((k,), 1 / k, device=dev)
+        counts = torch.randint(1, 512, (k,), generator=gen).float().to(dev)
+        sums = (3 + torch.rand(k, generator=gen)).to(dev) * counts
+
+        def observe(F=F, F2=F2, obs=obs, X=X, p=p, sums=sums, counts=counts):
+            X.add_(p.to(X.dtype))
+            F.mul_(0.99)
+            F2.mul_(0.98)
+            obs.mul_(0.99)
+            lmo.accumulate_trend(F, X, sums, counts)
+            lmo.accumulate_trend(F2, X, sums, counts)
+            obs.add_((counts > 0).to(obs.dtype))
+
+        for _ in range(50):  # statistics of 50 observations before the update is timed
+            observe()
+
+        def update(F=F, F2=F2, obs=obs, p=p):
+            gain, var = lmo.fit_trends(F, obs, F2)
+            return lmo.gated_update(p, gain.float(), var.float(), 4.0, 2.0, 4.0, 0.25 / k, 0.75)
+
+        rows.append(
+            {
+                "k": k,
+                "observe_us": _time(observe, repeats, sync) * 1e6,
+                "update_us": _time(update, repeats, sync) * 1e6,
+            }
+        )
+    return rows
+
+
 def bench_estimation(seeds: int, k: int = 3) -> list[dict]:
     """Error of the normalised A after one round, per measurement source, averaged over seeds."""
     R, S, U = 4, 4, 60
@@ -169,6 +211,11 @@ def main(argv=None) -> int:
             f"{r['k']:>5}  {r['device_us']:>17.1f}  {r['host_numpy_us']:>14.1f}  "
             f"{r['host_numpy_us'] / r['device_us']:>7.2f}x  {r['max_abs_diff_p']:>9.1e}"
         )
+    rounds = bench_round([int(k) for k in args.ks.split(",")], args.device, args.repeats)
+    print("\nmeasurement: round (the default), median of", args.repeats, "runs")
+    print(f"{'k':>5}  {'per micro-batch us':>18}  {'update us':>10}")
+    for r in rounds:
+        print(f"{r['k']:>5}  {r['observe_us']:>18.1f}  {r['update_us']:>10.1f}")
     estimation = bench_estimation(args.seeds)
     print(f"\nEstimation of A after one round (k=3, R=4, S=4, simulator, mean over {args.seeds} seeds)")
     print(
@@ -181,7 +228,7 @@ def main(argv=None) -> int:
         )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"env": env, "update": update, "estimation": estimation}, fh, indent=2)
+            json.dump({"env": env, "update": update, "round": rounds, "estimation": estimation}, fh, indent=2)
     return 0
 
 

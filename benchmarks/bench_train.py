@@ -5,6 +5,8 @@ public API (``aioli_fast.train.train``); the figure is the run's ``tokens / trai
 training time runs from the first step to the last and includes the mixer's measurements:
 
 - ``static``: ``mixing.method=static`` with uniform ``mixing.proportions`` (no mixer work at all);
+- ``round``: Aioli's defaults (``mixing.method=aioli`` and nothing else): every training batch's
+  per-domain losses fitted over the rounds, no LearnParams, no extra passes;
 - ``train``: Aioli measuring the per-domain losses of the training batches themselves (no extra passes);
 - ``probe``: Aioli measuring a small fixed per-domain validation probe (one batched no-grad forward);
 - ``full_val``: Aioli measuring the validation split (at most ``eval.max_sequences`` per domain) after
@@ -50,11 +52,11 @@ from aioli_fast.fileio import say
 from aioli_fast.mixing.aioli import AioliMixer, percent
 from aioli_fast.train import build_run_mixer
 
-METHODS = ("static", "train", "probe", "full_val")
+METHODS = ("static", "round", "train", "probe", "full_val")
 # the demo's four domains, for checking a preset's configs without a corpus
 DEMO_DOMAINS = ("python_code", "language_reference", "licenses", "noise")
 # The GPU targets this benchmark tracks (Aioli throughput as a fraction of static's).
-GPU_TARGETS = {"train": 0.995, "probe": 0.98}
+GPU_TARGETS = {"round": 0.995, "train": 0.995, "probe": 0.98}
 # the paper's LearnParams (whole batches on the block mixtures, no uniform phase): the costliest schedule
 PAPER_LEARN_PARAMS = {"learn_fraction": 1.0, "prior_steps": 0, "max_learn_share": 1.0}
 
@@ -207,6 +209,8 @@ def method_configs(
         cfg["train"]["name"] = method
         if method == "static":
             cfg["mixing"] = {"method": "static", "proportions": {d: 1.0 for d in domains}}
+        elif method == "round":
+            cfg["mixing"] = {"method": "aioli"}  # the defaults: nothing else set
         else:
             cfg["mixing"] = {"method": "aioli", "measurement": method, **aioli}
         out[method] = {"config": cfg, "overrides": list(overrides or [])}

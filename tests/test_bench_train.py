@@ -104,11 +104,16 @@ def test_every_method_runs_and_is_reported(bench, corpus, tmp_path, capsys):
     configs = saved["configs"]
     assert {c["train"]["seed"] for c in configs.values()} == {0}
     assert configs["static"]["mixing"]["proportions"] == {"ab": 1.0, "xyz": 1.0}
-    assert {c["mixing"]["measurement"] for m, c in configs.items() if m != "static"} == {
+    assert {c["mixing"]["measurement"] for m, c in configs.items() if m not in ("static", "round")} == {
         "train",
         "probe",
         "full_val",
     }
+    # the defaults: nothing set but the method, no measurement and nothing to pay for one
+    assert configs["round"]["mixing"]["method"] == "aioli"
+    assert configs["round"]["mixing"].get("measurement") is None  # unset: the default, round
+    assert saved["summary"]["round"]["measurements"] == 0
+    assert saved["summary"]["round"]["compute_cost"] == 0.0
     header = stdout.splitlines()
     assert any("tokens/s" in line and "% of static" in line and "cost (formula)" in line for line in header)
     assert "GPU target aioli probe >= 98% of static" in stdout

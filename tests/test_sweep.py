@@ -203,7 +203,8 @@ def test_spec_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="round_steps"):  # the mixer's own checks run at load time
         load_spec(
             _spec(
-                tmp_path, methods={"a": {"mixing": {"method": "aioli", "round_steps": 4, "block_steps": 4}}}
+                tmp_path,
+                methods={"a": {"mixing": {"method": "aioli", "measurement": "probe", "round_steps": 4, "block_steps": 4}}},
             )
         )
     with pytest.raises(ConfigError, match="sweep method 'a'"):
@@ -229,7 +230,8 @@ def test_spec_errors_name_the_problem(tmp_path):
         load_spec(_spec(tmp_path, corpus={"prepared": str(tmp_path), "domains": "twelve"}))
     with pytest.raises(ConfigError, match="expected a mapping of config overrides"):
         load_spec(_spec(tmp_path, methods={"s": ["stratified"]}))
-    aioli = {"method": "aioli", "round_steps": 4, "sweeps": 1, "block_steps": 1, "prior_steps": 0}
+    aioli = {"method": "aioli", "measurement": "probe", "round_steps": 4, "sweeps": 1, "block_steps": 1}
+    aioli["prior_steps"] = 0
     aioli.update(learn_fraction=1.0, max_learn_share=1.0)
     with pytest.raises(ConfigError, match="falls inside LearnParams"):  # step 9 of 9: round 2's first block
         load_spec(_spec(tmp_path, methods={"a": {"mixing": aioli, "train": {"steps": 9}}}))

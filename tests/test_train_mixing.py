@@ -98,6 +98,20 @@ def test_aioli_trains_with_every_measurement_source(corpus, measurement, update)
     assert set(final["test"]["domains"]) == set(DOMAINS)
 
 
+def test_aioli_defaults_fit_the_training_losses_with_no_measurement(corpus, capsys):
+    final, records = _train(corpus, "aioli-defaults", {"method": "aioli"}, steps=40)
+    mixer = build_mixer("aioli", DOMAINS, total_steps=40, warmup_steps=2)
+    starts = {mixer.fit_end(r) for r in range(mixer.plan.rounds_in(40))}
+    err = capsys.readouterr().err
+    assert "measurements from every training batch's per-domain losses: no extra compute (0%)" in err
+    assert final["mixer"]["measurements"] == 0 and final["mixer"]["skipped_updates"] == 0
+    assert [r["round"] for r in final["mixer"]["rounds"]] == list(range(len(starts)))
+    trained = [[r["proportions"][d] for d in DOMAINS] for r in records]  # record s: step s - 1
+    changed = {r["step"] - 1 for r, prev in zip(records[1:], trained) if trained[records.index(r)] != prev}
+    assert changed <= starts, (changed, starts)
+    assert all(sum(p) == pytest.approx(1.0, abs=1e-5) for p in trained)
+
+
 def test_aioli_exploit_phase_uses_the_learned_proportions(corpus):
     mixing = {**AIOLI, "measurement": "probe", "update": "cumulative", "probe_sequences": 2}
     final, records = _train(corpus, "aioli-exploit", mixing, steps=10)
@@ -201,7 +215,7 @@ def test_doremi_with_a_reference_checkpoint_and_its_time_average(corpus):
     "mixing, message",
     [
         ({"method": "static", "eta": 0.1}, "mixing.method 'static' does not use mixing.eta"),
-        ({"method": "aioli", "round_steps": 5, "sweeps": 1, "block_steps": 2}, "leaves no steps"),
+        ({"method": "aioli", "measurement": "probe", "round_steps": 5, "sweeps": 1, "block_steps": 2}, "leaves no steps"),
         ({"method": "aioli", "measurement": "val"}, "mixing.measurement must be one of"),
         ({"method": "aioli", "one_hot_factor": 1 / 3}, "(almost) 1/k"),
         ({"method": "doremi"}, "needs mixing.reference"),
@@ -244,7 +258,7 @@ def test_probe_measurement_needs_a_val_split(tmp_path):
             "train": {"steps": 2, "device": "cpu", "progress": False, "out_dir": str(tmp_path / "runs")},
         }
     )
-    with pytest.raises(ConfigError, match="needs a val split .* use mixing.measurement=train"):
+    with pytest.raises(ConfigError, match="needs a val split .* use mixing.measurement=round"):
         train(cfg)
 
 

@@ -254,7 +254,8 @@ class OnlineMixing:
         kind = self.mixer.measurement
         if kind in ("probe", "full_val") and eval_split is None:
             raise ConfigError(
-                f"mixing measurement '{kind}' needs a held-out split in the corpus; use measurement='train'"
+                f"mixing measurement '{kind}' needs a held-out split in the corpus; use measurement='round' "
+                "(the default: the training batches)"
             )
         warning = self.mixer.train_measurement_warning(step_rows * world_size)
         if warning:

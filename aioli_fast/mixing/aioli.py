@@ -563,7 +563,7 @@ class AioliMixer(Mixer):
                 f"mixing.measure_budget={budget:g}: the run's {n} probe measurements cost {percent(one)} of "
                 f"its training compute with one sequence per domain ({self.num_domains} domains, a global "
                 f"batch of {batch_sequences}, {total_steps} steps); raise the budget, use "
-                "mixing.measurement=train (no extra compute), or a larger batch"
+                "mixing.measurement=round (the default: no extra compute), or a larger batch"
             )
         return min(probe_sequences, affordable)
 
@@ -618,7 +618,7 @@ class AioliMixer(Mixer):
         if self.measurement == "train":
             return "; measurements from the training batches' losses: no extra compute"
         if self.measurement == "round":
-            return "; measurements from every training batch's per-domain losses: no extra compute"
+            return "; measurements from every training batch's per-domain losses: no extra compute (0%)"
         if self.measurement == "full_val":
             n = self.plan.measurements_in(total_steps)
             return f"; {n} measurement(s) on the whole validation split"

@@ -230,7 +230,7 @@ class _Run:
         if self.mixer.measurement in ("probe", "full_val") and "val" not in self.eval_splits:
             raise ConfigError(
                 f"mixing.measurement={self.mixer.measurement} needs a val split in the corpus; use "
-                "mixing.measurement=train"
+                "mixing.measurement=round (the default: the training batches)"
             )
         self.driver = MixingDriver.for_corpus(
             self.manifest,
