@@ -104,7 +104,11 @@ def bench_round(ks, device: str, repeats: int) -> list[dict]:
     for k in ks:
         gen = torch.Generator().manual_seed(k)
         F = torch.zeros(k, 3, 3, dtype=torch.float64, device=dev)
-        F2, obs, X = torch.zeros_like(F), torch.zeros(k, dtype=torch.float64, device=dev), torch.zeros_like(F[:, 0, 0])
+        F2, obs, X = (
+            torch.zeros_like(F),
+            torch.zeros(k, dtype=torch.float64, device=dev),
+            torch.zeros_like(F[:, 0, 0]),
+        )
         p = torch.full((k,), 1 / k, device=dev)
         counts = torch.randint(1, 512, (k,), generator=gen).float().to(dev)
         sums = (3 + torch.rand(k, generator=gen)).to(dev) * counts
@@ -121,7 +125,7 @@ def bench_round(ks, device: str, repeats: int) -> list[dict]:
         for _ in range(50):  # statistics of 50 observations before the update is timed
             observe()
 
-        def update(F=F, F2=F2, obs=obs, p=p):
+        def update(F=F, F2=F2, obs=obs, p=p, k=k):
             gain, var = lmo.fit_trends(F, obs, F2)
             return lmo.gated_update(p, gain.float(), var.float(), 4.0, 2.0, 4.0, 0.25 / k, 0.75)
 

@@ -26,6 +26,7 @@ def build_mixer(method, domains, *args, **options):
         options.setdefault("measurement", "probe")
     return build_any_mixer(method, domains, *args, **options)
 
+
 DOMAINS = ["a", "b", "c"]
 K, R, S, F = 3, 2, 3, 0.5
 LEARN = R * K * S  # 18
@@ -399,7 +400,10 @@ def test_min_proportion_floor_applies_to_prior_and_updates():
             "plus measure_steps=2; use round_steps >= 21",
         ),
         (dict(update="EMA"), "mixing.update must be 'ema', 'cumulative', 'gated' or 'auto', got 'EMA'"),
-        (dict(measurement="val"), "mixing.measurement must be one of train, probe, full_val, round; got 'val'"),
+        (
+            dict(measurement="val"),
+            "mixing.measurement must be one of train, probe, full_val, round; got 'val'",
+        ),
         (dict(foo=1), "mixing.method 'aioli' does not use mixing.foo (it takes: mixing.eta"),
         (dict(min_proportion=0.34), "mixing.min_proportion must be in [0, 1/k = 0.3333], got 0.34"),
         (dict(min_proportion=-0.01), "mixing.min_proportion must be in [0, 1/k = 0.3333], got -0.01"),

@@ -98,7 +98,9 @@ def test_gated_update_is_bounded_and_still_when_nothing_learns():
     assert math.isclose((new[2] / new[0]).item(), 0.5, rel_tol=1e-6)  # at most halved in one update
     still = lmo.gated_update(p, torch.tensor([-1.0, 0.0, -2.0]), torch.zeros(3), 2.0, 0.0, 2.0)
     torch.testing.assert_close(still, p)
-    zero = lmo.gated_update(torch.tensor([0.5, 0.5, 0.0]), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3), 2, 0, 2)
+    zero = lmo.gated_update(
+        torch.tensor([0.5, 0.5, 0.0]), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(3), 2, 0, 2
+    )
     assert zero[2] == 0 and math.isclose(zero.sum().item(), 1.0, rel_tol=1e-6)
 
 
@@ -157,7 +159,9 @@ def make_sim(A, seed):
     noise = [4.0] * k
     if A[-1, :-1].abs().sum() == 0:
         noise[-1] = 0.6
-    return LinearLawSimulator(A_kk=A, L_k=torch.full((k,), 3.0), measure_noise=noise, tokens_per_step=2048, seed=seed)
+    return LinearLawSimulator(
+        A_kk=A, L_k=torch.full((k,), 3.0), measure_noise=noise, tokens_per_step=2048, seed=seed
+    )
 
 
 def simulate(A, seed, steps=300, **options):

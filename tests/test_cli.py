@@ -277,7 +277,7 @@ def test_demo_small_scale(tmp_path, capsys):
         assert final["mixer"]["method"] == method
         assert final["steps"] == 4
     assert finals["stratified"]["proportions"] == pytest.approx(dict.fromkeys(domains, 0.25))
-    assert finals["aioli"]["mixer"]["measurements"] == 0  # train mode: no extra forward passes
+    assert finals["aioli"]["mixer"]["measurements"] == 0  # the default: no extra forward passes
     assert [f"[{n}/4]" in captured.err for n in range(1, 5)] == [True] * 4
     lines = out.splitlines()
     # side by side: both methods and the delta in the header, then a val and a test row per domain
@@ -300,6 +300,7 @@ def test_demo_small_scale(tmp_path, capsys):
     final_row = next(line for line in lines[start:] if line.startswith("final")).split()
     learned = finals["aioli"]["proportions"]
     assert [float(v) for v in final_row[1:]] == pytest.approx([learned[d] for d in domains], abs=1e-3)
+    assert "Aioli lowered no domain" in out  # the run ended in the uniform phase
     timing = next(i for i, line in enumerate(lines) if line.startswith("method"))
     assert [line.split()[0] for line in lines[timing + 1 : timing + 3]] == ["stratified", "aioli"]
     assert "demo finished in" in out and str(tmp_path / "demo" / "aioli" / "final.json") in out

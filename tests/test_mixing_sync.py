@@ -146,7 +146,9 @@ def test_no_host_read_in_observe_and_updates(case, device, files):
     assert mode.counts["aten._softmax"] + mode.counts["aten.logsumexp"] > 0
     if mixer.name == "aioli":
         assert mixer.state_dict()["round_done"] == 2
-        assert mode.counts["aten.mm"] >= 3 or mixer.diagonal or mixer.measurement == "round"  # a solve a round
+        assert (
+            mode.counts["aten.mm"] >= 3 or mixer.diagonal or mixer.measurement == "round"
+        )  # a solve a round
     else:
         assert mixer.num_updates > 3
     assert all(p.device.type == device for p in returned)

@@ -204,7 +204,16 @@ def test_spec_errors_name_the_problem(tmp_path):
         load_spec(
             _spec(
                 tmp_path,
-                methods={"a": {"mixing": {"method": "aioli", "measurement": "probe", "round_steps": 4, "block_steps": 4}}},
+                methods={
+                    "a": {
+                        "mixing": {
+                            "method": "aioli",
+                            "measurement": "probe",
+                            "round_steps": 4,
+                            "block_steps": 4,
+                        }
+                    }
+                },
             )
         )
     with pytest.raises(ConfigError, match="sweep method 'a'"):

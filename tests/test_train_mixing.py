@@ -215,7 +215,10 @@ def test_doremi_with_a_reference_checkpoint_and_its_time_average(corpus):
     "mixing, message",
     [
         ({"method": "static", "eta": 0.1}, "mixing.method 'static' does not use mixing.eta"),
-        ({"method": "aioli", "measurement": "probe", "round_steps": 5, "sweeps": 1, "block_steps": 2}, "leaves no steps"),
+        (
+            {"method": "aioli", "measurement": "probe", "round_steps": 5, "sweeps": 1, "block_steps": 2},
+            "leaves no steps",
+        ),
         ({"method": "aioli", "measurement": "val"}, "mixing.measurement must be one of"),
         ({"method": "aioli", "one_hot_factor": 1 / 3}, "(almost) 1/k"),
         ({"method": "doremi"}, "needs mixing.reference"),

@@ -239,6 +239,17 @@ def format_proportions(final: dict, history: list[dict], rounds: list[tuple[int,
             continue
         lines.append(row(f"{first}-{last}", by_step[max(logged)]))
     lines.append(row("final", final["proportions"]))
+    start = by_step[min(by_step)] if by_step else dict.fromkeys(domains, 1 / len(domains))
+    lowered = [d for d in domains if final["proportions"][d] < 0.9 * start[d]]
+    if lowered:
+        moves = ", ".join(f"{d} from {start[d]:.3f} to {final['proportions'][d]:.3f}" for d in lowered)
+        lines.append(
+            f"Aioli lowered {moves}: its loss fell by much less per step of its data than the others'"
+        )
+    else:
+        lines.append(
+            "Aioli lowered no domain: every domain's loss fell at a comparable rate per step of its data"
+        )
     mixer = final.get("mixer", {})
     if "missing_measurements" in mixer:
         lines.append(

@@ -601,8 +601,8 @@ class AioliMixer(Mixer):
                 f"{plan.round_steps} steps; at the start of each, every domain's training loss is fitted "
                 f"against its exposure (each round older weighted {o['memory']:g}) and a domain whose loss "
                 f"falls by significantly less ({o['significance']:g} standard errors) than {o['useful']:g} "
-                f"of the average domain's is lowered (eta {self.eta:g}), at most {o['max_change']:g}x per round and to no "
-                f"less than {o['lowest_share']:g} of 1/{D}"
+                f"of the average domain's is lowered (eta {self.eta:g}), at most {o['max_change']:g}x per "
+                f"round and to no less than {o['lowest_share']:g} of 1/{D}"
                 f"{self._cost_clause(total_steps, batch_sequences, probe_sequences)}{short}"
             )
         return (
