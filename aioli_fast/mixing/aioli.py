@@ -760,19 +760,26 @@ class AioliMixer(Mixer):
         first = self.fit_end(0)
         return min(first, max(first - self.plan.round_steps, first // 2, self.warmup_steps))
 
-    def _observe_fit(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
-        self._finish_fit(step)
-        if step < self.fit_start():
-            return
+    def _advance_fit(self, step: int) -> None:
+        """The exposure before ``step``: each step since the last observed one trained on p (the update
+        that changes p runs at a round's first step, after this), and older batches weigh less."""
         if self._fit_step is None:
+            if step < self.fit_start():
+                return
             self._fit_step = self.fit_start()
         decay = float(self.options["memory"]) ** (1 / self.plan.round_steps)
-        while self._fit_step < step:  # the exposure before ``step``; older batches weigh less
+        while self._fit_step < step:
             self._fit_X += self._p_D.to(self._fit_X.dtype)
             self._fit_F *= decay
             self._fit_F2 *= decay * decay
             self._fit_obs *= decay
             self._fit_step += 1
+
+    def _observe_fit(self, step: int, loss_sum_D: torch.Tensor, count_D: torch.Tensor) -> None:
+        self._finish_fit(step)
+        if step < self.fit_start():
+            return
+        self._advance_fit(step)
         lmo.accumulate_trend(self._fit_F, self._fit_X, loss_sum_D.detach(), count_D)
         lmo.accumulate_trend(self._fit_F2, self._fit_X, loss_sum_D.detach(), count_D)
         self._fit_obs += (count_D > 0).to(self._fit_obs.dtype)
@@ -784,6 +791,7 @@ class AioliMixer(Mixer):
         r = self._round_done + 1
         if step < self.fit_end(r):
             return
+        self._advance_fit(self.fit_end(r))  # the steps before the update trained on the old p
         n = self._fit_F.numel()
         stats = all_reduce_sum(torch.cat([self._fit_F.flatten(), self._fit_F2.flatten(), self._fit_obs]))
         F, F2, obs = stats[:n].view_as(self._fit_F), stats[n : 2 * n].view_as(self._fit_F), stats[2 * n :]
