@@ -207,3 +207,11 @@ def test_resume_mid_round_is_exact():
         sim.train_step(p)
         rest.append(second.host_proportions(step))
     assert rest == history["proportions"][150:]
+
+
+def test_the_exposure_is_what_each_step_trained_on():
+    mixer, history = simulate(planted(5, useless=4), seed=0, steps=200)
+    assert history["proportions"][-1] != history["proportions"][0]  # updates happened inside the fit
+    trained = torch.tensor(history["proportions"][mixer.fit_start() : 199], dtype=torch.float64)
+    # the fit's exposure is that before the last observed step (199)
+    torch.testing.assert_close(mixer._fit_X, trained.sum(0), rtol=1e-6, atol=1e-6)
