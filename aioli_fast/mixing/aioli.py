@@ -756,7 +756,8 @@ class AioliMixer(Mixer):
     def fit_start(self) -> int:
         """The first step whose training batch enters the fit: a round before the first update, but not
         in the first half of the uniform phase or the learning-rate warm-up (where every domain's loss,
-        a useless one's included, falls fast)."""
+        a useless one's included, falls fast). An update whose fit holds less than a round of steps
+        (the first, when the uniform phase is short) moves nothing."""
         first = self.fit_end(0)
         return min(first, max(first - self.plan.round_steps, first // 2, self.warmup_steps))
 
@@ -792,6 +793,10 @@ class AioliMixer(Mixer):
         if step < self.fit_end(r):
             return
         self._advance_fit(self.fit_end(r))  # the steps before the update trained on the old p
+        if self.fit_end(r) - self.fit_start() < self.plan.round_steps:
+            # less than a round of batches: the first trends are too short to act on; nothing moves
+            self._round_done = r
+            return
         n = self._fit_F.numel()
         stats = all_reduce_sum(torch.cat([self._fit_F.flatten(), self._fit_F2.flatten(), self._fit_obs]))
         F, F2, obs = stats[:n].view_as(self._fit_F), stats[n : 2 * n].view_as(self._fit_F), stats[2 * n :]
