@@ -64,7 +64,7 @@ AIOLI_MEASUREMENTS = (*MEASUREMENTS, "round")
 #: standard errors a difference must clear to move p, and the most one update may multiply or divide a
 #: proportion by
 GATED_ETA = 4.0
-GATED_SIGNIFICANCE = 2.0
+GATED_SIGNIFICANCE = 3.0
 GATED_MAX_CHANGE = 4.0
 #: the weight in a round's fit of a training batch one round older (each step older: memory^(1/round_steps))
 GATED_MEMORY = 0.5
