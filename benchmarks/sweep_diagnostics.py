@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from aioli_fast.mixing import MIXERS
+from aioli_fast.mixing.aioli import resolve_options
 
 
 def centred_colsums(A: list[list[float]]) -> list[float]:
@@ -95,7 +96,8 @@ def analyse(sweep_dir: Path) -> str:
         ref_mixing = mixing_of(sweep_dir, "aioli_full_val", int(next(iter(reference))))
     for method, seeds in aioli.items():
         mixing = mixing_of(sweep_dir, method, int(next(iter(seeds))))
-        eta, update = float(mixing["eta"]), str(mixing["update"])
+        resolved = resolve_options(mixing, len(results["domains"]), None)  # eta and update by default
+        eta, update = float(resolved["eta"]), str(resolved["update"])
         bound = math.exp(eta) if update == "ema" else math.inf
         same_round0 = (
             reference is not None
