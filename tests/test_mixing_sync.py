@@ -116,8 +116,9 @@ CASES = {
     ),
     "aioli-restricted": ("aioli", dict(AIOLI, measurement="probe", prior_steps=3, update="cumulative")),
     "aioli-partial": ("aioli", dict(AIOLI, measurement="probe", learn_fraction=0.25, block_order="mirrored")),
-    # the default: the trend fit of every micro-batch and the gated update, rounds starting at 3, 19, 35
-    "aioli-round": ("aioli", dict(round_steps=16, prior_steps=3)),
+    # the default: the trend fit of every micro-batch and the gated update, rounds starting at 24, 36, 48
+    # (the fit starts at step 12: a round before the first update)
+    "aioli-round": ("aioli", dict(round_steps=12, prior_steps=24)),
     "odm": ("odm", dict(update_every=2)),
     "doremi-json": ("doremi", dict(update_every=2, min_proportion=0.01)),
     "skillit-train": ("skillit", dict(update_every=2)),
