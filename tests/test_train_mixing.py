@@ -105,7 +105,7 @@ def test_aioli_defaults_fit_the_training_losses_with_no_measurement(corpus, caps
     err = capsys.readouterr().err
     assert "measurements from every training batch's per-domain losses: no extra compute (0%)" in err
     assert final["mixer"]["measurements"] == 0 and final["mixer"]["skipped_updates"] == 0
-    # a round's update moves nothing from less than a round of batches (the first, after a short uniform phase)
+    # an update moves nothing from less than a round of batches (the first, after a short uniform phase)
     first = 0 if mixer.fit_end(0) - mixer.fit_start() >= mixer.plan.round_steps else 1
     assert [r["round"] for r in final["mixer"]["rounds"]] == list(range(first, len(starts)))
     trained = [[r["proportions"][d] for d in DOMAINS] for r in records]  # record s: step s - 1
