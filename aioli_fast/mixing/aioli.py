@@ -58,7 +58,7 @@ DEFAULT_MAX_LEARN_SHARE = 0.3
 AUTO_ROUNDS = 4
 #: the shortest block ``block_steps: auto`` gives a run long enough for AUTO_ROUNDS paper-length rounds
 AUTO_BLOCK_STEPS = 4
-#: Aioli's measurement sources: the base ones and ``round`` (every training batch of a round, regressed)
+#: Aioli's measurement sources: the base ones and ``round`` (every training batch's loss trend, fitted)
 AIOLI_MEASUREMENTS = (*MEASUREMENTS, "round")
 #: ``update: gated`` defaults (measurement: round): the step per unit-free difference of loss drops, the
 #: standard errors a difference must clear to move p, and the most one update may multiply or divide a
@@ -349,7 +349,7 @@ class AioliMixer(Mixer):
         "fit_exposure": "_fit_X",
         "fit_step": "_fit_step",
     }
-    #: the open train-mode measurement and the open round regression (the probe's sums are reduced at once)
+    #: the open train-mode measurement and the round fit's sums (the probe's sums are reduced at once)
     RANK_SUMS = ("window", "fit", "fit_observations", "fit_squared")
 
     def __init__(self, domains, device="cpu", proportions=None, **options: Any):
@@ -437,6 +437,13 @@ class AioliMixer(Mixer):
                 f"in [0, 1/k = {1 / D:.4g}]",
             ),
         ]
+        bad += [  # update: gated and measurement: round
+            ("significance", o["significance"], o["significance"] >= 0, ">= 0"),
+            ("max_change", o["max_change"], o["max_change"] > 1, "> 1"),
+            ("memory", o["memory"], 0 < o["memory"] <= 1, "in (0, 1]"),
+            ("lowest_share", o["lowest_share"], 0 <= o["lowest_share"] <= 1, "in [0, 1]"),
+            ("useful", o["useful"], 0 < o["useful"] <= 1, "in (0, 1]"),
+        ]
         for key, value, ok, rule in bad:
             if not ok:
                 raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
@@ -467,16 +474,6 @@ class AioliMixer(Mixer):
                 f"regression's standard errors); got update {o['update']!r} with measurement "
                 f"{self.measurement!r}. Leave mixing.update unset (auto) to take the matching one"
             )
-        gated = [
-            ("significance", o["significance"], o["significance"] >= 0, ">= 0"),
-            ("max_change", o["max_change"], o["max_change"] > 1, "> 1"),
-            ("memory", o["memory"], 0 < o["memory"] <= 1, "in (0, 1]"),
-            ("lowest_share", o["lowest_share"], 0 <= o["lowest_share"] <= 1, "in [0, 1]"),
-            ("useful", o["useful"], 0 < o["useful"] <= 1, "in (0, 1]"),
-        ]
-        for key, value, ok, rule in gated:
-            if not ok:
-                raise ConfigError(f"mixing.{key} must be {rule}, got {value}")
 
     def _check_plan(self) -> None:
         """A round must fit LearnParams and a learned step; LearnParams must stay within its share."""
