@@ -296,7 +296,7 @@ def test_what_the_adapter_cannot_do_is_refused(corpus, tmp_path):
 
 
 DDP_SCRIPT = """
-import hashlib, json, sys
+import hashlib, json, os, sys
 from pathlib import Path
 
 import torch
@@ -339,8 +339,14 @@ trainer.train()
     "weights": float(sum(p.double().sum() for p in trainer.model.parameters())),
     "logs": [r for r in trainer.state.log_history if "loss" in r or "eval_domains_ppl" in r],
 }))
-if torch.distributed.is_initialized():  # a clean exit: gloo threads left at interpreter exit can abort it
+if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()
+# Gloo worker threads can still hold tensors when the interpreter finalizes, and the process then aborts
+# (SIGABRT, "terminate called without an active exception") after every result is written: a known
+# torch teardown problem (pytorch/pytorch#190489), not this test's subject. Skip finalization.
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
 """
 
 
