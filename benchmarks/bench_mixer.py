@@ -96,44 +96,47 @@ def bench_update(ks, device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def bench_round(ks, device: str, repeats: int) -> list[dict]:
-    """Per micro-batch and per update time of ``measurement: round`` (what AioliMixer runs), k domains."""
+def bench_round(ks, device: str, repeats: int, steps: int = 400) -> list[dict]:
+    """What ``measurement: round`` costs, k domains: ``AioliMixer.observe`` itself (the mixer built with
+    the defaults, as a run builds it) timed call by call over a run of ``steps`` steps, ``repeats``
+    times. A micro-batch's call adds its per-domain loss sums to the trend statistics; the call at a
+    round's start also fits the trends and applies the gated update (one all-reduce under several
+    ranks). Calls before the fit starts (the first part of the uniform phase) do nothing and are left
+    out, as is the first round's start when its fit is too short to act on (it only marks the round).
+    """
     rows = []
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for k in ks:
         gen = torch.Generator().manual_seed(k)
-        F = torch.zeros(k, 3, 3, dtype=torch.float64, device=dev)
-        F2, obs, X = (
-            torch.zeros_like(F),
-            torch.zeros(k, dtype=torch.float64, device=dev),
-            torch.zeros_like(F[:, 0, 0]),
-        )
-        p = torch.full((k,), 1 / k, device=dev)
-        counts = torch.randint(1, 512, (k,), generator=gen).float().to(dev)
-        sums = (3 + torch.rand(k, generator=gen)).to(dev) * counts
-
-        def observe(F=F, F2=F2, obs=obs, X=X, p=p, sums=sums, counts=counts):
-            X.add_(p.to(X.dtype))
-            F.mul_(0.99)
-            F2.mul_(0.98)
-            obs.mul_(0.99)
-            lmo.accumulate_trend(F, X, sums, counts)
-            lmo.accumulate_trend(F2, X, sums, counts)
-            obs.add_((counts > 0).to(obs.dtype))
-
-        for _ in range(50):  # statistics of 50 observations before the update is timed
-            observe()
-
-        def update(F=F, F2=F2, obs=obs, p=p, k=k):
-            gain, var = lmo.fit_trends(F, obs, F2)
-            return lmo.gated_update(p, gain.float(), var.float(), 4.0, 2.0, 4.0, 0.25 / k, 0.75)
-
+        slope = 0.002 * torch.rand(k, generator=gen)  # each domain's loss falls at its own rate
+        per_batch, per_update = [], []
+        for _ in range(repeats):
+            mixer = build_mixer("aioli", [f"d{i}" for i in range(k)], dev, total_steps=steps, warmup_steps=20)
+            first = mixer.fit_start()
+            for step in range(steps):
+                counts = torch.randint(1, 512, (k,), generator=gen).double()
+                losses = 4 - slope * step + 0.05 * torch.randn(k, generator=gen, dtype=torch.float64)
+                sums_D, counts_D = (losses * counts).float().to(dev), counts.float().to(dev)
+                done = (mixer._round_done, len(mixer._rounds))
+                sync()
+                start = time.perf_counter()
+                mixer.observe(step, sums_D, counts_D)
+                sync()
+                took = time.perf_counter() - start
+                if len(mixer._rounds) != done[1]:  # a round's fit and update ran
+                    per_update.append(took)
+                elif step >= first and mixer._round_done == done[0]:
+                    per_batch.append(took)
         rows.append(
             {
                 "k": k,
-                "observe_us": _time(observe, repeats, sync) * 1e6,
-                "update_us": _time(update, repeats, sync) * 1e6,
+                "steps": steps,
+                "round_steps": mixer.plan.round_steps,
+                "observe_us": statistics.median(per_batch) * 1e6,
+                "update_us": statistics.median(per_update) * 1e6,
+                "micro_batches": len(per_batch),
+                "updates": len(per_update),
             }
         )
     return rows
@@ -215,8 +218,10 @@ def main(argv=None) -> int:
             f"{r['k']:>5}  {r['device_us']:>17.1f}  {r['host_numpy_us']:>14.1f}  "
             f"{r['host_numpy_us'] / r['device_us']:>7.2f}x  {r['max_abs_diff_p']:>9.1e}"
         )
-    rounds = bench_round([int(k) for k in args.ks.split(",")], args.device, args.repeats)
-    print("\nmeasurement: round (the default), median of", args.repeats, "runs")
+    rounds = bench_round([int(k) for k in args.ks.split(",")], args.device, max(1, args.repeats // 10))
+    n_batches, n_updates = rounds[0]["micro_batches"], rounds[0]["updates"]
+    print("\nmeasurement: round (the default): AioliMixer.observe per call,")
+    print(f"median of {n_batches} micro-batches and {n_updates} updates per k")
     print(f"{'k':>5}  {'per micro-batch us':>18}  {'update us':>10}")
     for r in rounds:
         print(f"{r['k']:>5}  {r['observe_us']:>18.1f}  {r['update_us']:>10.1f}")
