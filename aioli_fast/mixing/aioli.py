@@ -778,8 +778,9 @@ class AioliMixer(Mixer):
         if step < self.fit_start():
             return
         self._advance_fit(step)
-        lmo.accumulate_trend(self._fit_F, self._fit_X, loss_sum_D.detach(), count_D)
-        lmo.accumulate_trend(self._fit_F2, self._fit_X, loss_sum_D.detach(), count_D)
+        term = lmo.trend_increment(self._fit_X, loss_sum_D.detach(), count_D, self._fit_F.dtype)
+        self._fit_F += term  # the same observation in both: F2 only decays faster
+        self._fit_F2 += term
         self._fit_obs += (count_D > 0).to(self._fit_obs.dtype)
 
     def _finish_fit(self, step: int) -> None:

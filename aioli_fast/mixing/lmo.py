@@ -222,10 +222,18 @@ def accumulate_trend(
     The observation is a micro-batch's per-domain loss sums and token counts, trained after
     ``exposure_k`` steps' worth of each domain. Domain i gets F[i] += n_i · f fᵀ, with
     f = (1, X_i, ℓ_i) and ℓ_i its mean token loss: a token-weighted least-squares fit of ℓ_i on X_i."""
-    n_k = count_k.to(F_k33.dtype)
-    loss_k = loss_sum_k.to(F_k33.dtype) / n_k.clamp_min(1)
-    f_k3 = torch.stack([torch.ones_like(loss_k), exposure_k.to(F_k33.dtype), loss_k], dim=-1)
-    F_k33 += n_k[:, None, None] * f_k3.unsqueeze(-1) * f_k3.unsqueeze(-2)
+    F_k33 += trend_increment(exposure_k, loss_sum_k, count_k, F_k33.dtype)
+
+
+def trend_increment(
+    exposure_k: torch.Tensor, loss_sum_k: torch.Tensor, count_k: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """One observation's term of :func:`accumulate_trend`, n_i · f fᵀ [k, 3, 3] in ``dtype`` (computed
+    once when several statistics take the same observation)."""
+    n_k = count_k.to(dtype)
+    loss_k = loss_sum_k.to(dtype) / n_k.clamp_min(1)
+    f_k3 = torch.stack([torch.ones_like(loss_k), exposure_k.to(dtype), loss_k], dim=-1)
+    return n_k[:, None, None] * f_k3.unsqueeze(-1) * f_k3.unsqueeze(-2)
 
 
 def fit_trends(
