@@ -8,8 +8,8 @@
    ``full_val`` (a whole validation split per measurement), ``probe`` (a small fixed probe), ``train``
    (the training batches themselves; zero extra tokens).
 3. The cost of the default, ``measurement: round``, for k domains: what each training micro-batch adds
-   (k 3 x 3 outer products added to two sums, the exposure and the decay) and the update at a round's start (the
-   trend fit and the gated update), on the device.
+   (k 3 x 3 outer products added to two sums, the exposure and the decay) and the update at a round's
+   start (the trend fit and the gated update), on the device.
 
     python3 benchmarks/bench_mixer.py                 # both tables
     python3 benchmarks/bench_mixer.py --device cuda   # the update timing on a GPU
